@@ -1,0 +1,125 @@
+"""Processes under test: vmigrate VMs and real QEMU 7.2, each with a QMP client.
+
+Both are driven through the real ``qemu.qmp`` client library (its synchronous
+``QEMUMonitorProtocol``), so what passes here works for QEMU users too.
+Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+START_TIMEOUT = 15.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class VMProcess:
+    """A VM process (vmigrate or QEMU) with one negotiated QMP connection."""
+
+    def __init__(self, argv: list[str], sock: Path, log: Path, env: dict | None = None) -> None:
+        self.sock = sock
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        wait_for(lambda: sock.exists() or self.proc.poll() is not None, START_TIMEOUT, f"QMP socket {sock}")
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}:\n{self.log()}")
+        self.qmp = QEMUMonitorProtocol(str(sock))
+        self.qmp.settimeout(30)
+        self.greeting = self.qmp.connect(negotiate=True)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        """Execute; return the 'return' value or raise with QEMU's error."""
+        resp = self.qmp.cmd_raw(name, args or None)
+        if "error" in resp:
+            raise QMPCommandError(resp["error"]["class"], resp["error"]["desc"])
+        return resp["return"]
+
+    def raw(self, name: str, args: dict | None = None) -> dict:
+        return self.qmp.cmd_raw(name, args)
+
+    def status(self) -> str:
+        return self.cmd("query-status")["status"]
+
+    def migrate_status(self) -> dict:
+        return self.cmd("query-migrate")
+
+    def wait_migration(self, states: set[str], timeout: float = 60.0) -> dict:
+        return wait_for(
+            lambda: (info := self.migrate_status()).get("status") in states and info,
+            timeout, f"migration state in {states}", interval=0.05,
+        )
+
+    def events(self, wait: float = 0.0) -> list[dict]:
+        return self.qmp.get_events(wait=wait) if wait else self.qmp.get_events()
+
+    def set_caps(self, **caps: bool) -> None:
+        self.cmd("migrate-set-capabilities",
+                 capabilities=[{"capability": k, "state": v} for k, v in caps.items()])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.qmp.cmd_raw("quit")
+            except Exception:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        try:
+            self.qmp.close()
+        except Exception:
+            pass
+        self._log.close()
+
+
+class QMPCommandError(Exception):
+    def __init__(self, cls: str, desc: str) -> None:
+        super().__init__(f"{cls}: {desc}")
+        self.cls = cls
+        self.desc = desc
+
+
+def vmigrate_argv(sock: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "vmigrate", "run", "--qmp", f"unix:{sock}", *extra]
+
+
+def qemu_argv(sock: Path, *extra: str, memory: str = "64M", mem_path: Path | None = None) -> list[str]:
+    argv = [QEMU, "-nic", "none", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
+    if mem_path is not None:
+        argv += ["-M", "none,memory-backend=ram0", "-object",
+                 f"memory-backend-file,id=ram0,size={memory},mem-path={mem_path},share=on", "-m", memory]
+    else:
+        argv += ["-M", "none", "-m", memory]
+    return argv + list(extra)
+
+
+def test_env() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env

@@ -1,0 +1,3 @@
+from vmigrate.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""``vmigrate run``: start one VM process (the counterpart of a QEMU process)."""
+
+from __future__ import annotations
+
+import argparse
+import uuid as uuidlib
+
+from vmigrate.cli.main import CLIError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="start a VM process with a QMP server")
+    p.add_argument("--name", help="VM name (query-name)")
+    p.add_argument("--uuid", help="VM UUID (query-uuid; checked by validate-uuid)")
+    p.add_argument("-m", "--memory", default="128M", help="guest RAM size, e.g. 256M, 4G (RAM block 'ram')")
+    p.add_argument("--mem-path", help="back guest RAM by this file, shared (like memory-backend-file,share=on)")
+    p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
+    p.add_argument("--accel", default="soft", help="vCPU backend: soft")
+    p.add_argument("--guest", default="idle", help="workload: idle | ab[:start=SIZE,end=SIZE,sleep=MS] | stress:rate=MBPS,wss=SIZE")
+    p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")
+    p.add_argument("--incoming", help="wait for an incoming migration: 'defer' or a URI")
+    p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from vmigrate.machine.guest import GuestSpec
+    from vmigrate.machine.memory import parse_size
+    from vmigrate.vm import VMConfig
+
+    try:
+        memory = parse_size(args.memory)
+        guest = GuestSpec.parse(args.guest)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    if args.uuid is not None:
+        try:
+            uuid = str(uuidlib.UUID(args.uuid))
+        except ValueError:
+            raise CLIError(f"invalid UUID '{args.uuid}'") from None
+    else:
+        uuid = None
+    if args.smp < 1:
+        raise CLIError("--smp must be at least 1")
+    accel = args.accel.split(",", 1)[0]
+    if accel != "soft":
+        raise CLIError(f"accelerator '{accel}' is not available (this build has: soft)")
+    return VMConfig(
+        memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
+        guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from vmigrate.vm import run_vm
+
+    config = config_from_args(args)
+    try:
+        return run_vm(config)
+    except (OSError, ValueError) as err:
+        raise CLIError(str(err)) from None

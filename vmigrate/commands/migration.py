@@ -1,0 +1,115 @@
+"""Migration commands of the schema (qapi/migration.json)."""
+
+from __future__ import annotations
+
+from vmigrate.commands import command
+from vmigrate.machine import host
+from vmigrate.qmp.errors import NotYetImplemented, QMPError
+
+
+@command("query-migrate")
+def query_migrate(vm, args, monitor):
+    info: dict = {}
+    mig = vm.migration
+    mig.incoming.query(info)
+    mig.outgoing.query(info)
+    return info
+
+
+@command("migrate-set-capabilities")
+def migrate_set_capabilities(vm, args, monitor):
+    mig = vm.migration
+    mig.options.set_capabilities(
+        args["capabilities"],
+        migration_running=mig.outgoing.running,
+        runstate=vm.runstate.state,
+        incoming_single_channel=mig.incoming.single_channel,
+        postcopy_supported=host.postcopy_supported,
+        uffd_wp_supported=host.uffd_write_protect_supported,
+        ram_wp_compatible=lambda: not any(b.shared for b in vm.ram_blocks),
+    )
+
+
+@command("query-migrate-capabilities")
+def query_migrate_capabilities(vm, args, monitor):
+    return vm.migration.options.query_capabilities()
+
+
+@command("migrate-set-parameters")
+def migrate_set_parameters(vm, args, monitor):
+    mig = vm.migration
+    changed = mig.options.set_parameters(args)
+    if "max-bandwidth" in changed:
+        mig.outgoing.set_max_bandwidth(mig.options.param("max-bandwidth"))
+
+
+@command("query-migrate-parameters")
+def query_migrate_parameters(vm, args, monitor):
+    return vm.migration.options.query_parameters()
+
+
+@command("migrate")
+def migrate(vm, args, monitor):
+    vm.migration.outgoing.start(args["uri"], monitor, args)
+
+
+@command("migrate-incoming")
+def migrate_incoming(vm, args, monitor):
+    vm.migration.incoming.start(args["uri"], monitor=monitor)
+
+
+@command("migrate_cancel")
+def migrate_cancel(vm, args, monitor):
+    vm.migration.outgoing.cancel()
+
+
+@command("migrate-continue")
+def migrate_continue(vm, args, monitor):
+    vm.migration.outgoing.continue_(args["state"])
+
+
+@command("migrate-start-postcopy")
+def migrate_start_postcopy(vm, args, monitor):
+    opts = vm.migration.options
+    if not (opts.cap("postcopy-ram") or opts.cap("dirty-bitmaps")):
+        raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
+    if vm.migration.outgoing.state == "none":
+        raise QMPError("Postcopy must be started after migration has been started")
+    raise NotYetImplemented("postcopy")
+
+
+@command("migrate-pause")
+def migrate_pause(vm, args, monitor):
+    raise QMPError("migrate-pause is currently only supported during postcopy-active state")
+
+
+@command("migrate-recover")
+def migrate_recover(vm, args, monitor):
+    raise QMPError("Migrate recover can only be run when postcopy is paused.")
+
+
+@command("query-colo-status")
+def query_colo_status(vm, args, monitor):
+    return {"mode": "none", "last-mode": "none", "reason": "none"}
+
+
+@command("x-colo-lost-heartbeat")
+def x_colo_lost_heartbeat(vm, args, monitor):
+    raise QMPError("The feature 'colo' is not enabled")
+
+
+@command("client_migrate_info")
+def client_migrate_info(vm, args, monitor):
+    if args["protocol"] != "spice":
+        raise QMPError("Parameter 'protocol' expects 'spice'")
+    raise QMPError("SPICE is not in use", "DeviceNotActive")
+
+
+@command("xen-set-global-dirty-log")
+def xen_set_global_dirty_log(vm, args, monitor):
+    """Accepted without effect, as on any non-Xen QEMU."""
+
+
+@command("query-migrationthreads")
+def query_migrationthreads(vm, args, monitor):
+    return vm.migration.thread_list()

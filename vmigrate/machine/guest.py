@@ -1,0 +1,190 @@
+"""Guest workloads for the software vCPU.
+
+A workload keeps *all* of its state in guest RAM (a small header at the
+start of the ``ram`` block), never in Python objects: after a migration the
+destination's vCPU continues exactly where the source stopped, because the
+state travelled with the memory.  Each :meth:`Workload.step` is short so a
+pause request is honoured quickly.
+
+Layout of the header page (page 0):
+
+====== ======= ===================================================
+offset size    meaning
+====== ======= ===================================================
+0      8       magic ``b"VMIGRATE"`` once the workload initialised
+8      8       pass / step counter (little-endian u64)
+16     8       stress cursor (page index inside the working set)
+====== ======= ===================================================
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, parse_size
+
+MAGIC = b"VMIGRATE"
+HEADER_PAGES = 1
+
+
+class Workload:
+    """Base: one unit of guest work per :meth:`step`."""
+
+    name = "idle"
+
+    def __init__(self, ram: RAMBlock) -> None:
+        self.ram = ram
+        self._u64 = ram.bytes[:PAGE_SIZE].view(np.uint64)
+
+    def _init_header(self) -> None:
+        if bytes(self.ram.bytes[:8]) != MAGIC:
+            self.ram.bytes[:8] = np.frombuffer(MAGIC, dtype=np.uint8)
+            self._u64[1:3] = 0
+            self.ram.dirty.mark_range(0, 1)
+
+    @property
+    def counter(self) -> int:
+        return int(self._u64[1])
+
+    def step(self) -> float:
+        """Do one unit of work; return how long to sleep before the next one (s)."""
+        return 0.05
+
+
+class Idle(Workload):
+    name = "idle"
+
+
+class AB(Workload):
+    """QEMU's migration-test guest: +1 on the first byte of every page of a window per pass.
+
+    After any number of passes, each window page's first byte equals the
+    pass count (mod 256) or, mid-pass, one less — a migration that loses or
+    reorders memory shows up as a gap.
+    """
+
+    name = "ab"
+
+    def __init__(self, ram: RAMBlock, start: int = 1 << 20, end: int = 100 << 20, sleep_ms: float = 1.0) -> None:
+        super().__init__(ram)
+        first = max(start // PAGE_SIZE, HEADER_PAGES)
+        last = min(end // PAGE_SIZE, ram.npages)
+        if last <= first:
+            first, last = HEADER_PAGES, ram.npages
+        self.first, self.last = first, last
+        self._column = ram.pages[first:last, 0]
+        self.sleep = sleep_ms / 1000
+        self._init_header()
+
+    def step(self) -> float:
+        self._column += 1
+        self.ram.dirty.mark_range(self.first, self.last - self.first)
+        self._u64[1] += 1
+        self.ram.dirty.mark_range(0, 1)
+        return self.sleep
+
+    def check(self) -> None:
+        """Raise AssertionError unless RAM shows an unbroken ab pattern."""
+        expected = self.counter & 0xFF
+        col = self._column
+        ok = (col == expected) | (col == ((expected - 1) & 0xFF))
+        if not ok.all():
+            bad = int(np.flatnonzero(~ok)[0])
+            raise AssertionError(
+                f"ab pattern broken at page {self.first + bad}: {int(col[bad])} vs pass {self.counter}"
+            )
+
+
+class Stress(Workload):
+    """Dirties a working set at a target rate, round-robin, a few ms at a time."""
+
+    name = "stress"
+    TICK = 0.005
+
+    def __init__(self, ram: RAMBlock, rate: float = 100.0, wss: int = 64 << 20) -> None:
+        super().__init__(ram)
+        self.first = HEADER_PAGES
+        self.count = max(1, min(wss // PAGE_SIZE, ram.npages - HEADER_PAGES))
+        self.pages_per_second = rate * (1 << 20) / PAGE_SIZE
+        self._last = time.monotonic()
+        self._credit = 0.0
+        self._init_header()
+
+    def step(self) -> float:
+        now = time.monotonic()
+        # Bounded catch-up: a guest that was paused does not burst afterwards.
+        self._credit = min(self._credit + (now - self._last) * self.pages_per_second, self.pages_per_second * 0.1)
+        self._last = now
+        n = int(self._credit)
+        if n:
+            self._credit -= n
+            cursor = int(self._u64[2])
+            idx = self.first + (cursor + np.arange(n)) % self.count
+            stamp = self._u64[1] + 1
+            self.ram.pages[idx, :8] = np.frombuffer(int(stamp).to_bytes(8, "little"), dtype=np.uint8)
+            self.ram.dirty.mark_pages(idx)
+            self._u64[1] = stamp
+            self._u64[2] = (cursor + n) % self.count
+            self.ram.dirty.mark_range(0, 1)
+        return self.TICK
+
+
+def read_header(ram_file: str) -> int | None:
+    """The workload's step counter from a RAM file (``--mem-path``), None before it started.
+
+    Lets tools watch a guest make progress from outside, through its memory.
+    """
+    with open(ram_file, "rb") as f:
+        head = f.read(16)
+    if head[:8] != MAGIC:
+        return None
+    return int.from_bytes(head[8:16], "little")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE``."""
+
+    kind: str
+    options: dict
+
+    @classmethod
+    def parse(cls, text: str) -> "GuestSpec":
+        kind, _, rest = text.partition(":")
+        if kind not in WORKLOADS:
+            raise ValueError(f"unknown guest workload '{kind}' (choose from {', '.join(WORKLOADS)})")
+        options: dict = {}
+        for item in filter(None, rest.split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"guest option '{item}' is not KEY=VALUE")
+            options[key] = value
+        spec = cls(kind, options)
+        spec._convert()
+        return spec
+
+    def _convert(self) -> dict:
+        conv = {
+            "ab": {"start": lambda v: parse_size(v, "B"), "end": lambda v: parse_size(v, "B"), "sleep": float},
+            "stress": {"rate": float, "wss": lambda v: parse_size(v, "M")},
+            "idle": {},
+        }[self.kind]
+        names = {"sleep": "sleep_ms"}
+        out = {}
+        for key, value in self.options.items():
+            if key not in conv:
+                raise ValueError(f"guest '{self.kind}' has no option '{key}'")
+            try:
+                out[names.get(key, key)] = conv[key](value)
+            except ValueError:
+                raise ValueError(f"invalid value '{value}' for guest option '{key}'") from None
+        return out
+
+    def build(self, ram: RAMBlock) -> Workload:
+        return WORKLOADS[self.kind](ram, **self._convert())
+
+
+WORKLOADS: dict[str, type[Workload]] = {"idle": Idle, "ab": AB, "stress": Stress}

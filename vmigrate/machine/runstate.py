@@ -1,0 +1,78 @@
+"""The VM run state (QEMU's RunState) and the STOP/RESUME events it implies.
+
+Everything that pauses or resumes the guest goes through :class:`RunState`,
+so the vCPUs, the events and ``query-status`` never disagree.  Transitions
+are serialised by one lock because the migration thread stops the VM while
+QMP handlers on the main thread may ask for ``cont``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable, Protocol
+
+RUNNING_STATES = frozenset({"running"})
+
+#: Run states in which ``cont``/``stop`` are refused or redirected (QEMU 7.2 rules).
+NEEDS_RESET = frozenset({"internal-error", "shutdown"})
+
+
+class VcpuControl(Protocol):
+    """What the run state needs from the vCPU backend."""
+
+    def pause_all(self) -> None: ...  # returns once no vCPU touches RAM any more
+    def resume_all(self) -> None: ...
+
+
+class RunState:
+    def __init__(self, initial: str, vcpus: VcpuControl, emit: Callable[[str, dict | None], None]) -> None:
+        self._state = initial
+        self._vcpus = vcpus
+        self._emit = emit
+        self._lock = threading.RLock()
+        #: QEMU's ``autostart``: false with ``-S``; a destination resumes the guest only if set.
+        self.autostart = initial != "prelaunch"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def running(self) -> bool:
+        return self._state in RUNNING_STATES
+
+    def set(self, state: str) -> None:
+        """Change the state without touching the vCPUs (e.g. inmigrate → paused)."""
+        with self._lock:
+            self._state = state
+
+    def stop(self, state: str = "paused") -> bool:
+        """Stop the guest into *state*; returns whether it was running.
+
+        Like QEMU's vm_stop: STOP is emitted only if the guest was running,
+        a stopped guest keeps its current state.
+        """
+        with self._lock:
+            if not self.running:
+                return False
+            self._vcpus.pause_all()
+            self._state = state
+            self._emit("STOP", None)
+            return True
+
+    def force_stop(self, state: str) -> bool:
+        """QEMU's vm_stop_force_state: stop if running, else just move to *state*."""
+        with self._lock:
+            if self.running:
+                return self.stop(state)
+            self._state = state
+            return False
+
+    def start(self) -> None:
+        """QEMU's vm_start: resume the vCPUs and emit RESUME (nothing if already running)."""
+        with self._lock:
+            if self.running:
+                return
+            self._state = "running"
+            self._vcpus.resume_all()
+            self._emit("RESUME", None)

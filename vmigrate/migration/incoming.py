@@ -1,0 +1,227 @@
+"""The incoming migration: QEMU's MigrationIncomingState and load loop.
+
+Unlike QEMU 7.2, which exits the whole process when a load fails, a
+vmigrate destination stays up in state ``failed`` with an ``error-desc``:
+a hostile or broken stream costs the migration, never the process.  The
+loader is the sans-IO :class:`~vmigrate.migration.wire.stream.StreamDecoder`
+fed from the channel; its events are applied to guest RAM and devices here.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid as uuidlib
+from typing import TYPE_CHECKING
+
+from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
+from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.qemu_file import QEMUFileIn
+from vmigrate.migration.ram import RamLoader
+from vmigrate.migration.savevm import MACHINE_TYPE
+from vmigrate.migration.wire import ram as wire_ram
+from vmigrate.migration.wire import return_path, stream, vmstate
+from vmigrate.migration.wire.errors import WireError
+from vmigrate.qmp.errors import QMPError
+
+if TYPE_CHECKING:
+    from vmigrate.qmp.protocol import MonitorProtocol
+    from vmigrate.vm import VM
+
+
+class LoadError(Exception):
+    """A stream that is valid on the wire but not acceptable for this VM."""
+
+
+class IncomingMigration:
+    def __init__(self, vm: "VM", options: MigrationOptions) -> None:
+        self.vm = vm
+        self.options = options
+        self.state = "none"
+        self._lock = threading.Lock()
+        self.started = False
+        #: Once a single-channel transport (exec:, fd:) was used, multifd is refused.
+        self.single_channel = False
+        self.listener: Listener | None = None
+        self.error_desc: str | None = None
+        self._channel: Channel | None = None
+        self._thread: threading.Thread | None = None
+
+    def set_state(self, old: str, new: str) -> bool:
+        with self._lock:
+            if self.state != old:
+                return False
+            self.state = new
+        if self.options.cap("events"):
+            self.vm.emit_event("MIGRATION", {"status": new})
+        return True
+
+    def start(self, uri: str, monitor: "MonitorProtocol | None" = None, from_command_line: bool = False) -> None:
+        """``migrate-incoming`` / ``--incoming URI`` (states.md §9)."""
+        if self.started:
+            raise QMPError("The incoming migration has already been started")
+        if self.vm.runstate.state != "inmigrate":
+            raise QMPError("'-incoming' was not specified on the command line")
+        self.vm.emit_event("MIGRATION", {"status": "setup"})
+        kind = uri.partition(":")[0]
+        if kind not in ("tcp", "unix", "exec", "fd", "rdma", "vsock"):
+            raise QMPError(f"unknown migration protocol: {uri}")
+        addr = parse_uri(uri)
+        if addr.kind in ("tcp", "unix"):
+            self.listener = Listener(addr)
+            target = self._accept
+        elif addr.kind == "exec":
+            self.single_channel = True
+            target = lambda: self._load(CommandChannel(addr.command, outgoing=False))  # noqa: E731
+        else:
+            fd = monitor.named_fds.pop(addr.fdname, None) if monitor is not None else None
+            if fd is None:
+                raise QMPError(f"File descriptor named '{addr.fdname}' has not been found")
+            self.single_channel = True
+            target = lambda: self._load(FdChannel(fd))  # noqa: E731
+        self.started = True
+        self._thread = threading.Thread(target=target, name="incoming", daemon=True)
+        self._thread.start()
+
+    def query(self, info: dict) -> None:
+        """The destination pass of ``query-migrate``."""
+        if self.listener is not None:
+            info["socket-address"] = [self.listener.socket_address()]
+        if self.state == "none":
+            return
+        info["status"] = self.state
+        if self.state == "failed" and self.error_desc:
+            info["error-desc"] = self.error_desc
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        if self._channel is not None:
+            self._channel.shutdown()
+
+    # -- the incoming thread ------------------------------------------------
+
+    def _accept(self) -> None:
+        listener = self.listener
+        try:
+            channel = listener.accept()
+        except ChannelError:
+            return
+        self._load(channel)
+
+    def _load(self, channel: Channel) -> None:
+        self._channel = channel
+        self.set_state("none", "active")
+        rp: Channel | None = None
+        try:
+            rp = self._run_decoder(channel)
+            self._finish_load()
+            if rp is not None:
+                rp.write(return_path.shut(0))
+        except (WireError, LoadError, ChannelError, OSError) as err:
+            self.error_desc = f"load of migration failed: {err}"
+            if rp is not None:
+                try:
+                    rp.write(return_path.shut(1))
+                except ChannelError:
+                    pass
+            self.set_state("active", "failed")
+        finally:
+            try:
+                channel.close()
+            except (ChannelError, OSError):
+                pass
+            self._channel = None
+            if self.listener is not None:
+                self.listener.close()
+                self.listener = None
+
+    def _run_decoder(self, channel: Channel) -> Channel | None:
+        """Read and apply the whole stream; returns the return path if one was opened."""
+        vm = self.vm
+        loader = RamLoader(vm.ram_blocks)
+        decoder = stream.StreamDecoder({
+            "ram": wire_ram.RamBodyDecoder(loader.known_blocks()),
+            **vmstate.none_machine_bodies(),
+        })
+        fin = QEMUFileIn(channel)
+        rp: Channel | None = None
+        self._global_runstate: str | None = None
+        seen_eof = False
+        while True:
+            chunk = fin.read_chunk()
+            if not chunk:
+                if seen_eof:
+                    return rp
+                raise LoadError("unexpected end of migration stream")
+            decoder.feed(chunk)
+            while (event := decoder.next_event()) is not stream.NEED_DATA:
+                if isinstance(event, stream.EOF):
+                    seen_eof = True
+                elif isinstance(event, stream.VMDescription):
+                    return rp
+                else:
+                    rp = self._apply(event, loader, channel, rp)
+
+    def _apply(self, event, loader: RamLoader, channel: Channel, rp: Channel | None) -> Channel | None:
+        if isinstance(event, wire_ram.RamPages):
+            loader.load_pages(event)
+        elif isinstance(event, wire_ram.RamZeroPages):
+            loader.load_zero_pages(event)
+        elif isinstance(event, stream.Configuration):
+            self._check_configuration(event)
+        elif isinstance(event, vmstate.DeviceState):
+            self._load_device(event)
+        elif isinstance(event, stream.Command):
+            return self._command(event, channel, rp)
+        return rp
+
+    def _check_configuration(self, cfg: "stream.Configuration") -> None:
+        if cfg.machine != MACHINE_TYPE:
+            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{MACHINE_TYPE}'")
+        local = self.options.cap("x-ignore-shared")
+        remote = "x-ignore-shared" in cfg.capabilities
+        if local != remote:
+            raise LoadError(
+                f"Capability x-ignore-shared is {'on' if local else 'off'}, "
+                f"but received capability is {'on' if remote else 'off'}"
+            )
+        local_uuid = self.vm.config.uuid
+        if cfg.uuid is not None and local_uuid is not None:
+            received = str(uuidlib.UUID(bytes=bytes(cfg.uuid)))
+            if received != local_uuid:
+                raise LoadError(f"UUID received is {received} and local is {local_uuid}")
+
+    def _load_device(self, dev: "vmstate.DeviceState") -> None:
+        if dev.idstr == "timer":
+            self.vm.clock.cpu_ticks_offset = dev.values["cpu_ticks_offset"]
+            self.vm.clock.cpu_clock_offset = dev.values["cpu_clock_offset"]
+        elif dev.idstr == "globalstate":
+            self._global_runstate = vmstate.globalstate_runstate(dev.values)
+
+    def _command(self, cmd: "stream.Command", channel: Channel, rp: Channel | None) -> Channel | None:
+        if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
+            if rp is None:
+                if not channel.bidirectional:
+                    raise LoadError("Unable to open return-path: the transport is one-way")
+                rp = channel
+            return rp
+        if cmd.cmd == stream.MIG_CMD_PING:
+            if rp is None:
+                raise LoadError(f"CMD_PING (0x{stream.decode_ping(cmd.payload):x}) received with no return path")
+            rp.write(return_path.pong(stream.decode_ping(cmd.payload)))
+            return rp
+        raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
+
+    def _finish_load(self) -> None:
+        """Run state after a successful load (states.md §9.1), then ``completed``."""
+        runstate = self.vm.runstate
+        received = self._global_runstate
+        if received is None or received == "running":
+            if runstate.autostart:
+                runstate.start()
+            else:
+                runstate.set("paused")
+        else:
+            runstate.set(received)
+        self.set_state("active", "completed")

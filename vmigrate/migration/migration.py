@@ -1,0 +1,363 @@
+"""The outgoing migration: QEMU's MigrationState, its state machine and thread.
+
+Every state change is a compare-and-swap that emits ``MIGRATION`` only if it
+succeeded (states.md §1); that single rule resolves the races between the
+migration thread, ``migrate_cancel`` and failures.  The thread follows
+QEMU's migration_thread: setup, iterate under the rate limiter until the
+remaining dirty memory fits the downtime limit, stop the guest, send the
+rest and the device state, finish.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from vmigrate.migration import savevm
+from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, connect, parse_uri
+from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.qemu_file import QEMUFileOut
+from vmigrate.migration.ram import RamSaver
+from vmigrate.migration.stats import RamStats
+from vmigrate.qmp.errors import QMPError
+
+if TYPE_CHECKING:
+    from vmigrate.qmp.protocol import MonitorProtocol
+    from vmigrate.vm import VM
+
+RUNNING = frozenset({
+    "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+    "pre-switchover", "device", "wait-unplug", "cancelling",
+})
+WINDOW_SECONDS = 0.1
+UNLIMITED = (1 << 63) - 1
+
+
+def now_ms() -> float:
+    return time.monotonic() * 1000
+
+
+class MigrationManager:
+    """Both directions of one VM process plus the options they share."""
+
+    def __init__(self, vm: "VM") -> None:
+        from vmigrate.migration.incoming import IncomingMigration
+
+        self.vm = vm
+        self.options = MigrationOptions()
+        self.outgoing = OutgoingMigration(vm, self.options)
+        self.incoming = IncomingMigration(vm, self.options)
+
+    def thread_list(self) -> list[dict]:
+        """``query-migrationthreads`` (QEMU 8.0 semantics: the live source threads)."""
+        t = self.outgoing._thread
+        if t is None or not t.is_alive() or t.native_id is None:
+            return []
+        return [{"name": t.name, "thread-id": t.native_id}]
+
+    def shutdown(self) -> None:
+        self.outgoing.cancel()
+        self.outgoing.join(timeout=10)
+        self.incoming.close()
+
+
+class MigrationCancelled(Exception):
+    pass
+
+
+class OutgoingMigration:
+    def __init__(self, vm: "VM", options: MigrationOptions) -> None:
+        self.vm = vm
+        self.options = options
+        self.state = "none"
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.error_desc: str | None = None
+        self.stats = RamStats()
+        self.file: QEMUFileOut | None = None
+        self._continue = threading.Semaphore(0)
+        self._reset_timing()
+        self.total_ram = sum(b.size for b in vm.ram_blocks)
+
+    def _reset_timing(self) -> None:
+        self.start_ms = now_ms()
+        self.setup_time = 0
+        self.total_time = 0
+        self.downtime = 0
+        self.expected_downtime = 0
+        self.mbps = 0.0
+        self.pages_per_second = 0
+        self.threshold_size = 0
+
+    # -- state ------------------------------------------------------------
+
+    def set_state(self, old: str, new: str) -> bool:
+        """QEMU's migrate_set_state: CAS, and an event only if it happened."""
+        with self._lock:
+            if self.state != old:
+                return False
+            self.state = new
+        if self.options.cap("events"):
+            self.vm.emit_event("MIGRATION", {"status": new})
+        return True
+
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING
+
+    # -- QMP --------------------------------------------------------------
+
+    def start(self, uri: str, monitor: "MonitorProtocol", args: dict) -> None:
+        """``migrate``: the synchronous checks, then the thread (states.md §2.5)."""
+        if args.get("resume"):
+            if self.state != "postcopy-paused":
+                raise QMPError("Cannot resume if there is no paused migration")
+            raise QMPError("vmigrate does not implement postcopy recovery yet")
+        if self.running:
+            raise QMPError("There's a migration process in progress")
+        runstate = self.vm.runstate.state
+        if runstate == "inmigrate":
+            raise QMPError("Guest is waiting for an incoming migration")
+        if runstate == "postmigrate":
+            raise QMPError("Can't migrate the vm that was paused due to previous migration")
+        if args.get("blk") or args.get("inc"):
+            if self.options.cap("x-colo"):
+                raise QMPError("No disk migration is required in COLO mode")
+            if self.options.cap("block") or self.options.param("block-incremental"):
+                raise QMPError("Command options are incompatible with current migration capabilities")
+            raise QMPError("vmigrate does not implement block migration (blk/inc) yet")
+        self._check_unimplemented()
+        with self._lock:
+            self.state = "none"
+        self.set_state("none", "setup")
+        self.stats = RamStats()
+        self.error_desc = None
+        self._reset_timing()
+        try:
+            addr = parse_uri(uri)
+            fd = None
+            if addr.kind == "fd":
+                fd = monitor.named_fds.pop(addr.fdname, None)
+                if fd is None:
+                    raise QMPError(f"File descriptor named '{addr.fdname}' has not been found")
+        except QMPError as err:
+            if err.desc != "Parameter 'uri' expects a valid migration protocol":
+                self.error_desc = err.desc
+            self.set_state("setup", "failed")
+            raise
+        if addr.kind == "exec":
+            channel_factory = lambda: CommandChannel(addr.command, outgoing=True)  # noqa: E731
+        elif addr.kind == "fd":
+            channel_factory = lambda: FdChannel(fd)  # noqa: E731
+        else:
+            channel_factory = lambda: connect(addr)  # noqa: E731
+        self._thread = threading.Thread(target=self._run, args=(channel_factory,), name="live_migration", daemon=True)
+        self._thread.start()
+
+    def _check_unimplemented(self) -> None:
+        """Refuse capabilities whose stream features are not built yet (never a silent success)."""
+        for cap in ("xbzrle", "compress", "multifd", "postcopy-ram", "x-colo", "block", "dirty-bitmaps",
+                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "auto-converge", "return-path",
+                    "x-ignore-shared"):
+            if self.options.cap(cap):
+                raise QMPError(f"vmigrate does not implement the '{cap}' capability yet")
+        if self.options.param("tls-creds"):
+            raise QMPError("vmigrate does not implement TLS migration yet")
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: always succeeds; only acts on a running migration."""
+        while True:
+            state = self.state
+            if state not in RUNNING:
+                return
+            if state == "pre-switchover":
+                self._continue.release()
+            if self.set_state(state, "cancelling") or self.state == "cancelling":
+                break
+        f = self.file
+        if f is not None:
+            f.shutdown()
+
+    def continue_(self, expected: str) -> None:
+        if self.state != expected:
+            raise QMPError(f"Migration not in expected state: {self.state}")
+        self._continue.release()
+
+    def set_max_bandwidth(self, value: int) -> None:
+        f = self.file
+        if f is not None and self.state in ("active", "setup"):
+            f.budget = value // 10
+
+    def join(self, timeout: float) -> None:
+        t = self._thread
+        if t is not None:
+            t.join(timeout)
+
+    def query(self, info: dict) -> None:
+        """The source pass of ``query-migrate`` (states.md §3)."""
+        state = self.state
+        if state == "none":
+            return
+        info["status"] = state
+        if state in ("active", "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover",
+                     "pre-switchover", "device", "completed"):
+            completed = state == "completed"
+            info["setup-time"] = self.setup_time
+            info["total-time"] = self.total_time if completed else int(now_ms() - self.start_ms)
+            if completed:
+                info["downtime"] = self.downtime
+            else:
+                info["expected-downtime"] = self.expected_downtime
+            info["ram"] = self.stats.to_qmp(self.total_ram, self.mbps, self.pages_per_second, completed)
+        elif state == "failed" and self.error_desc:
+            info["error-desc"] = self.error_desc
+
+    # -- the migration thread ---------------------------------------------
+
+    def _phase(self) -> str:
+        return "precopy" if self.vm.runstate.running else "downtime"
+
+    def _run(self, channel_factory) -> None:
+        vm = self.vm
+        channel: Channel | None = None
+        was_running = vm.runstate.running
+        stopped = False
+        try:
+            channel = channel_factory()
+            self.file = f = QEMUFileOut(channel)
+            if self.state == "cancelling":
+                raise MigrationCancelled()
+            self.expected_downtime = self.options.param("downtime-limit")
+            f.budget = self.options.param("max-bandwidth") // 10
+            thread_start = now_ms()
+            window = _Window(self, f)
+            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event)
+            saver = savevm.SaveVM(vm, ram, f, self.options)
+            saver.setup()
+            self.set_state("setup", "active")
+            self.setup_time = int(now_ms() - thread_start)
+            while self.state == "active":
+                if not f.rate_limited():
+                    if self._iteration(ram, saver):
+                        stopped = True
+                        was_running = self._complete(ram, saver, f) or was_running
+                        break
+                if self.state == "cancelling":
+                    raise MigrationCancelled()
+                if f.error:
+                    raise ChannelError(f.error)
+                window.step()
+            if self.state == "cancelling":
+                raise MigrationCancelled()
+        except MigrationCancelled:
+            pass
+        except (ChannelError, OSError, ValueError) as err:
+            self._fail(str(err))
+        finally:
+            if channel is not None:
+                try:
+                    channel.close()
+                except (ChannelError, OSError):
+                    pass
+            self.file = None
+            self._finish(was_running, stopped)
+
+    def _pass_event(self, count: int) -> None:
+        if self.options.cap("events"):
+            self.vm.emit_event("MIGRATION_PASS", {"pass": count})
+
+    def _iteration(self, ram: RamSaver, saver: "savevm.SaveVM") -> bool:
+        """One loop turn (QEMU's migration_iteration_run); True when it is time to complete."""
+        pending = ram.remaining_bytes()
+        if pending < self.threshold_size:
+            ram.sync()
+            pending = ram.remaining_bytes()
+        if pending == 0 or pending < self.threshold_size:
+            return True
+        saver.iterate()
+        return False
+
+    def _complete(self, ram: RamSaver, saver: "savevm.SaveVM", f: QEMUFileOut) -> bool:
+        """Stop-and-copy; returns whether the guest had been running."""
+        vm = self.vm
+        downtime_start = now_ms()
+        global_runstate = vm.runstate.state
+        was_running = vm.runstate.force_stop("finish-migrate")
+        if self.options.cap("pause-before-switchover"):
+            while self._continue.acquire(blocking=False):
+                pass
+            if self.set_state("active", "pre-switchover"):
+                self._continue.acquire()
+                if not self.set_state("pre-switchover", "device"):
+                    raise MigrationCancelled()
+        if self.state == "cancelling":
+            raise MigrationCancelled()
+        f.budget = 0
+        saver.complete(global_runstate)
+        end = now_ms()
+        state = self.state
+        if state not in ("active", "device") or not self.set_state(state, "completed"):
+            raise MigrationCancelled()
+        self.total_time = int(end - self.start_ms)
+        self.downtime = int(end - downtime_start)
+        transfer = self.total_time - self.setup_time
+        if transfer:
+            self.mbps = f.transferred * 8 / transfer / 1000
+        return was_running
+
+    def _fail(self, desc: str) -> None:
+        self.error_desc = desc
+        for state in ("setup", "active", "pre-switchover", "device"):
+            if self.set_state(state, "failed"):
+                break
+
+    def _finish(self, was_running: bool, stopped: bool) -> None:
+        """QEMU's migration_iteration_finish + cleanup bottom half."""
+        vm = self.vm
+        vm.vcpus.throttle = 0.0
+        if self.state == "completed":
+            vm.runstate.set("postmigrate")
+        elif stopped or vm.runstate.state == "finish-migrate":
+            if was_running:
+                vm.runstate.start()
+            elif vm.runstate.state == "finish-migrate":
+                vm.runstate.set("postmigrate")
+        self.set_state("cancelling", "cancelled")
+
+
+class _Window:
+    """The 100 ms bandwidth window: rate limit, mbps, threshold, expected downtime."""
+
+    def __init__(self, mig: OutgoingMigration, f: QEMUFileOut) -> None:
+        self.mig = mig
+        self.f = f
+        self.start = now_ms()
+        self.bytes0 = f.transferred
+        self.pages0 = mig.stats.pages_sent
+
+    def step(self) -> None:
+        now = now_ms()
+        self.update(now)
+        if self.f.rate_limited() and not self.f.error:
+            delay = (self.start + WINDOW_SECONDS * 1000 - now_ms()) / 1000
+            if delay > 0:
+                time.sleep(delay)
+            self.update(now_ms())
+
+    def update(self, now: float) -> None:
+        if now < self.start + WINDOW_SECONDS * 1000:
+            return
+        mig, f = self.mig, self.f
+        xfer = f.transferred - self.bytes0
+        dt = now - self.start
+        bw = xfer / dt
+        mig.threshold_size = int(bw * mig.options.param("downtime-limit"))
+        mig.mbps = xfer * 8 / (dt / 1000) / 1e6
+        mig.pages_per_second = int((mig.stats.pages_sent - self.pages0) / (dt / 1000))
+        if mig.stats.dirty_pages_rate and xfer > 10000:
+            mig.expected_downtime = int(mig.stats.remaining_pages * 4096 / bw)
+        f.used = 0
+        self.start = now_ms()
+        self.bytes0 = f.transferred
+        self.pages0 = mig.stats.pages_sent

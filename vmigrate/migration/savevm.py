@@ -1,0 +1,72 @@
+"""Section order of a whole stream, source side (QEMU's savevm.c).
+
+A vmigrate VM registers the same handlers as ``qemu-system-x86_64 -M none``
+with the same section ids, so its stream is what a QEMU 7.2 destination of
+that machine expects: ``timer`` (id 0), ``ram`` (id 2, live), ``globalstate``
+(id 4).  Device sections beyond these (vCPU state, UART) append here.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import TYPE_CHECKING
+
+from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.qemu_file import QEMUFileOut
+from vmigrate.migration.ram import RamSaver
+from vmigrate.migration.wire import stream, vmstate
+
+if TYPE_CHECKING:
+    from vmigrate.vm import VM
+
+MACHINE_TYPE = "none"
+TIMER_SECTION = (0, "timer", 0, 2)
+RAM_SECTION = (2, "ram", 0, 4)
+GLOBALSTATE_SECTION = (4, "globalstate", 0, 1)
+
+
+class SaveVM:
+    def __init__(self, vm: "VM", ram: RamSaver, f: QEMUFileOut, options: MigrationOptions) -> None:
+        self.vm = vm
+        self.ram = ram
+        self.f = f
+        self.options = options
+
+    def setup(self) -> None:
+        f = self.f
+        caps = ["x-ignore-shared"] if self.options.cap("x-ignore-shared") else []
+        uuid = self.vm.config.uuid
+        send_uuid = uuidlib.UUID(uuid).bytes if uuid and self.options.cap("validate-uuid") else None
+        f.put(stream.header())
+        f.put(stream.configuration(MACHINE_TYPE, caps=caps, uuid=send_uuid))
+        f.put(stream.section_start(*RAM_SECTION))
+        self.ram.setup(f)
+        f.put(stream.footer(RAM_SECTION[0]))
+        f.flush()
+
+    def iterate(self) -> bool:
+        f = self.f
+        f.put(stream.section_part(RAM_SECTION[0]))
+        done = self.ram.iterate(f)
+        f.put(stream.footer(RAM_SECTION[0]))
+        f.flush()
+        return done
+
+    def complete(self, global_runstate: str) -> None:
+        """END of ram, the device sections, EOF and the VM description."""
+        f = self.f
+        f.put(stream.section_end(RAM_SECTION[0]))
+        self.ram.complete(f)
+        f.put(stream.footer(RAM_SECTION[0]))
+        clock = self.vm.clock
+        devices = [
+            vmstate.DeviceSection(*TIMER_SECTION[:3], vmstate.TIMER,
+                                  vmstate.timer_values(clock.cpu_ticks_offset, clock.cpu_clock_offset)),
+            vmstate.DeviceSection(*GLOBALSTATE_SECTION[:3], vmstate.GLOBALSTATE,
+                                  vmstate.globalstate_values(global_runstate)),
+        ]
+        for device in devices:
+            f.put(device.encode())
+        f.put(stream.eof())
+        f.put(stream.vmdesc(vmstate.vmdesc_json(devices)))
+        f.flush()

@@ -1,0 +1,172 @@
+"""QMP monitors on unix and tcp sockets, driven by the process's asyncio loop.
+
+Sockets are read with ``recvmsg`` so file descriptors passed with
+SCM_RIGHTS (for ``getfd`` and ``fd:`` migration URIs) arrive with the bytes.
+Events can be emitted from any thread; they are written from the loop
+thread, and an event raised while a command runs is written before that
+command's response, as in QEMU.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import os
+import socket
+import threading
+from typing import Callable
+
+from vmigrate.qmp.protocol import Dispatcher, MonitorProtocol, event_message
+
+MAX_FDS = 16
+
+
+def parse_address(spec: str) -> tuple[str, object]:
+    """``unix:PATH`` or ``tcp:HOST:PORT`` (QEMU's ``-qmp`` spellings; options after ``,`` ignored)."""
+    spec = spec.split(",", 1)[0]
+    kind, sep, rest = spec.partition(":")
+    if kind == "unix" and sep and rest:
+        return "unix", rest
+    if kind == "tcp" and sep:
+        host, _, port = rest.rpartition(":")
+        if port.isdigit():
+            return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
+    raise ValueError(f"invalid QMP address '{spec}' (use unix:PATH or tcp:HOST:PORT)")
+
+
+class _Connection:
+    def __init__(self, server: "QMPServer", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.proto = MonitorProtocol(server.dispatcher, server.version, server.package)
+        self._out = bytearray()
+        self._writing = False
+        self.closed = False
+        sock.setblocking(False)
+        loop = server.loop
+        loop.add_reader(sock.fileno(), self._on_readable)
+        self.send(self.proto.greeting())
+
+    def _on_readable(self) -> None:
+        fds = array.array("i")
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * fds.itemsize))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+        self.proto.pending_fds.extend(fds)
+        if not data:
+            self.close()
+            return
+        for response in self.proto.receive(data):
+            self.send(response)
+        self.server.after_request()
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out += data
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._out:
+            try:
+                n = self.sock.send(self._out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            del self._out[:n]
+        want = bool(self._out)
+        if want != self._writing:
+            if want:
+                self.server.loop.add_writer(self.sock.fileno(), self._flush)
+            else:
+                self.server.loop.remove_writer(self.sock.fileno())
+            self._writing = want
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        loop = self.server.loop
+        loop.remove_reader(self.sock.fileno())
+        if self._writing:
+            loop.remove_writer(self.sock.fileno())
+        for fd in [*self.proto.pending_fds, *self.proto.named_fds.values()]:
+            os.close(fd)
+        self.sock.close()
+        self.server.connections.discard(self)
+
+
+class QMPServer:
+    """All QMP monitors of one VM process."""
+
+    def __init__(self, dispatcher: Dispatcher, version: dict, package: str, loop: asyncio.AbstractEventLoop) -> None:
+        self.dispatcher = dispatcher
+        self.version = version
+        self.package = package
+        self.loop = loop
+        self.connections: set[_Connection] = set()
+        self._listeners: list[socket.socket] = []
+        self._loop_thread = threading.get_ident()
+        #: Called after each batch of requests (e.g. to act on ``quit``).
+        self.after_request: Callable[[], None] = lambda: None
+
+    def listen(self, spec: str) -> None:
+        kind, addr = parse_address(spec)
+        if kind == "unix":
+            path = str(addr)
+            if os.path.exists(path):
+                os.unlink(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(path)
+        else:
+            host, port = addr  # type: ignore[misc]
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        sock.listen(8)
+        sock.setblocking(False)
+        self._listeners.append(sock)
+        self.loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        self.connections.add(_Connection(self, sock))
+
+    def emit_event(self, name: str, data: dict | None = None) -> None:
+        """Send an event to every negotiated monitor; safe from any thread."""
+        message = event_message(name, data)
+        if threading.get_ident() == self._loop_thread:
+            self._broadcast(message)
+        else:
+            self.loop.call_soon_threadsafe(self._broadcast, message)
+
+    def _broadcast(self, message: bytes) -> None:
+        for conn in list(self.connections):
+            if conn.proto.negotiated:
+                conn.send(message)
+
+    def close(self) -> None:
+        for sock in self._listeners:
+            self.loop.remove_reader(sock.fileno())
+            if sock.family == socket.AF_UNIX:
+                path = sock.getsockname()
+                sock.close()
+                if path and os.path.exists(path):
+                    os.unlink(path)
+            else:
+                sock.close()
+        for conn in list(self.connections):
+            conn._flush()
+            conn.close()

@@ -1,0 +1,140 @@
+"""One VM process: guest RAM, vCPUs, run state, QMP monitors and migration.
+
+:class:`VM` assembles the pieces from a :class:`VMConfig` and owns the
+asyncio loop that serves QMP.  Threads (vCPUs, migration) reach the loop only
+through :meth:`emit_event` and :meth:`call_soon`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+from vmigrate import QEMU_VERSION, __version__
+from vmigrate.machine.guest import GuestSpec
+from vmigrate.machine.memory import RAMBlock
+from vmigrate.machine.runstate import RunState
+from vmigrate.machine.softcpu import SoftVcpus
+from vmigrate.qapi.schema import load as load_schema
+
+PACKAGE = f"vmigrate {__version__}"
+
+
+@dataclass
+class VMConfig:
+    """What ``vmigrate run`` was asked for; field names follow its options."""
+
+    memory: int = 128 << 20
+    mem_path: str | None = None
+    name: str | None = None
+    uuid: str | None = None
+    smp: int = 1
+    accel: str = "soft"
+    guest: GuestSpec = field(default_factory=lambda: GuestSpec.parse("idle"))
+    qmp: list[str] = field(default_factory=list)
+    incoming: str | None = None
+    start_paused: bool = False
+
+
+class VM:
+    def __init__(self, config: VMConfig, loop: asyncio.AbstractEventLoop) -> None:
+        from vmigrate.commands import CommandDispatcher
+        from vmigrate.migration.migration import MigrationManager
+        from vmigrate.qmp.server import QMPServer
+
+        self.config = config
+        self.loop = loop
+        self.package = PACKAGE
+        self.schema = load_schema()
+        self.ram = RAMBlock("ram", config.memory, config.mem_path)
+        self.vcpus = SoftVcpus(config.smp, lambda: config.guest.build(self.ram))
+        if config.incoming is not None:
+            initial = "inmigrate"
+        elif config.start_paused:
+            initial = "prelaunch"
+        else:
+            initial = "running"
+        self.runstate = RunState(initial, self.vcpus, self.emit_event)
+        self.runstate.autostart = not config.start_paused
+        self.clock = VirtualClock()
+        self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
+        self.migration = MigrationManager(self)
+        self._shutdown = asyncio.Event()
+        self.shutdown_reason: str | None = None
+        self._loop_thread = threading.get_ident()
+
+    @property
+    def ram_blocks(self) -> list[RAMBlock]:
+        return [self.ram]
+
+    def start(self) -> None:
+        for spec in self.config.qmp:
+            self.qmp.listen(spec)
+        if self.runstate.state == "running":
+            self.vcpus.resume_all()
+        if self.config.incoming not in (None, "defer"):
+            self.migration.incoming.start(self.config.incoming, from_command_line=True)
+
+    def emit_event(self, name: str, data: dict | None = None) -> None:
+        self.qmp.emit_event(name, data)
+
+    def call_soon(self, fn, *args) -> None:
+        """Run *fn* on the loop thread (from any thread)."""
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def request_shutdown(self, reason: str) -> None:
+        def shutdown() -> None:
+            if self.shutdown_reason is None:
+                self.shutdown_reason = reason
+                self.emit_event("SHUTDOWN", {"guest": False, "reason": reason})
+                self._shutdown.set()
+
+        if threading.get_ident() == self._loop_thread:
+            # Let the pending response be written before the event loop stops.
+            self.loop.call_soon(shutdown)
+        else:
+            self.loop.call_soon_threadsafe(shutdown)
+
+    async def wait_shutdown(self) -> None:
+        await self._shutdown.wait()
+
+    def close(self) -> None:
+        self.migration.shutdown()
+        self.vcpus.shutdown()
+        self.qmp.close()
+
+
+class VirtualClock:
+    """Offsets the ``timer`` section carries (QEMU's timers_state).
+
+    The guest clock is host monotonic time plus an offset; migrating the
+    offset keeps guest time continuous across hosts, as in QEMU.
+    """
+
+    def __init__(self) -> None:
+        self.cpu_ticks_offset = 0
+        self.cpu_clock_offset = -time.monotonic_ns()
+
+    def now_ns(self) -> int:
+        return time.monotonic_ns() + self.cpu_clock_offset
+
+
+def run_vm(config: VMConfig) -> int:
+    """Serve a VM until ``quit`` or a signal; the body of ``vmigrate run``."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    vm = VM(config, loop)
+    try:
+        vm.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, vm.request_shutdown, "host-signal")
+        loop.run_until_complete(vm.wait_shutdown())
+        # Flush the last responses/events (e.g. quit's reply, SHUTDOWN).
+        loop.run_until_complete(asyncio.sleep(0.05))
+    finally:
+        vm.close()
+        loop.close()
+    return 0
