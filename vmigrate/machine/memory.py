@@ -59,6 +59,8 @@ class RAMBlock:
         self.shared = mem_path is not None
         if mem_path is None:
             self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            # Transparent huge pages make first-touch faults of guest RAM several times slower here.
+            self._mmap.madvise(mmap.MADV_NOHUGEPAGE)
         else:
             fd = os.open(mem_path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -73,6 +75,20 @@ class RAMBlock:
         self.npages = size // PAGE_SIZE
         self.dirty = DirtyLog(self.npages)
 
+    def write_pages(self, pages: np.ndarray, data: np.ndarray) -> None:
+        """Store whole pages (incoming migration).
+
+        A contiguous run is prefaulted with one MADV_POPULATE_WRITE before the
+        copy: taking the first-touch faults in one call is several times
+        faster than one fault per page inside the copy.
+        """
+        first, last = int(pages[0]), int(pages[-1])
+        if last - first + 1 == len(pages):
+            _populate_write(self._mmap, first * PAGE_SIZE, len(pages) * PAGE_SIZE)
+            self.pages[first : last + 1] = data
+        else:
+            self.pages[pages] = data
+
     def zero_pages_mask(self, pages: np.ndarray) -> np.ndarray:
         """Which of the given page indices are entirely zero (vectorised)."""
         words = self.bytes.view(np.uint64).reshape(self.npages, PAGE_SIZE // 8)
@@ -81,6 +97,20 @@ class RAMBlock:
     def close(self) -> None:
         self.pages = self.bytes = None  # type: ignore[assignment]
         self._mmap.close()
+
+
+_MADV_POPULATE_WRITE = 23
+_populate_supported = True
+
+
+def _populate_write(mem: mmap.mmap, offset: int, length: int) -> None:
+    """Prefault a range for writing; a no-op on kernels without MADV_POPULATE_WRITE (< 5.14)."""
+    global _populate_supported
+    if _populate_supported:
+        try:
+            mem.madvise(_MADV_POPULATE_WRITE, offset, length)
+        except OSError:
+            _populate_supported = False
 
 
 def parse_size(text: str, default_suffix: str = "M") -> int:

@@ -163,7 +163,7 @@ class RamLoader:
         return {name: b.size for name, b in self.blocks.items()}
 
     def load_pages(self, event: "wire_ram.RamPages") -> None:
-        self.blocks[event.block].pages[event.pages] = event.data
+        self.blocks[event.block].write_pages(event.pages, event.data)
 
     def load_zero_pages(self, event: "wire_ram.RamZeroPages") -> None:
         block = self.blocks[event.block]
