@@ -263,3 +263,26 @@ def test_validate_uuid_mismatch_fails_destination(spawn, tmp_path):
     assert info["status"] == "failed"
     assert "UUID received is 11111111-2222-3333-4444-555555555555 and local is 99999999" in info["error-desc"]
     assert dst.proc.poll() is None
+
+
+def test_return_path_reports_destination_failure(spawn, tmp_path):
+    """With return-path the source learns the destination's verdict (SHUT) before completing."""
+    src = spawn("vmigrate", "-m", "16M", "--mem-path", str(tmp_path / "s.ram"), "--guest", "ab:end=4M",
+                "--uuid", "11111111-2222-3333-4444-555555555555")
+    good = spawn("vmigrate", "-m", "16M", "--mem-path", str(tmp_path / "d.ram"), "-S", "--incoming", "tcp:127.0.0.1:0")
+    src.set_caps(**{"return-path": True, "validate-uuid": True})
+    port = good.migrate_status()["socket-address"][0]["port"]
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert src.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert good.migrate_status()["status"] == "completed"
+    assert np.array_equal(ram(tmp_path / "s.ram"), ram(tmp_path / "d.ram"))
+
+    src2 = spawn("vmigrate", "-m", "16M", "--guest", "ab:end=4M")
+    bad = spawn("vmigrate", "-m", "32M", "--incoming", "tcp:127.0.0.1:0")
+    src2.set_caps(**{"return-path": True})
+    port = bad.migrate_status()["socket-address"][0]["port"]
+    src2.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src2.wait_migration({"completed", "failed"})
+    assert info == {"status": "failed", "error-desc": "RP: Sibling indicated error 1"}
+    assert src2.status() == "running"
+    assert bad.migrate_status()["status"] == "failed"

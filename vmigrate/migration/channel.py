@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 
 from vmigrate.qmp.errors import QMPError
@@ -84,6 +85,13 @@ class Channel:
     def shutdown(self) -> None:
         """Make blocked reads/writes in other threads fail now."""
 
+    def drain(self, timeout: float) -> None:
+        """Half-close and discard input until the peer closes (or *timeout* s).
+
+        Closing a socket with unread input resets the connection, which can
+        destroy the last message written; draining first lets it arrive.
+        """
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -119,6 +127,18 @@ class SocketChannel(Channel):
     def shutdown(self) -> None:
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            scratch = bytearray(1 << 16)
+            while (left := deadline - time.monotonic()) > 0:
+                self.sock.settimeout(left)
+                if self.sock.recv_into(scratch) == 0:
+                    break
         except OSError:
             pass
 
@@ -205,6 +225,10 @@ class FdChannel(Channel):
     def shutdown(self) -> None:
         if self._inner is not None:
             self._inner.shutdown()
+
+    def drain(self, timeout: float) -> None:
+        if self._inner is not None:
+            self._inner.drain(timeout)
 
     def close(self) -> None:
         if self._inner is not None:

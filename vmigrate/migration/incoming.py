@@ -44,6 +44,8 @@ class IncomingMigration:
         self.listener: Listener | None = None
         self.error_desc: str | None = None
         self._channel: Channel | None = None
+        #: The return path, once the source asked for it (OPEN_RETURN_PATH).
+        self._rp: Channel | None = None
         self._thread: threading.Thread | None = None
 
     def set_state(self, old: str, new: str) -> bool:
@@ -112,17 +114,20 @@ class IncomingMigration:
     def _load(self, channel: Channel) -> None:
         self._channel = channel
         self.set_state("none", "active")
-        rp: Channel | None = None
+        self._rp = None
         try:
-            rp = self._run_decoder(channel)
+            self._run_decoder(channel)
             self._finish_load()
-            if rp is not None:
-                rp.write(return_path.shut(0))
+            if self._rp is not None:
+                self._rp.write(return_path.shut(0))
         except (WireError, LoadError, ChannelError, OSError) as err:
             self.error_desc = f"load of migration failed: {err}"
-            if rp is not None:
+            if self._rp is not None:
                 try:
-                    rp.write(return_path.shut(1))
+                    self._rp.write(return_path.shut(1))
+                    # Closing with unread input would reset the connection and
+                    # could destroy the SHUT before the source reads it.
+                    self._rp.drain(timeout=5)
                 except ChannelError:
                     pass
             self.set_state("active", "failed")
@@ -136,34 +141,32 @@ class IncomingMigration:
                 self.listener.close()
                 self.listener = None
 
-    def _run_decoder(self, channel: Channel) -> Channel | None:
-        """Read and apply the whole stream; returns the return path if one was opened."""
-        vm = self.vm
-        loader = RamLoader(vm.ram_blocks)
+    def _run_decoder(self, channel: Channel) -> None:
+        """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
+        loader = RamLoader(self.vm.ram_blocks)
         decoder = stream.StreamDecoder({
             "ram": wire_ram.RamBodyDecoder(loader.known_blocks()),
             **vmstate.none_machine_bodies(),
         })
         fin = QEMUFileIn(channel)
-        rp: Channel | None = None
         self._global_runstate: str | None = None
         seen_eof = False
         while True:
             chunk = fin.read_chunk()
             if not chunk:
                 if seen_eof:
-                    return rp
+                    return
                 raise LoadError("unexpected end of migration stream")
             decoder.feed(chunk)
             while (event := decoder.next_event()) is not stream.NEED_DATA:
                 if isinstance(event, stream.EOF):
                     seen_eof = True
                 elif isinstance(event, stream.VMDescription):
-                    return rp
+                    return
                 else:
-                    rp = self._apply(event, loader, channel, rp)
+                    self._apply(event, loader, channel)
 
-    def _apply(self, event, loader: RamLoader, channel: Channel, rp: Channel | None) -> Channel | None:
+    def _apply(self, event, loader: RamLoader, channel: Channel) -> None:
         if isinstance(event, wire_ram.RamPages):
             loader.load_pages(event)
         elif isinstance(event, wire_ram.RamZeroPages):
@@ -173,8 +176,7 @@ class IncomingMigration:
         elif isinstance(event, vmstate.DeviceState):
             self._load_device(event)
         elif isinstance(event, stream.Command):
-            return self._command(event, channel, rp)
-        return rp
+            self._command(event, channel)
 
     def _check_configuration(self, cfg: "stream.Configuration") -> None:
         if cfg.machine != MACHINE_TYPE:
@@ -199,19 +201,19 @@ class IncomingMigration:
         elif dev.idstr == "globalstate":
             self._global_runstate = vmstate.globalstate_runstate(dev.values)
 
-    def _command(self, cmd: "stream.Command", channel: Channel, rp: Channel | None) -> Channel | None:
+    def _command(self, cmd: "stream.Command", channel: Channel) -> None:
         if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
-            if rp is None:
+            if self._rp is None:
                 if not channel.bidirectional:
                     raise LoadError("Unable to open return-path: the transport is one-way")
-                rp = channel
-            return rp
-        if cmd.cmd == stream.MIG_CMD_PING:
-            if rp is None:
-                raise LoadError(f"CMD_PING (0x{stream.decode_ping(cmd.payload):x}) received with no return path")
-            rp.write(return_path.pong(stream.decode_ping(cmd.payload)))
-            return rp
-        raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
+                self._rp = channel
+        elif cmd.cmd == stream.MIG_CMD_PING:
+            value = stream.decode_ping(cmd.payload)
+            if self._rp is None:
+                raise LoadError(f"CMD_PING (0x{value:x}) received with no return path")
+            self._rp.write(return_path.pong(value))
+        else:
+            raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
 
     def _finish_load(self) -> None:
         """Run state after a successful load (states.md §9.1), then ``completed``."""

@@ -20,6 +20,7 @@ from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSaver
 from vmigrate.migration.stats import RamStats
+from vmigrate.migration.wire import NEED_DATA, WireError, return_path
 from vmigrate.qmp.errors import QMPError
 
 if TYPE_CHECKING:
@@ -158,7 +159,7 @@ class OutgoingMigration:
     def _check_unimplemented(self) -> None:
         """Refuse capabilities whose stream features are not built yet (never a silent success)."""
         for cap in ("xbzrle", "compress", "multifd", "postcopy-ram", "x-colo", "block", "dirty-bitmaps",
-                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "auto-converge", "return-path",
+                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "auto-converge",
                     "x-ignore-shared"):
             if self.options.cap(cap):
                 raise QMPError(f"vmigrate does not implement the '{cap}' capability yet")
@@ -221,6 +222,7 @@ class OutgoingMigration:
     def _run(self, channel_factory) -> None:
         vm = self.vm
         channel: Channel | None = None
+        rp: ReturnPathReader | None = None
         was_running = vm.runstate.running
         stopped = False
         try:
@@ -234,6 +236,7 @@ class OutgoingMigration:
             window = _Window(self, f)
             ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event)
             saver = savevm.SaveVM(vm, ram, f, self.options)
+            rp = self._open_return_path(channel, saver) if self.options.cap("return-path") else None
             saver.setup()
             self.set_state("setup", "active")
             self.setup_time = int(now_ms() - thread_start)
@@ -241,21 +244,29 @@ class OutgoingMigration:
                 if not f.rate_limited():
                     if self._iteration(ram, saver):
                         stopped = True
-                        was_running = self._complete(ram, saver, f) or was_running
+                        was_running = self._complete(ram, saver, f, rp) or was_running
                         break
                 if self.state == "cancelling":
                     raise MigrationCancelled()
                 if f.error:
                     raise ChannelError(f.error)
+                if rp is not None and rp.error:
+                    raise ChannelError(rp.error)
                 window.step()
             if self.state == "cancelling":
                 raise MigrationCancelled()
         except MigrationCancelled:
             pass
         except (ChannelError, OSError, ValueError) as err:
-            self._fail(str(err))
+            if rp is not None:
+                # The destination's own verdict explains a broken pipe better.
+                rp.join(timeout=2)
+            self._fail(rp.error if rp is not None and rp.error else str(err))
         finally:
             if channel is not None:
+                if rp is not None:
+                    channel.shutdown()
+                    rp.join(timeout=10)
                 try:
                     channel.close()
                 except (ChannelError, OSError):
@@ -278,7 +289,17 @@ class OutgoingMigration:
         saver.iterate()
         return False
 
-    def _complete(self, ram: RamSaver, saver: "savevm.SaveVM", f: QEMUFileOut) -> bool:
+    def _open_return_path(self, channel: Channel, saver: "savevm.SaveVM") -> "ReturnPathReader":
+        """Ask the destination to talk back (OPEN_RETURN_PATH, PING 1) and start listening."""
+        if not channel.bidirectional:
+            raise ChannelError("Unable to open return-path for postcopy")
+        saver.open_return_path()
+        reader = ReturnPathReader(channel)
+        reader.start()
+        return reader
+
+    def _complete(self, ram: RamSaver, saver: "savevm.SaveVM", f: QEMUFileOut,
+                  rp: "ReturnPathReader | None") -> bool:
         """Stop-and-copy; returns whether the guest had been running."""
         vm = self.vm
         downtime_start = now_ms()
@@ -295,6 +316,10 @@ class OutgoingMigration:
             raise MigrationCancelled()
         f.budget = 0
         saver.complete(global_runstate)
+        if rp is not None:
+            rp.join()
+            if rp.error:
+                raise ChannelError(rp.error)
         end = now_ms()
         state = self.state
         if state not in ("active", "device") or not self.set_state(state, "completed"):
@@ -324,6 +349,43 @@ class OutgoingMigration:
             elif vm.runstate.state == "finish-migrate":
                 vm.runstate.set("postmigrate")
         self.set_state("cancelling", "cancelled")
+
+
+class ReturnPathReader(threading.Thread):
+    """Reads the destination's return-path messages until SHUT (QEMU's rp thread).
+
+    A non-zero SHUT or a broken return path becomes ``error``; the migration
+    thread fails on it, with the reason as ``error-desc`` (QEMU 7.2 fails
+    without one).
+    """
+
+    def __init__(self, channel: Channel) -> None:
+        super().__init__(name="return path", daemon=True)
+        self.channel = channel
+        self.error: str | None = None
+        self.pongs: list[int] = []
+
+    def run(self) -> None:
+        decoder = return_path.ReturnPathDecoder()
+        buf = bytearray(4096)
+        try:
+            while True:
+                n = self.channel.readinto(buf)
+                if n == 0:
+                    self.error = "RP: the destination closed the return path without SHUT"
+                    return
+                decoder.feed(bytes(buf[:n]))
+                while (event := decoder.next_event()) is not NEED_DATA:
+                    if isinstance(event, return_path.RpShut):
+                        if event.value:
+                            self.error = f"RP: Sibling indicated error {event.value}"
+                        return
+                    if isinstance(event, return_path.RpPong):
+                        self.pongs.append(event.value)
+                    else:
+                        raise WireError(f"RP: unexpected {type(event).__name__} in precopy")
+        except (ChannelError, WireError) as err:
+            self.error = str(err)
 
 
 class _Window:

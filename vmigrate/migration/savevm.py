@@ -31,18 +31,33 @@ class SaveVM:
         self.ram = ram
         self.f = f
         self.options = options
+        self._header_sent = False
 
-    def setup(self) -> None:
-        f = self.f
+    def _header(self) -> None:
+        if self._header_sent:
+            return
+        self._header_sent = True
         caps = ["x-ignore-shared"] if self.options.cap("x-ignore-shared") else []
         uuid = self.vm.config.uuid
         send_uuid = uuidlib.UUID(uuid).bytes if uuid and self.options.cap("validate-uuid") else None
-        f.put(stream.header())
-        f.put(stream.configuration(MACHINE_TYPE, caps=caps, uuid=send_uuid))
+        self.f.put(stream.header())
+        self.f.put(stream.configuration(MACHINE_TYPE, caps=caps, uuid=send_uuid))
+
+    def setup(self) -> None:
+        """Header (unless already sent) and the START sections."""
+        f = self.f
+        self._header()
         f.put(stream.section_start(*RAM_SECTION))
         self.ram.setup(f)
         f.put(stream.footer(RAM_SECTION[0]))
         f.flush()
+
+    def open_return_path(self) -> None:
+        """Header, configuration, then OPEN_RETURN_PATH and PING(1), as QEMU orders them."""
+        self._header()
+        self.f.put(stream.open_return_path())
+        self.f.put(stream.ping(1))
+        self.f.flush()
 
     def iterate(self) -> bool:
         f = self.f
