@@ -24,8 +24,14 @@ def spawn(tmp_path: Path):
         n = next(_counter)
         sock = tmp_path / f"{kind}{n}.sock"
         log = tmp_path / f"{kind}{n}.log"
-        argv = vmigrate_argv(sock, *args) if kind == "vmigrate" else qemu_argv(sock, *args, **kw)
+        if kind == "vmigrate":
+            argv, tool_sock = vmigrate_argv(sock, *args), sock
+        else:
+            # A QEMU monitor serves one client at a time: tools get a second one.
+            tool_sock = tmp_path / f"{kind}{n}.tool.sock"
+            argv = qemu_argv(sock, "-qmp", f"unix:{tool_sock},server=on,wait=off", *args, **kw)
         proc = VMProcess(argv, sock, log, env=test_env())
+        proc.tool_sock = tool_sock
         procs.append(proc)
         return proc
 

@@ -37,6 +37,8 @@ class VMProcess:
 
     def __init__(self, argv: list[str], sock: Path, log: Path, env: dict | None = None) -> None:
         self.sock = sock
+        #: Socket for a second client (a QEMU monitor serves only one at a time).
+        self.tool_sock = sock
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)

@@ -1,0 +1,94 @@
+"""The user-facing commands: run (with qmp-shell), migrate, analyze, demo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from procs import wait_for
+
+VMIGRATE = [sys.executable, "-m", "vmigrate"]
+
+
+def run_cli(*args: str, timeout: float = 120, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*VMIGRATE, *args], capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def test_qmp_shell_talks_to_a_vm(spawn, tmp_path):
+    vm = spawn("vmigrate", "-m", "256M", "--guest", "ab")
+    shell = shutil.which("qmp-shell")
+    assert shell, "qmp-shell comes with the qemu.qmp package"
+    out = subprocess.run([shell, str(vm.sock)], input="query-status\nmigrate-set-parameters downtime-limit=500\n"
+                         "query-migrate-parameters\n", capture_output=True, text=True, timeout=30).stdout
+    assert '"status": "running"' in out
+    assert '"downtime-limit": 500' in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "-m", "lots"], "invalid size 'lots'"),
+    (["run", "--guest", "nosuch"], "unknown guest workload 'nosuch'"),
+    (["run", "--accel", "tcg"], "accelerator 'tcg' is not available"),
+    (["run", "--qmp", "bogus"], "invalid QMP address 'bogus'"),
+    (["analyze", "/nonexistent/stream"], "/nonexistent/stream"),
+])
+def test_errors_are_one_clear_line(args, message):
+    result = run_cli(*args, timeout=30)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_client_drives_qemu_to_qemu(spawn, tmp_path):
+    """The issue's check: `vmigrate migrate` against a real QEMU 7.2 → QEMU 7.2 migration."""
+    pattern = np.random.default_rng(7).integers(0, 256, 16 << 20, dtype=np.uint8)
+    pattern[: 8 << 20] = 0
+    src_ram, dst_ram = tmp_path / "qsrc.ram", tmp_path / "qdst.ram"
+    pattern.tofile(src_ram)
+    src = spawn("qemu", memory="16M", mem_path=src_ram)
+    dst = spawn("qemu", "-incoming", "defer", memory="16M", mem_path=dst_ram)
+    plot = tmp_path / "migration.png"
+    result = run_cli("migrate", "--qmp", str(src.tool_sock), "--dest-qmp", str(dst.tool_sock), "--json",
+                     "--param", "max-bandwidth=512M", "--plot", str(plot), f"unix:{tmp_path / 'mig.sock'}")
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert all("sample" in line for line in lines[:-1])
+    summary = lines[-1]["summary"]
+    assert summary["status"] == "completed" and summary["destination-status"] == "completed"
+    assert summary["ram-total-bytes"] == 16 << 20
+    assert plot.stat().st_size > 0
+    assert np.array_equal(np.fromfile(src_ram, np.uint8), np.fromfile(dst_ram, np.uint8))
+    assert src.status() == "postmigrate"
+
+
+def test_migrate_client_exit_status_on_failure(spawn, tmp_path):
+    src = spawn("vmigrate", "-m", "16M")
+    result = run_cli("migrate", "--qmp", str(src.sock), "--json", "tcp:127.0.0.1:1")
+    assert result.returncode == 1
+    assert "Failed to connect to '127.0.0.1:1'" in result.stderr
+
+
+def test_analyze_a_vmigrate_stream(spawn, tmp_path):
+    src = spawn("vmigrate", "-m", "16M", "--mem-path", str(tmp_path / "s.ram"), "--guest", "ab:end=4M")
+    wait_for(lambda: (tmp_path / "s.ram").read_bytes()[:8] == b"VMIGRATE", 10, "guest start")
+    stream = tmp_path / "stream.bin"
+    src.cmd("migrate", uri=f"exec:cat > {stream}")
+    assert src.wait_migration({"completed", "failed"})["status"] == "completed"
+    out = tmp_path / "extract"
+    result = run_cli("analyze", str(stream), "--extract", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "globalstate" in result.stdout and "timer" in result.stdout
+    assert np.array_equal(np.fromfile(out / "ram.bin", np.uint8), np.fromfile(tmp_path / "s.ram", np.uint8))
+
+
+def test_demo_runs_to_completion():
+    result = run_cli("demo", "-m", "128M", "--guest", "stress:rate=32,wss=64M", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the guest keeps running on the destination" in result.stdout
+    assert "completed" in result.stdout
