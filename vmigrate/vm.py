@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 from dataclasses import dataclass, field
 
 from vmigrate import QEMU_VERSION, __version__
+from vmigrate.machine.devices import DeviceModel, GlobalState, VirtualClock
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
@@ -60,6 +60,7 @@ class VM:
         self.runstate = RunState(initial, self.vcpus, self.emit_event)
         self.runstate.autostart = not config.start_paused
         self.clock = VirtualClock()
+        self.global_state = GlobalState()
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(self)
         self._shutdown = asyncio.Event()
@@ -69,6 +70,11 @@ class VM:
     @property
     def ram_blocks(self) -> list[RAMBlock]:
         return [self.ram]
+
+    @property
+    def devices(self) -> list[DeviceModel]:
+        """Device models migrated as FULL sections, in stream order."""
+        return [self.clock, self.global_state]
 
     def start(self) -> None:
         for spec in self.config.qmp:
@@ -105,21 +111,6 @@ class VM:
         self.migration.shutdown()
         self.vcpus.shutdown()
         self.qmp.close()
-
-
-class VirtualClock:
-    """Offsets the ``timer`` section carries (QEMU's timers_state).
-
-    The guest clock is host monotonic time plus an offset; migrating the
-    offset keeps guest time continuous across hosts, as in QEMU.
-    """
-
-    def __init__(self) -> None:
-        self.cpu_ticks_offset = 0
-        self.cpu_clock_offset = -time.monotonic_ns()
-
-    def now_ns(self) -> int:
-        return time.monotonic_ns() + self.cpu_clock_offset
 
 
 def run_vm(config: VMConfig) -> int:

@@ -144,12 +144,14 @@ class IncomingMigration:
     def _run_decoder(self, channel: Channel) -> None:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
         loader = RamLoader(self.vm.ram_blocks)
-        decoder = stream.StreamDecoder({
-            "ram": wire_ram.RamBodyDecoder(loader.known_blocks()),
-            **vmstate.none_machine_bodies(),
-        })
+        devices = {(d.idstr, d.instance_id): d for d in self.vm.devices}
+        bodies = {
+            idstr: vmstate.VMStateBodyDecoder(d.description, frozenset(i for s, i in devices if s == idstr))
+            for (idstr, _), d in devices.items()
+        }
+        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks()), **bodies})
+        self.vm.global_state.runstate = None
         fin = QEMUFileIn(channel)
-        self._global_runstate: str | None = None
         seen_eof = False
         while True:
             chunk = fin.read_chunk()
@@ -164,9 +166,9 @@ class IncomingMigration:
                 elif isinstance(event, stream.VMDescription):
                     return
                 else:
-                    self._apply(event, loader, channel)
+                    self._apply(event, loader, channel, devices)
 
-    def _apply(self, event, loader: RamLoader, channel: Channel) -> None:
+    def _apply(self, event, loader: RamLoader, channel: Channel, devices: dict) -> None:
         if isinstance(event, wire_ram.RamPages):
             loader.load_pages(event)
         elif isinstance(event, wire_ram.RamZeroPages):
@@ -174,7 +176,7 @@ class IncomingMigration:
         elif isinstance(event, stream.Configuration):
             self._check_configuration(event)
         elif isinstance(event, vmstate.DeviceState):
-            self._load_device(event)
+            devices[(event.idstr, event.instance_id)].load(event.values)
         elif isinstance(event, stream.Command):
             self._command(event, channel)
 
@@ -194,13 +196,6 @@ class IncomingMigration:
             if received != local_uuid:
                 raise LoadError(f"UUID received is {received} and local is {local_uuid}")
 
-    def _load_device(self, dev: "vmstate.DeviceState") -> None:
-        if dev.idstr == "timer":
-            self.vm.clock.cpu_ticks_offset = dev.values["cpu_ticks_offset"]
-            self.vm.clock.cpu_clock_offset = dev.values["cpu_clock_offset"]
-        elif dev.idstr == "globalstate":
-            self._global_runstate = vmstate.globalstate_runstate(dev.values)
-
     def _command(self, cmd: "stream.Command", channel: Channel) -> None:
         if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
             if self._rp is None:
@@ -218,7 +213,7 @@ class IncomingMigration:
     def _finish_load(self) -> None:
         """Run state after a successful load (states.md §9.1), then ``completed``."""
         runstate = self.vm.runstate
-        received = self._global_runstate
+        received = self.vm.global_state.runstate
         if received is None or received == "running":
             if runstate.autostart:
                 runstate.start()

@@ -303,7 +303,7 @@ class OutgoingMigration:
         """Stop-and-copy; returns whether the guest had been running."""
         vm = self.vm
         downtime_start = now_ms()
-        global_runstate = vm.runstate.state
+        vm.global_state.runstate = vm.runstate.state
         was_running = vm.runstate.force_stop("finish-migrate")
         if self.options.cap("pause-before-switchover"):
             while self._continue.acquire(blocking=False):
@@ -315,7 +315,7 @@ class OutgoingMigration:
         if self.state == "cancelling":
             raise MigrationCancelled()
         f.budget = 0
-        saver.complete(global_runstate)
+        saver.complete()
         if rp is not None:
             rp.join()
             if rp.error:

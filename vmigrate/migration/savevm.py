@@ -3,7 +3,8 @@
 A vmigrate VM registers the same handlers as ``qemu-system-x86_64 -M none``
 with the same section ids, so its stream is what a QEMU 7.2 destination of
 that machine expects: ``timer`` (id 0), ``ram`` (id 2, live), ``globalstate``
-(id 4).  Device sections beyond these (vCPU state, UART) append here.
+(id 4).  Device sections come from the VM's device models
+(:mod:`vmigrate.machine.devices`).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ if TYPE_CHECKING:
     from vmigrate.vm import VM
 
 MACHINE_TYPE = "none"
-TIMER_SECTION = (0, "timer", 0, 2)
 RAM_SECTION = (2, "ram", 0, 4)
-GLOBALSTATE_SECTION = (4, "globalstate", 0, 1)
 
 
 class SaveVM:
@@ -67,19 +66,14 @@ class SaveVM:
         f.flush()
         return done
 
-    def complete(self, global_runstate: str) -> None:
+    def complete(self) -> None:
         """END of ram, the device sections, EOF and the VM description."""
         f = self.f
         f.put(stream.section_end(RAM_SECTION[0]))
         self.ram.complete(f)
         f.put(stream.footer(RAM_SECTION[0]))
-        clock = self.vm.clock
-        devices = [
-            vmstate.DeviceSection(*TIMER_SECTION[:3], vmstate.TIMER,
-                                  vmstate.timer_values(clock.cpu_ticks_offset, clock.cpu_clock_offset)),
-            vmstate.DeviceSection(*GLOBALSTATE_SECTION[:3], vmstate.GLOBALSTATE,
-                                  vmstate.globalstate_values(global_runstate)),
-        ]
+        devices = [vmstate.DeviceSection(d.section_id, d.idstr, d.instance_id, d.description, d.save())
+                   for d in self.vm.devices]
         for device in devices:
             f.put(device.encode())
         f.put(stream.eof())
