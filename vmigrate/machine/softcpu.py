@@ -83,6 +83,15 @@ class SoftVcpus:
         for v in self.vcpus:
             v.join(timeout=5)
 
+    def dirty_log_start(self) -> None:
+        """Software vCPUs mark the dirty log on every write; nothing to switch on."""
+
+    def dirty_log_sync(self) -> None:
+        """The log is always current: marks are written as the guest writes."""
+
+    def dirty_log_stop(self) -> None:
+        """Nothing to switch off."""
+
     @property
     def workload(self) -> Workload | None:
         return self.vcpus[0].workload if self.vcpus else None

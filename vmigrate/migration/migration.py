@@ -223,6 +223,7 @@ class OutgoingMigration:
         vm = self.vm
         channel: Channel | None = None
         rp: ReturnPathReader | None = None
+        ram: RamSaver | None = None
         was_running = vm.runstate.running
         stopped = False
         try:
@@ -234,7 +235,7 @@ class OutgoingMigration:
             f.budget = self.options.param("max-bandwidth") // 10
             thread_start = now_ms()
             window = _Window(self, f)
-            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event)
+            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event, vm.vcpus)
             saver = savevm.SaveVM(vm, ram, f, self.options)
             rp = self._open_return_path(channel, saver) if self.options.cap("return-path") else None
             saver.setup()
@@ -263,6 +264,8 @@ class OutgoingMigration:
                 rp.join(timeout=2)
             self._fail(rp.error if rp is not None and rp.error else str(err))
         finally:
+            if ram is not None:
+                ram.cleanup()
             if channel is not None:
                 if rp is not None:
                     channel.shutdown()

@@ -10,7 +10,7 @@ call, never in a Python loop.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 
@@ -28,6 +28,16 @@ ITERATION_MAX_SECONDS = 0.05
 EOS_SIZE = 8
 
 
+class DirtyLogSource(Protocol):
+    """The vCPU backend's dirty logging (KVM needs it switched on and pulled into the log)."""
+
+    def dirty_log_start(self) -> None: ...
+
+    def dirty_log_sync(self) -> None: ...
+
+    def dirty_log_stop(self) -> None: ...
+
+
 class RamSaver:
     def __init__(
         self,
@@ -35,8 +45,10 @@ class RamSaver:
         stats: RamStats,
         phase: Callable[[], str],
         on_sync: Callable[[int], None],
+        accel: "DirtyLogSource",
     ) -> None:
         self.blocks = blocks
+        self.accel = accel
         self.stats = stats
         self._phase = phase
         self._on_sync = on_sync
@@ -63,12 +75,14 @@ class RamSaver:
         for block, bitmap in zip(self.blocks, self.bitmaps):
             bitmap[:] = True
         self.stats.remaining_pages = sum(b.npages for b in self.blocks)
+        self.accel.dirty_log_start()
         self._period_start = time.monotonic()
         self.sync()
         f.put(wire_ram.eos())
 
     def sync(self) -> None:
         """Pull the dirty log into the migration bitmap (one 'pass')."""
+        self.accel.dirty_log_sync()
         fresh = 0
         for block, bitmap in zip(self.blocks, self.bitmaps):
             fresh += block.dirty.collect_into(bitmap)
@@ -109,6 +123,10 @@ class RamSaver:
         while self._send_batch(f):
             pass
         f.put(wire_ram.eos())
+
+    def cleanup(self) -> None:
+        """Migration over (any outcome): dirty logging is no longer needed."""
+        self.accel.dirty_log_stop()
 
     def _send_batch(self, f: QEMUFileOut) -> bool:
         found = self._next_batch()
