@@ -9,6 +9,7 @@ pause_all_vcpus gives the same guarantee).
 from __future__ import annotations
 
 import threading
+import time
 from typing import Callable
 
 from vmigrate.machine.guest import Workload
@@ -34,6 +35,7 @@ class SoftVcpu(threading.Thread):
                 owner._parked -= 1
                 if owner._quit:
                     return
+            started = time.perf_counter()
             if self._make_workload is None:
                 pause = 0.05
             else:
@@ -41,7 +43,7 @@ class SoftVcpu(threading.Thread):
                     self.workload = self._make_workload()
                 pause = self.workload.step()
                 self.steps += 1
-            pause += owner.throttle_sleep(pause)
+            pause += owner.throttle_sleep(time.perf_counter() - started + pause)
             with owner._cond:
                 if owner._run and not owner._quit and pause > 0:
                     owner._cond.wait(pause)
@@ -61,9 +63,10 @@ class SoftVcpus:
         for v in self.vcpus:
             v.start()
 
-    def throttle_sleep(self, busy: float) -> float:
+    def throttle_sleep(self, ran: float) -> float:
+        """Extra sleep after *ran* seconds of guest time, so sleeping is the throttled fraction of wall time."""
         t = self.throttle
-        return 0.0 if t <= 0 else 0.01 * t / (1 - t)
+        return 0.0 if t <= 0 else ran * t / (1 - t)
 
     def pause_all(self) -> None:
         with self._cond:

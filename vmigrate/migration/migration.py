@@ -20,6 +20,7 @@ from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSaver
 from vmigrate.migration.stats import RamStats
+from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path
 from vmigrate.qmp.errors import QMPError
 
@@ -78,6 +79,7 @@ class OutgoingMigration:
         self.stats = RamStats()
         self.file: QEMUFileOut | None = None
         self._continue = threading.Semaphore(0)
+        self.auto_converge = AutoConverge(options, vm.vcpus)
         self._reset_timing()
         self.total_ram = sum(b.size for b in vm.ram_blocks)
 
@@ -159,8 +161,7 @@ class OutgoingMigration:
     def _check_unimplemented(self) -> None:
         """Refuse capabilities whose stream features are not built yet (never a silent success)."""
         for cap in ("xbzrle", "compress", "multifd", "postcopy-ram", "x-colo", "block", "dirty-bitmaps",
-                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "auto-converge",
-                    "x-ignore-shared"):
+                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "x-ignore-shared"):
             if self.options.cap(cap):
                 raise QMPError(f"vmigrate does not implement the '{cap}' capability yet")
         if self.options.param("tls-creds"):
@@ -211,6 +212,8 @@ class OutgoingMigration:
             else:
                 info["expected-downtime"] = self.expected_downtime
             info["ram"] = self.stats.to_qmp(self.total_ram, self.mbps, self.pages_per_second, completed)
+            if self.auto_converge.percentage:
+                info["cpu-throttle-percentage"] = self.auto_converge.percentage
         elif state == "failed" and self.error_desc:
             info["error-desc"] = self.error_desc
 
@@ -236,6 +239,7 @@ class OutgoingMigration:
             thread_start = now_ms()
             window = _Window(self, f)
             ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event, vm.vcpus)
+            ram.on_period = self.auto_converge.period_end
             saver = savevm.SaveVM(vm, ram, f, self.options)
             rp = self._open_return_path(channel, saver) if self.options.cap("return-path") else None
             saver.setup()
@@ -343,7 +347,7 @@ class OutgoingMigration:
     def _finish(self, was_running: bool, stopped: bool) -> None:
         """QEMU's migration_iteration_finish + cleanup bottom half."""
         vm = self.vm
-        vm.vcpus.throttle = 0.0
+        self.auto_converge.stop()
         if self.state == "completed":
             vm.runstate.set("postmigrate")
         elif stopped or vm.runstate.state == "finish-migrate":

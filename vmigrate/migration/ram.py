@@ -26,6 +26,7 @@ SCAN_PAGES = 1 << 16
 #: QEMU stops an iteration after 50 ms so the loop can re-check limits and convergence.
 ITERATION_MAX_SECONDS = 0.05
 EOS_SIZE = 8
+DIRTY_CLIENT = "migration"
 
 
 class DirtyLogSource(Protocol):
@@ -75,6 +76,8 @@ class RamSaver:
         for block, bitmap in zip(self.blocks, self.bitmaps):
             bitmap[:] = True
         self.stats.remaining_pages = sum(b.npages for b in self.blocks)
+        for block in self.blocks:
+            block.dirty.start(DIRTY_CLIENT)
         self.accel.dirty_log_start()
         self._period_start = time.monotonic()
         self.sync()
@@ -85,7 +88,7 @@ class RamSaver:
         self.accel.dirty_log_sync()
         fresh = 0
         for block, bitmap in zip(self.blocks, self.bitmaps):
-            fresh += block.dirty.collect_into(bitmap)
+            fresh += block.dirty.collect_into(DIRTY_CLIENT, bitmap)
         self.stats.remaining_pages += fresh
         self.stats.dirty_sync_count += 1
         self._period_dirty += fresh
@@ -126,6 +129,8 @@ class RamSaver:
 
     def cleanup(self) -> None:
         """Migration over (any outcome): dirty logging is no longer needed."""
+        for block in self.blocks:
+            block.dirty.stop(DIRTY_CLIENT)
         self.accel.dirty_log_stop()
 
     def _send_batch(self, f: QEMUFileOut) -> bool:

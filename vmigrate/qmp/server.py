@@ -114,6 +114,7 @@ class QMPServer:
         self.loop = loop
         self.connections: set[_Connection] = set()
         self._listeners: list[socket.socket] = []
+        self._unix_paths: list[str] = []
         self._loop_thread = threading.get_ident()
         #: Called after each batch of requests (e.g. to act on ``quit``).
         self.after_request: Callable[[], None] = lambda: None
@@ -125,7 +126,13 @@ class QMPServer:
             if os.path.exists(path):
                 os.unlink(path)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.bind(path)
+            # Bind and listen under a temporary name, then rename: a client that
+            # sees the path can always connect (no bind-to-listen window).
+            staging = f"{path}.{os.getpid()}.tmp"
+            sock.bind(staging)
+            sock.listen(8)
+            os.rename(staging, path)
+            self._unix_paths.append(path)
         else:
             host, port = addr  # type: ignore[misc]
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -160,13 +167,10 @@ class QMPServer:
     def close(self) -> None:
         for sock in self._listeners:
             self.loop.remove_reader(sock.fileno())
-            if sock.family == socket.AF_UNIX:
-                path = sock.getsockname()
-                sock.close()
-                if path and os.path.exists(path):
-                    os.unlink(path)
-            else:
-                sock.close()
+            sock.close()
+        for path in self._unix_paths:
+            if os.path.exists(path):
+                os.unlink(path)
         for conn in list(self.connections):
             conn._flush()
             conn.close()
