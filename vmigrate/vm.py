@@ -42,6 +42,7 @@ class VMConfig:
 class VM:
     def __init__(self, config: VMConfig, loop: asyncio.AbstractEventLoop) -> None:
         from vmigrate.commands import CommandDispatcher
+        from vmigrate.migration.dirtyrate import DirtyRateMeasurement
         from vmigrate.migration.migration import MigrationManager
         from vmigrate.qmp.server import QMPServer
 
@@ -63,6 +64,7 @@ class VM:
         self.global_state = GlobalState()
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(self)
+        self.dirty_rate = DirtyRateMeasurement(self)
         self._shutdown = asyncio.Event()
         self.shutdown_reason: str | None = None
         self._loop_thread = threading.get_ident()

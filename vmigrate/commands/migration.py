@@ -113,3 +113,42 @@ def xen_set_global_dirty_log(vm, args, monitor):
 @command("query-migrationthreads")
 def query_migrationthreads(vm, args, monitor):
     return vm.migration.thread_list()
+
+
+@command("calc-dirty-rate")
+def calc_dirty_rate(vm, args, monitor):
+    vm.dirty_rate.start(args["calc-time"], args.get("sample-pages"), args.get("mode"))
+
+
+@command("query-dirty-rate")
+def query_dirty_rate(vm, args, monitor):
+    return vm.dirty_rate.query()
+
+
+DIRTY_LIMIT_NEEDS_RING = "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'"
+
+
+def _dirty_ring_vcpus(vm, args) -> None:
+    """The dirty-limit commands' common checks (dirtyrate.md §7.1)."""
+    if not getattr(vm.vcpus, "dirty_ring_enabled", False):
+        raise QMPError(DIRTY_LIMIT_NEEDS_RING)
+    index = args.get("cpu-index")
+    if index is not None and not 0 <= index < vm.config.smp:
+        raise QMPError("incorrect cpu index specified")
+    raise NotYetImplemented("the vCPU dirty-limit service")
+
+
+@command("set-vcpu-dirty-limit")
+def set_vcpu_dirty_limit(vm, args, monitor):
+    _dirty_ring_vcpus(vm, args)
+
+
+@command("cancel-vcpu-dirty-limit")
+def cancel_vcpu_dirty_limit(vm, args, monitor):
+    if getattr(vm.vcpus, "dirty_ring_enabled", False):
+        _dirty_ring_vcpus(vm, args)
+
+
+@command("query-vcpu-dirty-limit")
+def query_vcpu_dirty_limit(vm, args, monitor):
+    return []

@@ -1,0 +1,48 @@
+"""Auto-converge and dirty-rate measurement with the software vCPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from procs import QMPCommandError, wait_for
+
+MIB = 1 << 20
+
+
+def test_auto_converge_throttles_a_guest_that_outpaces_the_link(spawn, tmp_path):
+    """A guest dirtying faster than max-bandwidth only converges once throttled."""
+    src = spawn("vmigrate", "-m", "64M", "--guest", "stress:rate=48,wss=48M")
+    dst = spawn("vmigrate", "-m", "64M", "--guest", "stress:rate=48,wss=48M", "-S", "--incoming", "tcp:127.0.0.1:0")
+    port = dst.migrate_status()["socket-address"][0]["port"]
+    src.set_caps(**{"auto-converge": True, "events": True})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MIB, "downtime-limit": 100,
+                                         "cpu-throttle-initial": 30, "cpu-throttle-increment": 20})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    throttled = wait_for(lambda: src.migrate_status().get("cpu-throttle-percentage"), 60, "throttling to start")
+    assert throttled >= 30
+    info = src.wait_migration({"completed", "failed"}, timeout=120)
+    assert info["status"] == "completed"
+    assert "cpu-throttle-percentage" not in info
+
+
+def test_calc_dirty_rate_page_sampling_and_bitmap(spawn):
+    vm = spawn("vmigrate", "-m", "256M", "--guest", "stress:rate=64,wss=128M")
+    assert vm.cmd("query-dirty-rate") == {"status": "unstarted", "sample-pages": 0, "mode": "page-sampling",
+                                          "start-time": 0, "calc-time": 0}
+    vm.cmd("calc-dirty-rate", **{"calc-time": 1, "sample-pages": 4096})
+    with pytest.raises(QMPCommandError, match="the dirty rate is already being measured."):
+        vm.cmd("calc-dirty-rate", **{"calc-time": 1})
+    info = wait_for(lambda: (i := vm.cmd("query-dirty-rate"))["status"] == "measured" and i, 10, "measured")
+    assert info["mode"] == "page-sampling" and info["calc-time"] == 1 and info["sample-pages"] == 4096
+    assert 20 <= info["dirty-rate"] <= 110, info
+
+    vm.cmd("calc-dirty-rate", **{"calc-time": 1, "mode": "dirty-bitmap"})
+    info = wait_for(lambda: (i := vm.cmd("query-dirty-rate"))["status"] == "measured" and i, 10, "measured")
+    assert info["sample-pages"] == 0
+    assert 48 <= info["dirty-rate"] <= 80, info
+
+    with pytest.raises(QMPCommandError, match="mode dirty-ring is not enabled, use other method instead."):
+        vm.cmd("calc-dirty-rate", **{"calc-time": 1, "mode": "dirty-ring"})
+    with pytest.raises(QMPCommandError, match="requires KVM with accelerator property 'dirty-ring-size' set'"):
+        vm.cmd("set-vcpu-dirty-limit", **{"dirty-rate": 10})
+    assert vm.cmd("query-vcpu-dirty-limit") == []
