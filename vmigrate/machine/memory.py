@@ -108,10 +108,32 @@ class RAMBlock:
         else:
             self.pages[pages] = data
 
-    def zero_pages_mask(self, pages: np.ndarray) -> np.ndarray:
-        """Which of the given page indices are entirely zero (vectorised)."""
-        words = self.bytes.view(np.uint64).reshape(self.npages, PAGE_SIZE // 8)
-        return ~words[pages].any(axis=1)
+    def unbacked_pages(self) -> np.ndarray:
+        """Pages with no memory behind them yet (hence zero), as a bool per page.
+
+        Fresh anonymous memory is all unbacked; for a RAM file the holes are
+        found with SEEK_DATA/SEEK_HOLE.  Knowing this lets an incoming
+        migration skip zero pages without reading (and so allocating) them.
+        """
+        holes = np.ones(self.npages, dtype=np.bool_)
+        if self.mem_path is None:
+            return holes
+        fd = os.open(self.mem_path, os.O_RDONLY)
+        try:
+            pos = 0
+            while pos < self.size:
+                try:
+                    data = os.lseek(fd, pos, os.SEEK_DATA)
+                except OSError:
+                    break
+                if data >= self.size:
+                    break
+                end = min(os.lseek(fd, data, os.SEEK_HOLE), self.size)
+                holes[data // PAGE_SIZE : (end + PAGE_SIZE - 1) // PAGE_SIZE] = False
+                pos = end
+        finally:
+            os.close(fd)
+        return holes
 
     def close(self) -> None:
         self.pages = self.bytes = None  # type: ignore[assignment]

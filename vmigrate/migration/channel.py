@@ -3,7 +3,7 @@
 Parsing a URI is synchronous (its errors are the ``migrate`` command's own);
 connecting happens in the migration thread, so a refused connection ends the
 migration in ``failed`` with an ``error-desc`` — the split QEMU 7.2 makes.
-Every channel is a blocking byte pipe with ``write``/``readinto``; the
+Every channel is a blocking byte pipe with ``write``/``read``; the
 ``shutdown`` method makes a blocked call in another thread fail at once,
 which is how cancel interrupts a migration stuck on a full socket.
 """
@@ -79,7 +79,12 @@ class Channel:
     def write(self, data) -> None:
         raise NotImplementedError
 
-    def readinto(self, buf) -> int:
+    def read(self, size: int) -> bytes:
+        """Up to *size* bytes as a fresh ``bytes`` (b"" at end of stream).
+
+        A new object per read lets the stream decoder keep slices of it
+        without copying: the kernel writes the data where it is parsed.
+        """
         raise NotImplementedError
 
     def shutdown(self) -> None:
@@ -118,9 +123,9 @@ class SocketChannel(Channel):
         except OSError as err:
             raise ChannelError(f"Unable to write to socket: {os.strerror(err.errno or 32)}") from None
 
-    def readinto(self, buf) -> int:
+    def read(self, size: int) -> bytes:
         try:
-            return self.sock.recv_into(buf)
+            return self.sock.recv(size)
         except OSError as err:
             raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or 104)}") from None
 
@@ -169,9 +174,9 @@ class CommandChannel(Channel):
         except OSError as err:
             raise ChannelError(f"Unable to write to command: {os.strerror(err.errno or 32)}") from None
 
-    def readinto(self, buf) -> int:
+    def read(self, size: int) -> bytes:
         try:
-            return os.readv(self._fd, [buf])
+            return os.read(self._fd, size)
         except OSError as err:
             raise ChannelError(f"Unable to read from command: {os.strerror(err.errno or 5)}") from None
 
@@ -214,11 +219,11 @@ class FdChannel(Channel):
         except OSError as err:
             raise ChannelError(f"Unable to write to file: {os.strerror(err.errno or 5)}") from None
 
-    def readinto(self, buf) -> int:
+    def read(self, size: int) -> bytes:
         if self._inner is not None:
-            return self._inner.readinto(buf)
+            return self._inner.read(size)
         try:
-            return os.readv(self.fd, [buf])
+            return os.read(self.fd, size)
         except OSError as err:
             raise ChannelError(f"Unable to read from file: {os.strerror(err.errno or 5)}") from None
 

@@ -374,14 +374,13 @@ class ReturnPathReader(threading.Thread):
 
     def run(self) -> None:
         decoder = return_path.ReturnPathDecoder()
-        buf = bytearray(4096)
         try:
             while True:
-                n = self.channel.readinto(buf)
-                if n == 0:
+                data = self.channel.read(4096)
+                if not data:
                     self.error = "RP: the destination closed the return path without SHUT"
                     return
-                decoder.feed(bytes(buf[:n]))
+                decoder.feed(data)
                 while (event := decoder.next_event()) is not NEED_DATA:
                     if isinstance(event, return_path.RpShut):
                         if event.value:

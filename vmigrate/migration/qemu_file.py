@@ -73,12 +73,10 @@ class QEMUFileIn:
 
     def __init__(self, channel: Channel) -> None:
         self.channel = channel
-        self._buf = bytearray(READ_CHUNK)
-        self._view = memoryview(self._buf)
         self.received = 0
 
-    def read_chunk(self) -> memoryview:
-        """Next chunk of bytes (valid until the next call); empty at end of stream."""
-        n = self.channel.readinto(self._view)
-        self.received += n
-        return self._view[:n]
+    def read_chunk(self) -> bytes:
+        """Next chunk of bytes; empty at end of stream."""
+        data = self.channel.read(READ_CHUNK)
+        self.received += len(data)
+        return data

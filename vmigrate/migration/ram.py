@@ -177,22 +177,32 @@ class RamSaver:
 
 
 class RamLoader:
-    """Destination side: applies decoded RAM records to guest memory."""
+    """Destination side: applies decoded RAM records to guest memory.
+
+    It remembers which pages are known to be zero (never backed, or zeroed
+    by this migration) so a zero page costs nothing there: reading a page to
+    test it would allocate it, and most of a fresh guest's pages are zero.
+    The guest of an incoming VM has not run, so nothing else writes its RAM.
+    """
 
     def __init__(self, blocks: list[RAMBlock]) -> None:
         self.blocks = {b.idstr: b for b in blocks}
+        self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks}
 
     def known_blocks(self) -> dict[str, int]:
         return {name: b.size for name, b in self.blocks.items()}
 
     def load_pages(self, event: "wire_ram.RamPages") -> None:
         self.blocks[event.block].write_pages(event.pages, event.data)
+        self.known_zero[event.block][event.pages] = False
 
     def load_zero_pages(self, event: "wire_ram.RamZeroPages") -> None:
         block = self.blocks[event.block]
+        known = self.known_zero[event.block]
         pages = event.pages
-        if not event.fill.any():
-            # Leave already-zero pages untouched: writing would allocate them.
-            block.pages[pages[~block.zero_pages_mask(pages)]] = 0
-        else:
+        if event.fill.any():
             block.pages[pages] = event.fill[:, None]
+            known[pages] = event.fill == 0
+        else:
+            block.pages[pages[~known[pages]]] = 0
+            known[pages] = True
