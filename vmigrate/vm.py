@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from vmigrate import QEMU_VERSION, __version__
 from vmigrate.machine.devices import DeviceModel, GlobalState, VirtualClock
 from vmigrate.machine.guest import GuestSpec
+from vmigrate.machine.host import keep_large_buffers_in_heap
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.softcpu import SoftVcpus
@@ -117,6 +118,7 @@ class VM:
 
 def run_vm(config: VMConfig) -> int:
     """Serve a VM until ``quit`` or a signal; the body of ``vmigrate run``."""
+    keep_large_buffers_in_heap()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     vm = VM(config, loop)

@@ -298,8 +298,10 @@ class Listener:
             sock.close()
             raise QMPError(f"Failed to bind socket: {os.strerror(err.errno or 98)}") from None
         self.sock = sock
+        #: Where we listen, fixed at bind time (query-migrate's ``socket-address``).
+        self.address = self._socket_address()
 
-    def socket_address(self) -> dict:
+    def _socket_address(self) -> dict:
         """The bound address as QMP's SocketAddress (port 0 resolved; the port is a string)."""
         if self.addr.kind == "unix":
             return {"type": "unix", "path": self.addr.path}

@@ -86,8 +86,9 @@ class IncomingMigration:
 
     def query(self, info: dict) -> None:
         """The destination pass of ``query-migrate``."""
-        if self.listener is not None:
-            info["socket-address"] = [self.listener.socket_address()]
+        listener = self.listener
+        if listener is not None:
+            info["socket-address"] = [listener.address]
         if self.state == "none":
             return
         info["status"] = self.state
@@ -95,9 +96,7 @@ class IncomingMigration:
             info["error-desc"] = self.error_desc
 
     def close(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-            self.listener = None
+        self._close_listener()
         if self._channel is not None:
             self._channel.shutdown()
 
@@ -130,6 +129,7 @@ class IncomingMigration:
                     self._rp.drain(timeout=5)
                 except ChannelError:
                     pass
+            self._close_listener()
             self.set_state("active", "failed")
         finally:
             try:
@@ -137,9 +137,13 @@ class IncomingMigration:
             except (ChannelError, OSError):
                 pass
             self._channel = None
-            if self.listener is not None:
-                self.listener.close()
-                self.listener = None
+            self._close_listener()
+
+    def _close_listener(self) -> None:
+        """The transport is done with: ``socket-address`` disappears from query-migrate."""
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
 
     def _run_decoder(self, channel: Channel) -> None:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
@@ -221,4 +225,5 @@ class IncomingMigration:
                 runstate.set("paused")
         else:
             runstate.set(received)
+        self._close_listener()
         self.set_state("active", "completed")
