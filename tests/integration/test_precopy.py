@@ -286,3 +286,18 @@ def test_return_path_reports_destination_failure(spawn, tmp_path):
     assert info == {"status": "failed", "error-desc": "RP: Sibling indicated error 1"}
     assert src2.status() == "running"
     assert bad.migrate_status()["status"] == "failed"
+
+
+def test_yank_fails_a_running_migration(pair, tmp_path):
+    src, dst, uri = pair
+    assert src.cmd("query-yank") == []
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status()["status"] == "active", 10, "active")
+    assert src.cmd("query-yank") == [{"type": "migration"}]
+    with pytest.raises(QMPCommandError, match="Instance not found"):
+        src.cmd("yank", instances=[{"type": "block-node", "node-name": "nosuch"}])
+    src.cmd("yank", instances=[{"type": "migration"}])
+    info = src.wait_migration({"failed", "completed", "cancelled"})
+    assert info["status"] == "failed"
+    assert src.status() == "running"

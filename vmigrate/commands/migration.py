@@ -152,3 +152,22 @@ def cancel_vcpu_dirty_limit(vm, args, monitor):
 @command("query-vcpu-dirty-limit")
 def query_vcpu_dirty_limit(vm, args, monitor):
     return []
+
+
+@command("query-yank")
+def query_yank(vm, args, monitor):
+    return [{"type": "migration"}] if vm.migration.yank_registered else []
+
+
+@command("yank")
+def yank(vm, args, monitor):
+    instances = args["instances"]
+    if any(i["type"] != "migration" or not vm.migration.yank_registered for i in instances):
+        raise QMPError("Instance not found", "DeviceNotFound")
+    if instances:
+        vm.migration.yank()
+
+
+@command("announce-self")
+def announce_self(vm, args, monitor):
+    """A VM without NICs has nobody to announce (QEMU answers {} too)."""

@@ -58,6 +58,19 @@ class MigrationManager:
             return []
         return [{"name": t.name, "thread-id": t.native_id}]
 
+    @property
+    def yank_registered(self) -> bool:
+        """QEMU registers a ``migration`` yank instance while either direction is set up."""
+        return self.outgoing.running or self.incoming.state == "active" or (
+            self.incoming.started and self.incoming.state == "none")
+
+    def yank(self) -> None:
+        """Force-close every migration channel, as a network failure would."""
+        f = self.outgoing.file
+        if f is not None:
+            f.shutdown()
+        self.incoming.close()
+
     def shutdown(self) -> None:
         self.outgoing.cancel()
         self.outgoing.join(timeout=10)
