@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from vmigrate.commands import command
 from vmigrate.machine import host
+from vmigrate.migration import savevm
+from vmigrate.migration.wire import WireError
 from vmigrate.qmp.errors import NotYetImplemented, QMPError
 
 
@@ -171,3 +175,40 @@ def yank(vm, args, monitor):
 @command("announce-self")
 def announce_self(vm, args, monitor):
     """A VM without NICs has nobody to announce (QEMU answers {} too)."""
+
+
+@command("xen-save-devices-state")
+def xen_save_devices_state(vm, args, monitor):
+    """Device-only stream to a file, the guest stopped meanwhile (misc.md §5)."""
+    filename = args["filename"]
+    was_running = vm.runstate.stop("save-vm")
+    vm.global_state.runstate = "running"
+    try:
+        try:
+            fd = os.open(filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o660)
+        except OSError as err:
+            raise QMPError(f"Unable to open {filename}: {os.strerror(err.errno)}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(savevm.device_state_stream(vm))
+        except OSError:
+            raise QMPError("An IO error has occurred") from None
+    finally:
+        if was_running:
+            vm.runstate.start()
+
+
+@command("xen-load-devices-state")
+def xen_load_devices_state(vm, args, monitor):
+    if vm.runstate.running:
+        raise QMPError("Cannot update device state while vm is running")
+    filename = args["filename"]
+    try:
+        with open(filename, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise QMPError(f"Unable to open {filename}: {os.strerror(err.errno)}") from None
+    try:
+        savevm.load_device_state(vm, data)
+    except WireError:
+        raise QMPError("An IO error has occurred") from None

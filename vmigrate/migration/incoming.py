@@ -17,7 +17,7 @@ from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, Fd
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.ram import RamLoader
-from vmigrate.migration.savevm import MACHINE_TYPE
+from vmigrate.migration.savevm import MACHINE_TYPE, device_bodies
 from vmigrate.migration.wire import ram as wire_ram
 from vmigrate.migration.wire import return_path, stream, vmstate
 from vmigrate.migration.wire.errors import WireError
@@ -149,11 +149,8 @@ class IncomingMigration:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
         loader = RamLoader(self.vm.ram_blocks)
         devices = {(d.idstr, d.instance_id): d for d in self.vm.devices}
-        bodies = {
-            idstr: vmstate.VMStateBodyDecoder(d.description, frozenset(i for s, i in devices if s == idstr))
-            for (idstr, _), d in devices.items()
-        }
-        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks()), **bodies})
+        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks()),
+                                        **device_bodies(devices)})
         self.vm.global_state.runstate = None
         fin = QEMUFileIn(channel)
         seen_eof = False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSaver
-from vmigrate.migration.wire import stream, vmstate
+from vmigrate.migration.wire import WireError, stream, vmstate
 
 if TYPE_CHECKING:
     from vmigrate.vm import VM
@@ -79,3 +79,37 @@ class SaveVM:
         f.put(stream.eof())
         f.put(stream.vmdesc(vmstate.vmdesc_json(devices)))
         f.flush()
+
+
+def device_state_stream(vm: "VM") -> bytes:
+    """The device-only stream of ``xen-save-devices-state``: header, FULL sections, EOF.
+
+    No configuration section and no RAM: Xen's toolstack moves the memory.
+    """
+    out = [stream.header()]
+    out += [vmstate.DeviceSection(d.section_id, d.idstr, d.instance_id, d.description, d.save()).encode()
+            for d in vm.devices]
+    out.append(stream.eof())
+    return b"".join(out)
+
+
+def load_device_state(vm: "VM", data: bytes) -> None:
+    """Apply a device-only stream (``xen-load-devices-state``); raises WireError."""
+    devices = {(d.idstr, d.instance_id): d for d in vm.devices}
+    decoder = stream.StreamDecoder(device_bodies(devices), require_configuration=False)
+    decoder.feed(data)
+    decoder.close()
+    while (event := decoder.next_event()) is not stream.NEED_DATA:
+        if isinstance(event, vmstate.DeviceState):
+            devices[(event.idstr, event.instance_id)].load(event.values)
+        elif isinstance(event, stream.EOF):
+            return
+    raise WireError("device state stream ends before EOF")
+
+
+def device_bodies(devices: dict) -> dict:
+    """Body decoders for the device models, keyed by idstr, from ``{(idstr, instance): model}``."""
+    return {
+        idstr: vmstate.VMStateBodyDecoder(d.description, frozenset(i for s, i in devices if s == idstr))
+        for (idstr, _), d in devices.items()
+    }

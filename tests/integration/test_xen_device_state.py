@@ -1,0 +1,39 @@
+"""xen-save-devices-state / xen-load-devices-state: device-only streams (misc.md §5)."""
+
+from __future__ import annotations
+
+import pytest
+
+from procs import QMPCommandError
+from vmigrate.migration.wire import stream, vmstate
+
+
+def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
+    vm = spawn("vmigrate", "-m", "16M")
+    vm.events()
+    path = tmp_path / "devices.bin"
+    vm.cmd("xen-save-devices-state", filename=str(path))
+    assert [e["event"] for e in vm.events(wait=0.2)] == ["STOP", "RESUME"]
+    assert vm.status() == "running"
+
+    decoder = stream.StreamDecoder(vmstate.none_machine_bodies(), require_configuration=False)
+    decoder.feed(path.read_bytes())
+    decoder.close()
+    events = []
+    while (ev := decoder.next_event()) is not stream.NEED_DATA and not isinstance(ev, stream.EOF):
+        events.append(ev)
+    states = {e.idstr: e.values for e in events if isinstance(e, vmstate.DeviceState)}
+    assert set(states) == {"timer", "globalstate"}
+    assert vmstate.globalstate_runstate(states["globalstate"]) == "running"
+
+    with pytest.raises(QMPCommandError, match="Cannot update device state while vm is running"):
+        vm.cmd("xen-load-devices-state", filename=str(path))
+    vm.cmd("stop")
+    vm.cmd("xen-load-devices-state", filename=str(path))
+    path.write_bytes(path.read_bytes()[:20])
+    with pytest.raises(QMPCommandError, match="An IO error has occurred"):
+        vm.cmd("xen-load-devices-state", filename=str(path))
+    with pytest.raises(QMPCommandError, match="Unable to open /nonexistent/x: No such file or directory"):
+        vm.cmd("xen-load-devices-state", filename="/nonexistent/x")
+    with pytest.raises(QMPCommandError, match="Unable to open /nonexistent/x: No such file or directory"):
+        vm.cmd("xen-save-devices-state", filename="/nonexistent/x")
