@@ -95,6 +95,21 @@ class Sample:
         )
 
 
+def bound_uri(uri: str, info: dict) -> str:
+    """``tcp:HOST:0`` → the port the destination really bound (from its ``socket-address``).
+
+    Lets callers ask for an ephemeral port instead of guessing a free one,
+    which would race with other processes on the host.
+    """
+    if not (uri.startswith("tcp:") and uri.endswith(":0")):
+        return uri
+    for addr in info.get("socket-address", []):
+        if addr.get("type") == "inet":
+            host = addr["host"]
+            return f"tcp:[{host}]:{addr['port']}" if ":" in host else f"tcp:{host}:{addr['port']}"
+    return uri
+
+
 @dataclass
 class MigrationRun:
     """Drives one migration and records what happened."""
@@ -116,6 +131,8 @@ class MigrationRun:
             info = self.dst.execute("query-migrate")
             if "socket-address" not in info:
                 self.dst.execute("migrate-incoming", {"uri": self.uri})
+                info = self.dst.execute("query-migrate")
+            self.uri = bound_uri(self.uri, info)
 
     def start(self) -> None:
         self.t0 = time.monotonic()

@@ -1,0 +1,143 @@
+"""The benchmark harness: RAM images, verification, memory sampling, profiles, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmigrate.cli import bench
+from vmigrate.cli.main import CLIError, main
+from vmigrate.cli.migrate import bound_uri
+
+PAGE = 4096
+needs_qemu = pytest.mark.skipif(shutil.which(bench.QEMU) is None, reason="qemu-system-x86_64 not installed")
+
+
+def test_ram_image_has_exactly_the_requested_zero_pages(tmp_path: Path) -> None:
+    image = bench.fill_ram_image(tmp_path / "ram", 1 << 20, 0.75, seed=3, chunk=64 * PAGE)
+    pages = np.fromfile(image.path, dtype=np.uint8).reshape(-1, PAGE)
+    zero = ~pages.any(axis=1)
+    assert image.zero_pages == int(zero.sum()) == 192
+    assert image.sha256 == bench.file_sha256(image.path)
+    assert image.wire_bytes == 64 * (8 + PAGE) + 192 * (8 + 1)
+    again = bench.fill_ram_image(tmp_path / "ram2", 1 << 20, 0.75, seed=3)
+    assert again.sha256 == image.sha256
+
+
+def test_verify_reports_the_differing_pages(tmp_path: Path) -> None:
+    image = bench.fill_ram_image(tmp_path / "src", 64 * PAGE, 0.0, seed=1)
+    dst = tmp_path / "dst"
+    shutil.copyfile(image.path, dst)
+    rec: dict = {"note": ""}
+    bench.verify(rec, image.path, dst)
+    assert rec["verified"] is True
+    with open(dst, "r+b") as f:
+        for page in (5, 40):
+            f.seek(page * PAGE + 100)
+            f.write(b"\x00\x01")
+    bench.verify(rec, image.path, dst)
+    assert rec["verified"] is False
+    assert rec["note"] == "destination RAM differs from source in 2 pages (first: page 5)"
+
+
+def test_a_wrong_migration_fails_the_benchmark() -> None:
+    runs = [{"impl": "vmigrate", "scenario": "precopy", "status": "completed", "verified": False, "note": "x"}]
+    with pytest.raises(CLIError, match="differs from the source in 1 run"):
+        bench.report_failures(runs)
+    ok = [{"impl": "qemu", "scenario": "precopy", "status": "completed", "verified": True},
+          {"impl": "qemu", "scenario": "xbzrle", "status": "n/a"},
+          {"impl": "vmigrate", "scenario": "xbzrle", "status": "not implemented"}]
+    assert bench.report_failures(ok) == 0
+    assert bench.report_failures(ok + [{"impl": "qemu", "scenario": "compress", "status": "failed"}]) == 1
+
+
+def test_memwatch_keeps_peaks_of_a_live_process() -> None:
+    watch = bench.MemWatch({"me": os.getpid()}, interval=0.01).start()
+    block = np.ones(32 << 20, dtype=np.uint8)
+    watch.sample()
+    peaks = watch.stop()["me"]
+    assert peaks["RssAnon"] >= block.nbytes
+    assert peaks["VmHWM"] >= peaks["RssAnon"]
+    assert bench.read_status(2**22 + 12345) == {}
+
+
+def test_check_space_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(CLIError, match="free, a test needs"):
+        bench.check_space(tmp_path, 1 << 60, "a test")
+
+
+def test_loopback_ceiling_moves_every_byte() -> None:
+    result = bench.loopback_ceiling(3 << 20, chunk=1 << 20, timeout=30)
+    assert result["status"] == "completed"
+    assert result["bytes"] == 3 << 20
+
+
+def test_profile_summary_per_thread(tmp_path: Path) -> None:
+    raw = tmp_path / "src.txt"
+    raw.write_text(
+        "thread (1): MainThread;select (selectors.py:468) 50\n"
+        "thread (2): live_migration;Thread.run (threading.py:982);_run (vmigrate/m.py:10);write (vmigrate/c.py:5) 30\n"
+        "thread (2): live_migration;Thread.run (threading.py:982);_run (vmigrate/m.py:12);scan (vmigrate/r.py:7) 10\n"
+    )
+    assert bench.profile_threads(raw) == ["thread (2): live_migration"]
+    summary = bench.summarize_profile(raw, "thread (2): live_migration")
+    assert summary["samples"] == 40
+    assert summary["self"] == [["write (vmigrate/c.py)", 75.0], ["scan (vmigrate/r.py)", 25.0]]
+    assert summary["self_lines"][0] == ["write (vmigrate/c.py:5)", 75.0]
+    assert summary["inclusive"][0] == ["_run (vmigrate/m.py)", 100.0]
+
+
+def test_bound_uri_takes_the_port_the_destination_bound() -> None:
+    info = {"socket-address": [{"type": "inet", "host": "127.0.0.1", "port": "40123"}]}
+    assert bound_uri("tcp:127.0.0.1:0", info) == "tcp:127.0.0.1:40123"
+    assert bound_uri("tcp:127.0.0.1:4444", info) == "tcp:127.0.0.1:4444"
+    assert bound_uri("tcp:[::1]:0", {"socket-address": [{"type": "inet", "host": "::1", "port": "9"}]}) == "tcp:[::1]:9"
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys) -> None:
+    assert main(["bench", "precopy", "--size", "1000K", "--out", str(tmp_path)]) == 1
+    assert "multiple of 1 MiB" in capsys.readouterr().err
+    assert main(["bench", "matrix", "--scenarios", "warp", "--size", "8M", "--out", str(tmp_path)]) == 1
+    assert "unknown scenario 'warp'" in capsys.readouterr().err
+
+
+@needs_qemu
+def test_precopy_end_to_end_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["bench", "precopy", "--size", "8M", "--zero-fraction", "0.5", "--out", str(out)]) == 0
+    doc = json.loads((out / "precopy.json").read_text())
+    runs = {r["impl"]: r for r in doc["runs"]}
+    for impl in ("vmigrate", "qemu"):
+        assert runs[impl]["status"] == "completed"
+        assert runs[impl]["verified"] is True
+        assert runs[impl]["max_bandwidth_readback"] == bench.UNLIMITED_BANDWIDTH
+        assert runs[impl]["zero_pages"] == 1024
+        assert runs[impl]["src_peak_shmem"] > 0
+    assert runs["ceiling"]["bytes"] == 1024 * (8 + PAGE) + 1024 * 9
+    assert doc["summary"]["ratios"]["total_time_vmigrate_over_qemu"] is not None
+    assert (out / "precopy.csv").read_text().startswith("impl,")
+    assert (out / "precopy.png").stat().st_size > 0
+
+
+@needs_qemu
+def test_matrix_records_unimplemented_and_impossible_cells(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    rc = main(["bench", "matrix", "--size", "8M", "--scenarios", "precopy,xbzrle", "--dirty-rates", "0,16",
+               "--wss", "4M", "--out", str(out)])
+    assert rc == 0
+    runs = json.loads((out / "matrix.json").read_text())["runs"]
+    cells = {(r["scenario"], r["impl"], r["dirty_rate_mib_s"]): r for r in runs}
+    assert len(cells) == 8
+    assert cells[("precopy", "qemu", 16)]["status"] == "n/a"
+    assert cells[("xbzrle", "qemu", 16)]["status"] == "n/a"
+    assert cells[("xbzrle", "vmigrate", 0)]["status"] in ("completed", "not implemented")
+    for r in runs:
+        if r["status"] == "completed":
+            assert r["verified"] is True
+    assert cells[("precopy", "vmigrate", 16)]["status"] == "completed"
+    assert (out / "matrix.png").stat().st_size > 0
