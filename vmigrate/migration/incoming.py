@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
 from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.state import MigrationStateMachine
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.ram import RamLoader
 from vmigrate.migration.savevm import MACHINE_TYPE, device_bodies
@@ -32,12 +33,9 @@ class LoadError(Exception):
     """A stream that is valid on the wire but not acceptable for this VM."""
 
 
-class IncomingMigration:
+class IncomingMigration(MigrationStateMachine):
     def __init__(self, vm: "VM", options: MigrationOptions) -> None:
-        self.vm = vm
-        self.options = options
-        self.state = "none"
-        self._lock = threading.Lock()
+        super().__init__(vm, options)
         self.started = False
         #: Once a single-channel transport (exec:, fd:) was used, multifd is refused.
         self.single_channel = False
@@ -47,15 +45,6 @@ class IncomingMigration:
         #: The return path, once the source asked for it (OPEN_RETURN_PATH).
         self._rp: Channel | None = None
         self._thread: threading.Thread | None = None
-
-    def set_state(self, old: str, new: str) -> bool:
-        with self._lock:
-            if self.state != old:
-                return False
-            self.state = new
-        if self.options.cap("events"):
-            self.vm.emit_event("MIGRATION", {"status": new})
-        return True
 
     def start(self, uri: str, monitor: "MonitorProtocol | None" = None, from_command_line: bool = False) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (states.md §9)."""

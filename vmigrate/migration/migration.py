@@ -1,11 +1,9 @@
 """The outgoing migration: QEMU's MigrationState, its state machine and thread.
 
-Every state change is a compare-and-swap that emits ``MIGRATION`` only if it
-succeeded (states.md §1); that single rule resolves the races between the
-migration thread, ``migrate_cancel`` and failures.  The thread follows
-QEMU's migration_thread: setup, iterate under the rate limiter until the
-remaining dirty memory fits the downtime limit, stop the guest, send the
-rest and the device state, finish.
+State changes are the compare-and-swaps of :mod:`vmigrate.migration.state`.
+The thread follows QEMU's migration_thread: setup, iterate under the rate
+limiter until the remaining dirty memory fits the downtime limit, stop the
+guest, send the rest and the device state, finish.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING
 from vmigrate.migration import savevm
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, connect, parse_uri
 from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.state import MigrationStateMachine
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSaver
 from vmigrate.migration.stats import RamStats
@@ -81,12 +80,9 @@ class MigrationCancelled(Exception):
     pass
 
 
-class OutgoingMigration:
+class OutgoingMigration(MigrationStateMachine):
     def __init__(self, vm: "VM", options: MigrationOptions) -> None:
-        self.vm = vm
-        self.options = options
-        self.state = "none"
-        self._lock = threading.Lock()
+        super().__init__(vm, options)
         self._thread: threading.Thread | None = None
         self.error_desc: str | None = None
         self.stats = RamStats()
@@ -107,16 +103,6 @@ class OutgoingMigration:
         self.threshold_size = 0
 
     # -- state ------------------------------------------------------------
-
-    def set_state(self, old: str, new: str) -> bool:
-        """QEMU's migrate_set_state: CAS, and an event only if it happened."""
-        with self._lock:
-            if self.state != old:
-                return False
-            self.state = new
-        if self.options.cap("events"):
-            self.vm.emit_event("MIGRATION", {"status": new})
-        return True
 
     @property
     def running(self) -> bool:
