@@ -30,9 +30,8 @@ def spawn(tmp_path: Path):
             # A QEMU monitor serves one client at a time: tools get a second one.
             tool_sock = tmp_path / f"{kind}{n}.tool.sock"
             argv = qemu_argv(sock, "-qmp", f"unix:{tool_sock},server=on,wait=off", *args, **kw)
-        proc = VMProcess(argv, sock, log, env=test_env())
+        proc = VMProcess(argv, sock, log, env=test_env(), started=procs.append)
         proc.tool_sock = tool_sock
-        procs.append(proc)
         return proc
 
     yield start

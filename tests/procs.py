@@ -35,19 +35,34 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
 class VMProcess:
     """A VM process (vmigrate or QEMU) with one negotiated QMP connection."""
 
-    def __init__(self, argv: list[str], sock: Path, log: Path, env: dict | None = None) -> None:
+    def __init__(self, argv: list[str], sock: Path, log: Path, env: dict | None = None,
+                 started: Callable[["VMProcess"], None] = lambda p: None) -> None:
+        """Start the process; *started* registers it for clean-up before anything can fail."""
         self.sock = sock
         #: Socket for a second client (a QEMU monitor serves only one at a time).
         self.tool_sock = sock
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.qmp = None
+        started(self)
         wait_for(lambda: sock.exists() or self.proc.poll() is not None, START_TIMEOUT, f"QMP socket {sock}")
         if self.proc.poll() is not None:
             raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}:\n{self.log()}")
-        self.qmp = QEMUMonitorProtocol(str(sock))
-        self.qmp.settimeout(30)
-        self.greeting = self.qmp.connect(negotiate=True)
+        # QEMU creates its socket file before it listens: retry refused connects.
+        self.qmp = wait_for(self._connect, START_TIMEOUT, f"QMP on {sock}", interval=0.05)
+        self.greeting = self.qmp._get_greeting()
+
+    def _connect(self) -> QEMUMonitorProtocol | None:
+        qmp = QEMUMonitorProtocol(str(self.sock))
+        qmp.settimeout(30)
+        try:
+            qmp.connect(negotiate=True)
+        except (ConnectionRefusedError, OSError) as err:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"VM process exited with {self.proc.returncode}:\n{self.log()}") from err
+            return None
+        return qmp
 
     def log(self) -> str:
         self._log.flush()
@@ -84,19 +99,21 @@ class VMProcess:
 
     def close(self) -> None:
         if self.proc.poll() is None:
+            if self.qmp is not None:
+                try:
+                    self.qmp.cmd_raw("quit")
+                except Exception:
+                    pass
             try:
-                self.qmp.cmd_raw("quit")
-            except Exception:
-                pass
-            try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=10 if self.qmp is not None else 0.1)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-        try:
-            self.qmp.close()
-        except Exception:
-            pass
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
         self._log.close()
 
 
@@ -114,8 +131,9 @@ def vmigrate_argv(sock: Path, *extra: str) -> list[str]:
 def qemu_argv(sock: Path, *extra: str, memory: str = "64M", mem_path: Path | None = None) -> list[str]:
     argv = [QEMU, "-nic", "none", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
     if mem_path is not None:
-        argv += ["-M", "none,memory-backend=ram0", "-object",
-                 f"memory-backend-file,id=ram0,size={memory},mem-path={mem_path},share=on", "-m", memory]
+        # The backend id names the RAM block: "ram", like vmigrate's and plain -M none -m.
+        argv += ["-M", "none,memory-backend=ram", "-object",
+                 f"memory-backend-file,id=ram,size={memory},mem-path={mem_path},share=on", "-m", memory]
     else:
         argv += ["-M", "none", "-m", memory]
     return argv + list(extra)

@@ -265,3 +265,20 @@ def test_partial_record_raises_short_without_side_effects():
 def test_wrong_ram_version_is_rejected():
     with pytest.raises(WireError, match="ram version 5 is not 4"):
         R.RamBodyDecoder({}).begin(1, Section(2, "ram", 0, 5))
+
+
+def test_records_straddling_reads_do_not_degrade_to_one_event_per_record():
+    """After a record split across two reads, decoding returns to whole runs."""
+    ram = np.zeros((4096, 4096), dtype=np.uint8)
+    body, _ = R.encode_pages("ram", ram, np.arange(4096), R.ChannelState())
+    data = bytes(body)
+    events = 0
+    rs = R.RecordStream(R.RamBodyDecoder({"ram": ram.nbytes}))
+    pages = 0
+    for i in range(0, len(data), 1000):
+        rs.feed(data[i:i + 1000])
+        while (ev := rs.next_event()) is not NEED_DATA:
+            events += 1
+            pages += len(ev)
+    assert pages == 4096
+    assert events <= 2 * (len(data) // 1000 + 1)

@@ -137,7 +137,7 @@ class InputBuffer:
     for (``need``), so feeding in tiny pieces stays linear too.
     """
 
-    __slots__ = ("data", "pos", "_chunks", "_head", "_chunk_bytes", "_stitched", "need",
+    __slots__ = ("data", "pos", "_chunks", "_head", "_chunk_bytes", "_stitched", "_rewindable", "need",
                  "consumed", "closed")
 
     def __init__(self) -> None:
@@ -147,6 +147,7 @@ class InputBuffer:
         self._head = 0                      # bytes of _chunks[0] already taken
         self._chunk_bytes = 0               # bytes in _chunks not yet taken
         self._stitched = False              # data was joined from several chunks
+        self._rewindable = 0                # its last bytes, still at _chunks[0][_head - n:_head]
         #: Bytes (from ``pos``) the parser needs before it can make progress.
         self.need = 1
         #: Total bytes consumed since the start (stream offset of ``pos``).
@@ -179,6 +180,14 @@ class InputBuffer:
             return True
         if have + self._chunk_bytes < self.need:
             return False
+        if self._stitched and 0 < have <= self._rewindable:
+            # The unread tail of a stitched snapshot was copied from the head of
+            # the pending chunk: go back to reading that chunk in place, or
+            # every following element would be stitched (and copied) one by one.
+            self._head -= have
+            self._chunk_bytes += have
+            self._rewindable = 0
+            have = 0
         if have == 0:
             chunk = self._chunks.popleft()
             self.data, self.pos, self._stitched = chunk, self._head, False
@@ -201,9 +210,11 @@ class InputBuffer:
             missing -= take
             self._head += take
             self._chunk_bytes -= take
+            self._rewindable = take
             if self._head == len(chunk):
                 self._chunks.popleft()
                 self._head = 0
+                self._rewindable = 0
         self.data = b"".join(parts)
         self.pos = 0
         self._stitched = True
