@@ -15,7 +15,6 @@ from vmigrate.cli.main import CLIError, main
 from vmigrate.cli.migrate import bound_uri
 
 PAGE = 4096
-needs_qemu = pytest.mark.skipif(shutil.which(bench.QEMU) is None, reason="qemu-system-x86_64 not installed")
 
 
 def test_ram_image_has_exactly_the_requested_zero_pages(tmp_path: Path) -> None:
@@ -106,7 +105,6 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys) -> None:
     assert "unknown scenario 'warp'" in capsys.readouterr().err
 
 
-@needs_qemu
 def test_precopy_end_to_end_tiny(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["bench", "precopy", "--size", "8M", "--zero-fraction", "0.5", "--out", str(out)]) == 0
@@ -124,7 +122,6 @@ def test_precopy_end_to_end_tiny(tmp_path: Path) -> None:
     assert (out / "precopy.png").stat().st_size > 0
 
 
-@needs_qemu
 def test_matrix_records_unimplemented_and_impossible_cells(tmp_path: Path) -> None:
     out = tmp_path / "out"
     rc = main(["bench", "matrix", "--size", "8M", "--scenarios", "precopy,xbzrle", "--dirty-rates", "0,16",

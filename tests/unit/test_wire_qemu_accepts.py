@@ -21,8 +21,7 @@ from vmigrate.migration.wire import ram as R
 from vmigrate.migration.wire import stream as S
 from vmigrate.migration.wire import vmstate as V
 
-QEMU = shutil.which("qemu-system-x86_64")
-pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
+QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 NPAGES = 32
 
 
