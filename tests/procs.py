@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
@@ -58,7 +59,7 @@ class VMProcess:
         qmp.settimeout(30)
         try:
             qmp.connect(negotiate=True)
-        except (ConnectionRefusedError, OSError) as err:
+        except (ConnectError, OSError) as err:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"VM process exited with {self.proc.returncode}:\n{self.log()}") from err
             return None
