@@ -5,18 +5,20 @@ tokens, and a streamer emits a message as soon as the brace/bracket depth is
 back to zero (so a bare ``42`` or a stray ``}`` is a message of its own).
 Strings may be single-quoted.  A lexical error drops what was collected so
 far, reports ``stray '<text>'`` and skips input up to the next structural or
-control character.  Error texts are QEMU's, because QMP clients and our
-conformance tests compare them.
+control character.  Strings are QEMU's "modified UTF-8" (``\\u0000`` and
+``C0 80`` are NUL, noncharacters are refused).  Error texts are QEMU's,
+because QMP clients and our conformance tests compare them.
 
 Sans-IO: :meth:`JSONMessageStream.feed` takes bytes and returns the messages
-(or errors) completed by them.
+(or errors) completed by them; :func:`dumps` writes a message byte for byte
+as QEMU's JSON writer does.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from vmigrate.qmp.errors import QMPError
 
@@ -184,7 +186,7 @@ class JSONMessageStream:
     def _token(self, tok: Token) -> Any:
         if tok.kind == "error":
             self._reset()
-            return _parse_error(f"stray '{tok.text.decode('utf-8', 'replace')}'")
+            return _parse_error(f"stray '{_qemu_text(tok.text)}'")
         if tok.kind == LCURLY:
             self._braces += 1
         elif tok.kind == RCURLY:
@@ -218,8 +220,28 @@ class JSONMessageStream:
 _MORE = object()
 
 
+class _Container:
+    """An object or array being filled while parsing (one level of nesting)."""
+
+    __slots__ = ("value", "closer", "key", "want_key")
+
+    def __init__(self, is_object: bool) -> None:
+        self.value: dict | list = {} if is_object else []
+        self.closer = RCURLY if is_object else RSQUARE
+        self.key: str | None = None
+        self.want_key = is_object
+
+
+_OPENED = object()
+
+
 class _Parser:
-    """Recursive descent over one message's tokens, with QEMU's error texts."""
+    """QEMU's recursive-descent JSON parser, run iteratively.
+
+    The explicit stack keeps the 1024 nesting levels the streamer admits
+    within reach of Python's recursion limit, and the checks happen in the
+    same order as QEMU's, so the same error text comes out.
+    """
 
     def __init__(self, tokens: list[Token]) -> None:
         self.tokens = tokens
@@ -228,23 +250,40 @@ class _Parser:
     def peek(self) -> Token | None:
         return self.tokens[self.pos] if self.pos < len(self.tokens) else None
 
-    def pop(self) -> Token | None:
-        tok = self.peek()
-        if tok is not None:
-            self.pos += 1
-        return tok
-
-    def message(self) -> Any:
-        return self.value()
-
-    def value(self) -> Any:
+    def pop(self) -> Token:
         tok = self.peek()
         if tok is None:
             raise _parse_error("premature EOI")
-        if tok.kind == LCURLY:
-            return self.obj()
-        if tok.kind == LSQUARE:
-            return self.array()
+        self.pos += 1
+        return tok
+
+    def message(self) -> Any:
+        stack: list[_Container] = []
+        while True:
+            value = self._start_value(stack)
+            if value is _OPENED:
+                top = stack[-1]
+                if self.peek() is None:
+                    raise _parse_error("premature EOI")
+                if self.peek().kind != top.closer:
+                    continue
+                self.pos += 1
+                value = stack.pop().value
+            while True:
+                if not stack:
+                    return value
+                if not self._add(stack[-1], value):
+                    break
+                value = stack.pop().value
+
+    def _start_value(self, stack: list[_Container]) -> Any:
+        tok = self.peek()
+        if tok is None:
+            raise _parse_error("premature EOI")
+        if tok.kind in (LCURLY, LSQUARE):
+            self.pos += 1
+            stack.append(_Container(tok.kind == LCURLY))
+            return _OPENED
         self.pos += 1
         if tok.kind == STRING:
             return _decode_string(tok.text)
@@ -260,62 +299,32 @@ class _Parser:
             if word in ("true", "false", "null"):
                 return {"true": True, "false": False, "null": None}[word]
             raise _parse_error(f"invalid keyword '{word}'")
+        self.pos -= 1
         raise _parse_error("expecting value")
 
-    def obj(self) -> dict:
-        self.pop()
-        result: dict = {}
-        if self.peek() is None:
-            raise _parse_error("premature EOI")
-        if self.peek().kind == RCURLY:
-            self.pop()
-            return result
-        self.pair(result)
-        while True:
-            tok = self.pop()
-            if tok is None:
-                raise _parse_error("premature EOI")
-            if tok.kind == RCURLY:
-                return result
-            if tok.kind != COMMA:
-                raise _parse_error("expected separator in dict")
-            self.pair(result)
-
-    def pair(self, result: dict) -> None:
-        if self.peek() is None:
-            raise _parse_error("premature EOI")
-        key = self.value()
-        if not isinstance(key, str):
-            raise _parse_error("key is not a string in object")
+    def _add(self, top: _Container, value: Any) -> bool:
+        """Store a finished value in ``top``; True if that closed ``top``."""
+        if top.want_key:
+            if not isinstance(value, str):
+                raise _parse_error("key is not a string in object")
+            if self.pop().kind != COLON:
+                raise _parse_error("missing : in object pair")
+            top.key = value
+            top.want_key = False
+            return False
+        if isinstance(top.value, dict):
+            if top.key in top.value:
+                raise _parse_error("duplicate key")
+            top.value[top.key] = value
+        else:
+            top.value.append(value)
         tok = self.pop()
-        if tok is None:
-            raise _parse_error("premature EOI")
-        if tok.kind != COLON:
-            raise _parse_error("missing : in object pair")
-        value = self.value()
-        if key in result:
-            raise _parse_error("duplicate key")
-        result[key] = value
-
-    def array(self) -> list:
-        self.pop()
-        result: list = []
-        tok = self.peek()
-        if tok is None:
-            raise _parse_error("premature EOI")
-        if tok.kind == RSQUARE:
-            self.pop()
-            return result
-        result.append(self.value())
-        while True:
-            tok = self.pop()
-            if tok is None:
-                raise _parse_error("premature EOI")
-            if tok.kind == RSQUARE:
-                return result
-            if tok.kind != COMMA:
-                raise _parse_error("expected separator in list")
-            result.append(self.value())
+        if tok.kind == top.closer:
+            return True
+        if tok.kind != COMMA:
+            raise _parse_error("expected separator in dict" if isinstance(top.value, dict) else "expected separator in list")
+        top.want_key = isinstance(top.value, dict)
+        return False
 
 
 _ESCAPES = {
@@ -323,65 +332,212 @@ _ESCAPES = {
     ord("b"): "\b", ord("f"): "\f", ord("n"): "\n", ord("r"): "\r", ord("t"): "\t",
 }
 
+# Smallest code point of a 2..6 byte sequence (shorter is overlong).
+_MIN_CODEPOINT = (0x80, 0x800, 0x10000, 0x200000, 0x4000000)
 
-def _decode_string(text: bytes) -> str:
-    """Decode a quoted token: JSON escapes, plus \\' for single quotes."""
-    body = text[1:-1]
-    out: list[str] = []
-    i = 0
-    plain = bytearray()
-    while i < len(body):
-        b = body[i]
-        if b != 0x5C:
-            plain.append(b)
-            i += 1
-            continue
-        if plain:
-            out.append(_utf8(bytes(plain)))
-            plain.clear()
-        esc = body[i + 1] if i + 1 < len(body) else -1
-        if esc in _ESCAPES:
-            out.append(_ESCAPES[esc])
-            i += 2
-        elif esc == ord("u"):
-            code, i = _unicode_escape(body, i)
-            out.append(code)
-        else:
-            raise _parse_error("invalid escape sequence in string")
-    if plain:
-        out.append(_utf8(bytes(plain)))
+# Code points QEMU refuses although Python's UTF-8 codec accepts them.
+_NONCHARACTER = re.compile(
+    "[\ufdd0-\ufdef" + "".join(f"\\U{p:04x}fffe\\U{p:04x}ffff" for p in range(17)) + "]"
+)
+
+
+def _valid_codepoint(cp: int) -> bool:
+    return 0 <= cp <= 0x10FFFF and not (0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE or 0xD800 <= cp <= 0xDFFF)
+
+
+def _mod_utf8_codepoint(data: bytes, pos: int) -> tuple[int, int]:
+    """Decode one code point of QEMU's "modified UTF-8" at ``pos``.
+
+    Returns (code point or -1, position after what was consumed).  Differs
+    from UTF-8 in accepting the overlong ``C0 80`` as U+0000 and refusing
+    noncharacters; the end of ``data`` reads as the C string's NUL.
+    """
+    byte = data[pos]
+    pos += 1
+    if byte < 0x80:
+        return byte, pos
+    if byte >= 0xFE or not byte & 0x40:
+        return -1, pos
+    length, mask = 0, 0x80
+    while byte & mask:
+        length += 1
+        mask >>= 1
+    cp = byte & (mask - 1)
+    for _ in range(1, length):
+        follow = data[pos] if pos < len(data) else 0
+        if follow & 0xC0 != 0x80:
+            return -1, pos
+        pos += 1
+        cp = (cp << 6) | (follow & 0x3F)
+    if not _valid_codepoint(cp) or (cp < _MIN_CODEPOINT[length - 2] and not (cp == 0 and length == 2)):
+        return -1, pos
+    return cp, pos
+
+
+def _qemu_text(raw: bytes) -> str:
+    """Raw input bytes as they come back inside an error message.
+
+    QEMU formats them into a C string (cut at the first NUL) and its JSON
+    writer turns every undecodable sequence into U+FFFD.
+    """
+    raw = raw.split(b"\0", 1)[0]
+    out = []
+    pos = 0
+    while pos < len(raw):
+        cp, pos = _mod_utf8_codepoint(raw, pos)
+        out.append(chr(cp) if cp >= 0 else "\ufffd")
     return "".join(out)
 
 
-def _utf8(raw: bytes) -> str:
+def _decode_plain(raw: bytes) -> str:
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise _parse_error("invalid UTF-8 sequence in string") from None
+        text = None
+    if text is not None and not _NONCHARACTER.search(text):
+        return text
+    out = []
+    pos = 0
+    while pos < len(raw):
+        cp, pos = _mod_utf8_codepoint(raw, pos)
+        if cp < 0:
+            raise _parse_error("invalid UTF-8 sequence in string")
+        out.append(chr(cp))
+    return "".join(out)
 
 
-def _unicode_escape(body: bytes, i: int) -> tuple[str, int]:
+def _decode_string(text: bytes) -> str:
+    """Decode a quoted token: JSON escapes, plus \\' for single quotes."""
+    raw = text[1:]  # the body and the closing quote, which error texts may include
+    end = len(raw) - 1
+    out: list[str] = []
+    i = 0
+    while i < end:
+        j = raw.find(b"\\", i, end)
+        if j < 0:
+            j = end
+        if j > i:
+            out.append(_decode_plain(raw[i:j]))
+        if j == end:
+            break
+        esc = raw[j + 1]
+        if esc in _ESCAPES:
+            out.append(_ESCAPES[esc])
+            i = j + 2
+        elif esc == ord("u"):
+            code, i = _unicode_escape(raw, j)
+            out.append(code)
+        else:
+            raise _parse_error("invalid escape sequence in string")
+    return "".join(out)
+
+
+def _unicode_escape(raw: bytes, start: int) -> tuple[str, int]:
     """Decode \\uXXXX (and a surrogate pair); QEMU names the bad escape text."""
-    start = i
-    cp = _hex4(body, i + 2)
-    i += 6
-    if 0xD800 <= cp <= 0xDBFF and body[i : i + 2] == b"\\u":
-        low = _hex4(body, i + 2)
-        cp = 0x10000 + ((cp & 0x3FF) << 10) + (low & 0x3FF) if 0xDC00 <= low <= 0xDFFF else -1
-        i += 6 if cp >= 0 else 0
-    if cp <= 0 or 0xD800 <= cp <= 0xDFFF:
-        text = body[start:i].decode("ascii", "replace")
-        raise _parse_error(f"{text} is not a valid Unicode character")
+    cp = _hex4(raw, start + 2)
+    i = start + 6
+    if 0xD800 <= cp <= 0xDBFF and raw[i : i + 2] == b"\\u":
+        low = _hex4(raw, i + 2)
+        if 0xDC00 <= low <= 0xDFFF:
+            cp = 0x10000 + ((cp & 0x3FF) << 10) + (low & 0x3FF)
+            i += 6
+        else:
+            cp = -1
+    if not _valid_codepoint(cp):
+        raise _parse_error(f"{_qemu_text(raw[start:i])} is not a valid Unicode character")
     return chr(cp), i
 
 
-def _hex4(body: bytes, i: int) -> int:
-    digits = body[i : i + 4]
+def _hex4(raw: bytes, i: int) -> int:
+    digits = raw[i : i + 4]
     if len(digits) != 4 or any(d not in b"0123456789abcdefABCDEF" for d in digits):
         return -1
     return int(digits, 16)
 
 
+_NEEDS_ESCAPE = re.compile('[\x00-\x1f"\\\\\x7f-\U0010ffff]')
+_NAMED_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match) -> str:
+    c = match.group()
+    named = _NAMED_ESCAPES.get(c)
+    if named is not None:
+        return named
+    cp = ord(c)
+    if cp > 0xFFFF:
+        cp -= 0x10000
+        return f"\\u{0xD800 + (cp >> 10):04X}\\u{0xDC00 + (cp & 0x3FF):04X}"
+    return f"\\u{cp:04X}"
+
+
+def _quoted(s: str) -> str:
+    return '"' + _NEEDS_ESCAPE.sub(_escape, s) + '"'
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return _quoted(value)
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "%.17g" % value
+    raise TypeError(f"cannot serialise {type(value).__name__} as QMP JSON")
+
+
+_END = object()
+
+
+def _write(value: Any, out: list[str]) -> None:
+    """Append ``value``'s text to ``out``; iterative, as values nest up to 1024 deep."""
+    stack: list[tuple[Iterator, bool]] = []
+    item = value
+    while True:
+        if isinstance(item, dict):
+            out.append("{")
+            stack.append((iter(item.items()), True))
+            first = True
+        elif isinstance(item, (list, tuple)):
+            out.append("[")
+            stack.append((iter(item), False))
+            first = True
+        else:
+            out.append(_scalar(item))
+            first = False
+        while stack:
+            members, is_object = stack[-1]
+            nxt = next(members, _END)
+            if nxt is _END:
+                out.append("}" if is_object else "]")
+                stack.pop()
+                first = False
+                continue
+            if not first:
+                out.append(", ")
+            if is_object:
+                key, item = nxt
+                out.append(_quoted(key))
+                out.append(": ")
+            else:
+                item = nxt
+            break
+        else:
+            return
+
+
 def dumps(value: Any) -> bytes:
-    """Serialise a reply compactly-but-readably, one message per line."""
-    return json.dumps(value, separators=(", ", ": ")).encode() + b"\r\n"
+    """Serialise one message byte for byte as QEMU's JSON writer does.
+
+    Non-ASCII and control characters become upper-case ``\\uXXXX`` escapes
+    (surrogate pairs beyond the BMP), numbers print as C's ``%.17g``, and the
+    monitor ends each message with CR LF.
+    """
+    out: list[str] = []
+    _write(value, out)
+    return "".join(out).encode("ascii") + b"\r\n"

@@ -12,8 +12,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vmigrate.qapi.keyorder import qdict_key_order
+from vmigrate.qapi.model import EMPTY
+from vmigrate.qapi.schema import load as load_schema
 from vmigrate.qmp.errors import QMPError, command_not_found
 from vmigrate.qmp.jsonstream import JSONMessageStream, dumps
+from vmigrate.qmp.member_order import output_order, parsed_order, qdict
 
 NEGOTIATION_ERROR = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
@@ -28,25 +32,6 @@ class Dispatcher(Protocol):
     def call(self, name: str, args: dict, monitor: "MonitorProtocol") -> Any: ...
 
 
-def _tdb_hash(key: str) -> int:
-    """The string hash QEMU's QDict buckets by; it fixes member iteration order."""
-    data = key.encode()
-    value = (0x238F13AF * len(data)) & 0xFFFFFFFF
-    for i, b in enumerate(data):
-        value = (value + (b << (i * 5 % 24))) & 0xFFFFFFFF
-    return (1103515243 * value + 12345) & 0xFFFFFFFF
-
-
-def qdict_order(keys: list[str]) -> list[str]:
-    """Order in which QEMU iterates a QDict built by inserting *keys* in order.
-
-    512 buckets walked in order; within a bucket the newest entry comes first.
-    Matters because QEMU reports the first offending request member it meets.
-    """
-    indexed = [(_tdb_hash(k) % 512, -i, k) for i, k in enumerate(keys)]
-    return [k for _, _, k in sorted(indexed)]
-
-
 def timestamp() -> dict:
     now = time.time()
     secs = int(now)
@@ -54,11 +39,30 @@ def timestamp() -> dict:
 
 
 def event_message(name: str, data: dict | None) -> bytes:
-    msg: dict = {"event": name}
+    members: list[tuple[str, Any]] = [("event", name), ("timestamp", timestamp())]
     if data is not None:
-        msg["data"] = data
-    msg["timestamp"] = timestamp()
-    return dumps(msg)
+        schema = load_schema()
+        event = schema.event(name)
+        members.append(("data", output_order(schema, event.arg_type or EMPTY, data) if event else data))
+    return dumps(qdict(members))
+
+
+def _return_value(name: str, result: Any) -> Any:
+    """The reply value in QEMU's member order.
+
+    ``query-qmp-schema`` is exempt: QEMU serves it from a precomputed literal,
+    not through the output visitor, and the introspection code already lays
+    it out that way.
+    """
+    schema = load_schema()
+    command = schema.command(name)
+    if command is None or name == "query-qmp-schema":
+        return result
+    return output_order(schema, command.ret_type or EMPTY, result)
+
+
+def _error(err: QMPError) -> dict:
+    return qdict(list(err.to_qmp().items()))
 
 
 @dataclass
@@ -77,7 +81,8 @@ class MonitorProtocol:
 
     def greeting(self) -> bytes:
         caps = ["oob"] if self.oob_offered else []
-        return dumps({"QMP": {"version": {"qemu": self.greeting_version, "package": self.package}, "capabilities": caps}})
+        version = output_order(load_schema(), "VersionInfo", {"qemu": self.greeting_version, "package": self.package})
+        return dumps({"QMP": qdict([("version", version), ("capabilities", caps)])})
 
     def receive(self, data: bytes) -> list[bytes]:
         """Feed client bytes; return the complete responses, in order."""
@@ -85,24 +90,25 @@ class MonitorProtocol:
 
     def handle(self, message: Any) -> dict | None:
         if isinstance(message, QMPError):
-            return {"error": message.to_qmp()}
+            return {"error": _error(message)}
         if not isinstance(message, dict):
-            return {"error": QMPError("QMP input must be a JSON object").to_qmp()}
+            return {"error": _error(QMPError("QMP input must be a JSON object"))}
         try:
             name, oob, args = self._check_request(message)
             result = self._execute(name, oob, args)
-            response: dict = {"return": {} if result is None else result}
+            members: list[tuple[str, Any]] = [("return", _return_value(name, {} if result is None else result))]
         except QMPError as err:
             if not self.negotiated and err.cls == "CommandNotFound":
                 err = QMPError(NEGOTIATION_ERROR, "CommandNotFound")
-            response = {"error": err.to_qmp()}
+            members = [("error", _error(err))]
         if "id" in message:
-            response["id"] = message["id"]
-        return response
+            members.append(("id", parsed_order(message["id"])))
+        return qdict(members)
 
     def _check_request(self, msg: dict) -> tuple[str, bool, dict]:
         exec_key = None
-        for key in qdict_order(list(msg)):
+        # QEMU checks members in QDict order and reports the first bad one.
+        for key in qdict_key_order(msg):
             value = msg[key]
             if key == "execute" or (key == "exec-oob" and self.oob_enabled):
                 if not isinstance(value, str):

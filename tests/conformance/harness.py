@@ -1,0 +1,464 @@
+"""Side-by-side driver: the same QMP traffic to a real QEMU 7.2 and to vmigrate.
+
+A :class:`Pair` is one QEMU and one vmigrate process started with equivalent
+options.  Each has a negotiated ``qemu.qmp`` connection (the library a QEMU
+user would use) on its first monitor and a second monitor that tests reach
+with :class:`RawMonitor` for traffic the library refuses to produce
+(malformed JSON, non-string ids, an un-negotiated session).
+
+Answers are compared after masking only what legitimately differs (the build
+string, the micro version, timestamps, ephemeral ports), and *exactly*
+otherwise: values, error class and text, id echo, and the order of object
+members, since vmigrate promises QEMU's bytes, not just QEMU's meaning.
+Every vmigrate reply and event must also conform to vmigrate's own schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from procs import START_TIMEOUT, VMProcess, qemu_argv, test_env, vmigrate_argv, wait_for  # noqa: E402
+from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
+from qemu.qmp.protocol import ConnectError  # noqa: E402
+
+from vmigrate.qapi.schema import load as load_schema  # noqa: E402
+
+#: How many request/answer exchanges were compared, by test module.
+EXCHANGES: Counter[str] = Counter()
+
+MASK = "<masked>"
+RAW_TIMEOUT = 10.0
+_pair_numbers = itertools.count()
+_sync_ids = itertools.count()
+
+
+# -- normalisation ------------------------------------------------------------
+
+
+def mask_version(version: dict, side: str) -> dict:
+    """Mask a VersionInfo's build-specific parts, checking what they hide."""
+    version = copy.deepcopy(version)
+    qemu = version["qemu"]
+    assert (qemu["major"], qemu["minor"]) == (7, 2), version
+    assert isinstance(qemu["micro"], int)
+    if side == "vmigrate":
+        assert version["package"].startswith("vmigrate "), version
+    qemu["micro"] = MASK
+    version["package"] = MASK
+    return version
+
+
+def _mask_socket_addresses(info: dict) -> dict:
+    info = copy.deepcopy(info)
+    for addr in info.get("socket-address", []):
+        if addr.get("type") == "inet":
+            assert addr["port"].isdigit() and int(addr["port"]) > 0, addr
+            addr["port"] = MASK
+    return info
+
+
+#: Per-command masks of volatile reply parts.
+_RETURN_MASKS = {
+    "query-version": mask_version,
+    "query-migrate": lambda value, side: _mask_socket_addresses(value),
+}
+
+
+def normalise(command: str | None, reply: dict, side: str) -> dict:
+    reply = copy.deepcopy(reply)
+    mask = _RETURN_MASKS.get(command or "")
+    if mask is not None and "return" in reply:
+        reply["return"] = mask(reply["return"], side)
+    return reply
+
+
+def key_layout(value: Any) -> Any:
+    """The member order of every object in ``value`` (values elided)."""
+    if isinstance(value, dict):
+        return [(k, key_layout(v)) for k, v in value.items()]
+    if isinstance(value, list):
+        return [key_layout(v) for v in value]
+    return None
+
+
+def event_layout(event: dict) -> tuple:
+    """An event as compared: name, data, and the member order of both."""
+    ts = event.get("timestamp")
+    assert isinstance(ts, dict) and list(ts) == ["seconds", "microseconds"], event
+    assert abs(ts["seconds"] - time.time()) < 600 and 0 <= ts["microseconds"] < 1_000_000, event
+    return event["event"], event.get("data"), list(event), key_layout(event.get("data"))
+
+
+def check_vmigrate_reply(command: str | None, reply: dict) -> None:
+    """vmigrate must never send a reply its schema could not have produced."""
+    schema = load_schema()
+    if "return" in reply and command is not None and schema.command(command) is not None:
+        schema.check_return(command, reply["return"])
+    if "error" in reply:
+        assert set(reply["error"]) == {"class", "desc"}, reply
+        assert isinstance(reply["error"]["desc"], str) and reply["error"]["desc"], reply
+
+
+def check_vmigrate_event(event: dict) -> None:
+    load_schema().check_event(event["event"], event.get("data"))
+
+
+def assert_same(what: Any, qemu: Any, vmigrate: Any) -> None:
+    """Equal values, equal member order, equal JSON types (``1`` is not ``1.0``)."""
+    assert vmigrate == qemu, f"{what}:\n  qemu:     {qemu!r}\n  vmigrate: {vmigrate!r}"
+    assert key_layout(vmigrate) == key_layout(qemu), (
+        f"{what}: member order differs\n  qemu:     {json.dumps(qemu)}\n  vmigrate: {json.dumps(vmigrate)}")
+    assert json.dumps(vmigrate) == json.dumps(qemu), (
+        f"{what}: JSON types differ\n  qemu:     {json.dumps(qemu)}\n  vmigrate: {json.dumps(vmigrate)}")
+
+
+def count(n: int = 1) -> None:
+    """Record ``n`` compared exchanges for the summary line."""
+    EXCHANGES[_current_module()] += n
+
+
+def _current_module() -> str:
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?")
+    return test.split("::", 1)[0]
+
+
+# -- raw monitor ----------------------------------------------------------------
+
+
+class RawMonitor:
+    """A bare socket on a QMP monitor: bytes in, parsed messages out.
+
+    Replies are read up to the answer to a marker request sent after the
+    test's input, so no read ever waits for a timeout to expire.  Messages are
+    parsed keeping member order.
+    """
+
+    def __init__(self, path: Path, kind: str) -> None:
+        self.kind = kind
+        self.sock = wait_for(lambda: self._connect(path), RAW_TIMEOUT, f"monitor socket {path}")
+        self._buf = b""
+        self.greeting = self.read_message()
+
+    @staticmethod
+    def _connect(path: Path) -> socket.socket | None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(RAW_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        return sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def read_message(self) -> dict:
+        return json.loads(self.read_line())
+
+    def read_line(self) -> bytes:
+        while b"\n" not in self._buf:
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise TimeoutError(f"{self.kind}: no complete message in {RAW_TIMEOUT}s; have {self._buf!r}") from None
+            if not chunk:
+                raise EOFError(f"{self.kind}: monitor closed; unread: {self._buf!r}")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        assert line.endswith(b"\r"), line
+        return line[:-1]
+
+    def exchange(self, data: bytes) -> list[tuple[bytes, dict]]:
+        """Send ``data``, then a marker; return every message (raw, parsed) before the marker's answer."""
+        marker = f"sync-{next(_sync_ids)}"
+        self.send(data + b'\n{"execute": "conformance-sync", "id": "%s"}\n' % marker.encode())
+        out = []
+        deadline = time.monotonic() + RAW_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self.read_line()
+            msg = json.loads(line)
+            if msg.get("id") == marker:
+                assert msg["error"]["class"] == "CommandNotFound", msg
+                return out
+            out.append((line, msg))
+        raise TimeoutError(f"no answer to the marker after {data!r}")
+
+
+# -- processes ---------------------------------------------------------------------
+
+
+class ConformanceProcess(VMProcess):
+    """A VMProcess that waits for its monitor to *accept*, not just to exist.
+
+    QEMU creates the socket file at bind() and accepts only after listen(),
+    so a connect in between is refused; VMProcess's existence check loses
+    that race now and then.
+    """
+
+    def __init__(self, argv: list[str], sock: Path, log: Path) -> None:
+        self.sock = sock
+        self.log_path = log
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=test_env())
+        self.qmp = QEMUMonitorProtocol(str(sock))  # replaced per attempt; here so close() always works
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}:\n{self.log()}")
+            if sock.exists():
+                self.qmp = QEMUMonitorProtocol(str(sock))
+                self.qmp.settimeout(30)
+                try:
+                    self.greeting = self.qmp.connect(negotiate=True)
+                    return
+                except ConnectError:
+                    self.qmp.close()
+            if time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"{argv[0]}: QMP socket {sock} not accepting after {START_TIMEOUT}s")
+            time.sleep(0.02)
+
+
+# -- the pair ---------------------------------------------------------------------
+
+
+@dataclass
+class Options:
+    """VM options both programs understand, spelled once for both command lines."""
+
+    name: str | None = None
+    uuid: str | None = None
+    paused: bool = False
+    incoming: str | None = None
+
+    def qemu(self) -> list[str]:
+        args: list[str] = []
+        if self.name is not None:
+            args += ["-name", self.name]
+        if self.uuid is not None:
+            args += ["-uuid", self.uuid]
+        if self.paused:
+            args.append("-S")
+        if self.incoming is not None:
+            args += ["-incoming", self.incoming]
+        return args
+
+    def vmigrate(self) -> list[str]:
+        # The software vCPU is the counterpart of QEMU's default TCG: same
+        # devices in the stream, no KVM dirty ring.
+        args = ["-m", "64M", "--accel", "soft"]
+        if self.name is not None:
+            args += ["--name", self.name]
+        if self.uuid is not None:
+            args += ["--uuid", self.uuid]
+        if self.paused:
+            args.append("-S")
+        if self.incoming is not None:
+            args += ["--incoming", self.incoming]
+        return args
+
+
+@dataclass
+class Side:
+    kind: str
+    proc: VMProcess
+    raw_path: Path
+
+
+@dataclass
+class Pair:
+    """One QEMU and one vmigrate with the same options, driven in lockstep."""
+
+    qemu: Side
+    vmigrate: Side
+    options: Options = field(default_factory=Options)
+
+    @classmethod
+    def start(cls, directory: Path, options: Options | None = None) -> "Pair":
+        options = options or Options()
+        n = next(_pair_numbers)
+        sides = {}
+        for kind in ("qemu", "vmigrate"):
+            sock = directory / f"{kind}{n}.sock"
+            raw = directory / f"{kind}{n}-raw.sock"
+            if kind == "qemu":
+                argv = qemu_argv(sock, "-qmp", f"unix:{raw},server=on,wait=off", *options.qemu())
+            else:
+                argv = vmigrate_argv(sock, "--qmp", f"unix:{raw}", *options.vmigrate())
+            try:
+                proc = ConformanceProcess(argv, sock, directory / f"{kind}{n}.log")
+            except BaseException:
+                for side in sides.values():
+                    side.proc.close()
+                raise
+            sides[kind] = Side(kind, proc, raw)
+        pair = cls(sides["qemu"], sides["vmigrate"], options)
+        try:
+            assert_same("greeting", pair._greeting("qemu"), pair._greeting("vmigrate"))
+        except BaseException:
+            pair.close()
+            raise
+        return pair
+
+    def _greeting(self, kind: str) -> dict:
+        greeting = copy.deepcopy(getattr(self, kind).proc.greeting)
+        greeting["QMP"]["version"] = mask_version(greeting["QMP"]["version"], kind)
+        return greeting
+
+    def sides(self) -> tuple[Side, Side]:
+        return self.qemu, self.vmigrate
+
+    def close(self) -> None:
+        for side in self.sides():
+            side.proc.close()
+
+    # -- library-driven exchanges ------------------------------------------
+
+    def send(self, message: dict) -> tuple[dict, dict]:
+        """Send one request to both; return the normalised (qemu, vmigrate) replies."""
+        command = message.get("execute", message.get("exec-oob"))
+        replies = []
+        for side in self.sides():
+            reply = side.proc.qmp.cmd_obj(copy.deepcopy(message))
+            if side.kind == "vmigrate":
+                check_vmigrate_reply(command, reply)
+            replies.append(normalise(command, reply, side.kind))
+        count()
+        return replies[0], replies[1]
+
+    def same(self, command: str, arguments: dict | None = None, **extra: Any) -> dict:
+        """Execute on both, assert identical answers; return QEMU's (normalised) reply."""
+        message: dict = {"execute": command, **extra}
+        if arguments is not None:
+            message["arguments"] = arguments
+        qemu, vm = self.send(message)
+        assert_same(message, qemu, vm)
+        return qemu
+
+    def same_events(self) -> list[tuple]:
+        """Drain both event queues (events that came with the replies so far); compare them."""
+        got = []
+        for side in self.sides():
+            events = side.proc.events()
+            if side.kind == "vmigrate":
+                for e in events:
+                    check_vmigrate_event(e)
+            got.append([event_layout(e) for e in events])
+        assert got[1] == got[0], f"events:\n  qemu:     {got[0]}\n  vmigrate: {got[1]}"
+        return [(name, data) for name, data, _, _ in got[0]]
+
+    def wait_events(self, names: list[str], timeout: float = 10.0) -> list[tuple]:
+        """Collect events on both until each has seen ``len(names)`` events; compare them.
+
+        ``names`` is what QEMU is expected to send; vmigrate must send the same.
+        """
+        return self.events_until(lambda seen: len(seen) >= len(names), timeout, expect=names)
+
+    def events_until(self, done, timeout: float = 10.0, expect: list[str] | None = None,
+                     compare: bool = True) -> Any:
+        """Collect events on each side until ``done(list of (event, data))`` holds.
+
+        With ``compare`` the two sequences must be equal and QEMU's is returned;
+        without, both are returned (for orders decided by a race in QEMU itself).
+        """
+        got = []
+        for side in self.sides():
+            events: list[dict] = []
+            deadline = time.monotonic() + timeout
+            while not done([(e["event"], e.get("data")) for e in events]):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{side.kind}: events so far {events}")
+                try:
+                    events += side.proc.qmp.get_events(wait=min(left, 1.0))
+                except TimeoutError:
+                    pass
+            if side.kind == "vmigrate":
+                for e in events:
+                    check_vmigrate_event(e)
+            got.append([event_layout(e) for e in events])
+        seen = [[(name, data) for name, data, _, _ in g] for g in got]
+        if not compare:
+            return seen[0], seen[1]
+        assert got[1] == got[0], f"events:\n  qemu:     {got[0]}\n  vmigrate: {got[1]}"
+        if expect is not None:
+            assert [name for name, _ in seen[0]] == expect, seen[0]
+        return seen[0]
+
+    # -- raw exchanges -------------------------------------------------------
+
+    def raw(self) -> "RawPair":
+        return RawPair(self)
+
+
+class RawPair:
+    """A raw connection to the second monitor of both processes."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.monitors: list[RawMonitor] = []
+        try:
+            for side in pair.sides():
+                self.monitors.append(RawMonitor(side.raw_path, side.kind))
+        except BaseException:
+            self.close()
+            raise
+        greetings = [copy.deepcopy(m.greeting) for m in self.monitors]
+        for g, kind in zip(greetings, ("qemu", "vmigrate")):
+            g["QMP"]["version"] = mask_version(g["QMP"]["version"], kind)
+        assert_same("greeting", greetings[0], greetings[1])
+
+    def __enter__(self) -> "RawPair":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for m in self.monitors:
+            m.close()
+
+    def send(self, data: bytes) -> None:
+        """Send bytes to both without waiting for answers (e.g. half a message)."""
+        for m in self.monitors:
+            m.send(data)
+
+    def same(self, data: bytes | str | dict, command: str | None = None) -> list[dict]:
+        """Send the same bytes to both; assert identical answers (events included).
+
+        ``command`` names the command whose replies are schema-checked.
+        """
+        if isinstance(data, dict):
+            command = command or data.get("execute") or data.get("exec-oob")
+        if not isinstance(data, (bytes, str)):
+            data = json.dumps(data)
+        if isinstance(data, str):
+            data = data.encode()
+        answers = [m.exchange(data) for m in self.monitors]
+        for _, msg in answers[1]:
+            if "event" in msg:
+                check_vmigrate_event(msg)
+            else:
+                check_vmigrate_reply(command, msg)
+        strip = [[event_layout(m) if "event" in m else m for _, m in a] for a in answers]
+        assert_same(data, strip[0], strip[1])
+        lines = [[line for line, m in a if "event" not in m] for a in answers]
+        assert lines[1] == lines[0], f"{data!r}: bytes differ\n  qemu:     {lines[0]}\n  vmigrate: {lines[1]}"
+        count()
+        return [m for _, m in answers[0]]
