@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -34,6 +35,10 @@ class VMConfig:
     uuid: str | None = None
     smp: int = 1
     accel: str = "soft"
+    #: KVM only: entries per vCPU dirty ring (0: dirty bitmaps instead).
+    dirty_ring_size: int = 0
+    #: KVM only: where the UART's output goes (``--serial``); None discards it.
+    serial: str | None = None
     guest: GuestSpec = field(default_factory=lambda: GuestSpec.parse("idle"))
     qmp: list[str] = field(default_factory=list)
     incoming: str | None = None
@@ -52,7 +57,7 @@ class VM:
         self.package = PACKAGE
         self.schema = load_schema()
         self.ram = RAMBlock("ram", config.memory, config.mem_path)
-        self.vcpus = SoftVcpus(config.smp, lambda: config.guest.build(self.ram))
+        self.vcpus = self._make_vcpus(config)
         if config.incoming is not None:
             initial = "inmigrate"
         elif config.start_paused:
@@ -70,6 +75,19 @@ class VM:
         self.shutdown_reason: str | None = None
         self._loop_thread = threading.get_ident()
 
+    def _make_vcpus(self, config: VMConfig):
+        if config.accel == "kvm":
+            from vmigrate.machine.kvm import KvmVcpus
+
+            return KvmVcpus(self.ram, config.smp, config.guest, serial=config.serial,
+                            dirty_ring_size=config.dirty_ring_size, on_error=self._guest_error)
+        return SoftVcpus(config.smp, lambda: config.guest.build(self.ram))
+
+    def _guest_error(self, message: str) -> None:
+        """A vCPU stopped for good (from its thread): say why, stop the VM in ``internal-error``."""
+        print(f"vmigrate: {message}", file=sys.stderr, flush=True)
+        self.call_soon(self.runstate.stop, "internal-error")
+
     @property
     def ram_blocks(self) -> list[RAMBlock]:
         return [self.ram]
@@ -77,7 +95,7 @@ class VM:
     @property
     def devices(self) -> list[DeviceModel]:
         """Device models migrated as FULL sections, in stream order."""
-        return [self.clock, self.global_state]
+        return [self.clock, *self.vcpus.devices, self.global_state]
 
     def start(self) -> None:
         for spec in self.config.qmp:

@@ -290,11 +290,11 @@ def test_return_path_reports_destination_failure(spawn, tmp_path):
 
 def test_yank_fails_a_running_migration(pair, tmp_path):
     src, dst, uri = pair
-    assert src.cmd("query-yank") == []
+    assert src.cmd("query-yank") == [{"type": "chardev", "id": "compat_monitor0"}]
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.migrate_status()["status"] == "active", 10, "active")
-    assert src.cmd("query-yank") == [{"type": "migration"}]
+    assert src.cmd("query-yank") == [{"type": "chardev", "id": "compat_monitor0"}, {"type": "migration"}]
     with pytest.raises(QMPCommandError, match="Instance not found"):
         src.cmd("yank", instances=[{"type": "block-node", "node-name": "nosuch"}])
     src.cmd("yank", instances=[{"type": "migration"}])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.migrate import MigrationRun, follow, parse_params, print_summary
+from vmigrate.machine import kvm
 from vmigrate.machine.guest import read_header
 from vmigrate.qmp.client import QMPClient, QMPClientError
 
@@ -24,7 +25,10 @@ from vmigrate.qmp.client import QMPClient, QMPClientError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="live-migrate a running guest between two local VM processes")
     p.add_argument("-m", "--memory", default="512M", help="guest RAM (default 512M)")
-    p.add_argument("--guest", default="stress:rate=48,wss=256M", help="workload of the guest")
+    p.add_argument("--guest", default="ab:end=64M", help="workload of the guest (default: the ab pattern "
+                   "over [1 MiB, 64 MiB), one console letter per pass under KVM)")
+    p.add_argument("--accel", choices=("auto", "kvm", "soft"), default="auto",
+                   help="vCPU backend of both VMs (auto: KVM where /dev/kvm works)")
     p.add_argument("--max-bandwidth", default="256M", help="migration bandwidth limit per second")
     p.add_argument("--json", action="store_true", help="machine-readable samples instead of the live view")
     p.set_defaults(func=run)
@@ -33,12 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class VMProc:
     """A ``vmigrate run`` child process and its QMP client."""
 
-    def __init__(self, workdir: Path, name: str, *args: str) -> None:
+    def __init__(self, workdir: Path, name: str, accel: str, *args: str) -> None:
         self.sock = workdir / f"{name}.qmp"
         self.ram_file = workdir / f"{name}.ram"
+        self.console = workdir / f"{name}.console" if accel == "kvm" else None
         self.log = open(workdir / f"{name}.log", "wb")
+        serial = ["--serial", str(self.console)] if self.console else []
         argv = [sys.executable, "-m", "vmigrate", "run", "--name", name, "--qmp", f"unix:{self.sock}",
-                "--mem-path", str(self.ram_file), *args]
+                "--accel", accel, "--mem-path", str(self.ram_file), *serial, *args]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while not self.sock.exists():
@@ -49,6 +55,12 @@ class VMProc:
 
     def guest_steps(self) -> int | None:
         return read_header(str(self.ram_file))
+
+    def console_tail(self, width: int = 40) -> str:
+        """The end of what the guest printed on its UART (KVM guests only)."""
+        if self.console is None or not self.console.exists():
+            return "-"
+        return self.console.read_bytes()[-width:].decode("ascii", "replace") or "-"
 
     def stop(self) -> None:
         try:
@@ -68,25 +80,32 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     with tempfile.TemporaryDirectory(prefix="vmigrate-demo-") as tmp:
         workdir = Path(tmp)
+        accel = args.accel if args.accel != "auto" else ("soft" if kvm.probe() else "kvm")
         vms: list[VMProc] = []
         try:
-            dst = VMProc(workdir, "destination", "-m", args.memory, "--guest", args.guest,
+            dst = VMProc(workdir, "destination", accel, "-m", args.memory, "--guest", args.guest,
                          "--incoming", "tcp:127.0.0.1:0")
             vms.append(dst)
-            src = VMProc(workdir, "source", "-m", args.memory, "--guest", args.guest)
+            src = VMProc(workdir, "source", accel, "-m", args.memory, "--guest", args.guest)
             vms.append(src)
             port = dst.qmp.execute("query-migrate")["socket-address"][0]["port"]
             uri = f"tcp:127.0.0.1:{port}"
+            backend = "KVM vCPUs running x86 guest code" if accel == "kvm" else "software vCPUs"
             console.print(f"[bold]source[/] pid {src.proc.pid} and [bold]destination[/] pid {dst.proc.pid} "
-                          f"started ({args.memory} RAM, guest '{args.guest}'); destination listens on {uri}")
+                          f"started ({args.memory} RAM, {backend}, guest '{args.guest}'); "
+                          f"destination listens on {uri}")
             time.sleep(1.0)
-            console.print(f"guest on the source is running: step {src.guest_steps()}")
+            console.print(f"guest on the source is running: step {src.guest_steps()}, "
+                          f"console …{src.console_tail()}")
             run_ = MigrationRun(src.qmp, uri, dst.qmp)
-            run_.prepare([], parse_params([f"max-bandwidth={args.max_bandwidth}"]))
+            run_.prepare([{"capability": "auto-converge", "state": True}],
+                         parse_params([f"max-bandwidth={args.max_bandwidth}"]))
             run_.start()
 
             def guest_lines() -> list[str]:
-                return [f"guest steps: source {src.guest_steps()}, destination {dst.guest_steps()}"]
+                return [f"guest steps: source {src.guest_steps()}, destination {dst.guest_steps()}",
+                        f"source console      …{src.console_tail()}",
+                        f"destination console …{dst.console_tail()}"]
 
             follow(run_, 0.2, 300, args.json, guest_lines)
             summary = run_.summary()
@@ -101,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"source VM is now '{src_state}'; destination VM is '{dst_state}'")
             if dst_state != "running" or before is None or after is None or after <= before:
                 raise CLIError("the guest did not keep running on the destination")
-            console.print(f"[green]the guest keeps running on the destination[/]: step {before} → {after} in 1 s")
+            console.print(f"[green]the guest keeps running on the destination[/]: step {before} → {after} in 1 s; "
+                          f"console …{dst.console_tail()}")
             return 0
         except QMPClientError as err:
             raise CLIError(err.desc) from None

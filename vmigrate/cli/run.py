@@ -15,8 +15,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", "--memory", default="128M", help="guest RAM size, e.g. 256M, 4G (RAM block 'ram')")
     p.add_argument("--mem-path", help="back guest RAM by this file, shared (like memory-backend-file,share=on)")
     p.add_argument("--smp", type=int, default=1, help="number of vCPUs")
-    p.add_argument("--accel", default="soft", help="vCPU backend: soft")
-    p.add_argument("--guest", default="idle", help="workload: idle | ab[:start=SIZE,end=SIZE,sleep=MS] | stress:rate=MBPS,wss=SIZE")
+    p.add_argument("--accel", help="vCPU backend: kvm[,dirty-ring-size=N] | soft "
+                   "(default: kvm where /dev/kvm can run a VM, else soft)")
+    p.add_argument("--guest", default="idle", help="workload: idle | ab[:start=SIZE,end=SIZE,sleep=MS] | "
+                   "stress:rate=MBPS,wss=SIZE | checksum[:size=SIZE,rounds=N]")
+    p.add_argument("--serial", help="KVM only: the UART's output to FILE, 'stdio' or 'unix:PATH' "
+                   "(a socket clients connect to); default: discarded")
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--incoming", help="wait for an incoming migration: 'defer' or a URI")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
@@ -42,20 +46,51 @@ def config_from_args(args: argparse.Namespace):
         uuid = None
     if args.smp < 1:
         raise CLIError("--smp must be at least 1")
-    accel = args.accel.split(",", 1)[0]
-    if accel != "soft":
-        raise CLIError(f"accelerator '{accel}' is not available (this build has: soft)")
+    accel, dirty_ring_size = parse_accel(args.accel)
+    if args.serial is not None and accel != "kvm":
+        raise CLIError("--serial needs --accel kvm (the software vCPU has no UART)")
     return VMConfig(
         memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
+        dirty_ring_size=dirty_ring_size, serial=args.serial,
         guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
     )
 
 
+def parse_accel(text: str | None) -> tuple[str, int]:
+    """``--accel`` as (backend, dirty ring entries).
+
+    Without it: KVM if it can run a VM here and the guest programs can be
+    assembled (gcc), else the software vCPU.
+    """
+    from vmigrate.machine import kvm
+    from vmigrate.machine.x86guest.build import missing_tools
+
+    if text is None:
+        return ("kvm" if kvm.probe() is None and not missing_tools() else "soft"), 0
+    name, *options = text.split(",")
+    if name not in ("kvm", "soft"):
+        raise CLIError(f"accelerator '{name}' is not available (this build has: kvm, soft)")
+    ring = 0
+    for option in options:
+        key, sep, value = option.partition("=")
+        if name != "kvm" or key != "dirty-ring-size" or not sep:
+            raise CLIError(f"accelerator '{name}' has no option '{option}'")
+        try:
+            ring = int(value, 0)
+        except ValueError:
+            raise CLIError(f"invalid dirty-ring-size '{value}'") from None
+    if name == "kvm" and (reason := kvm.probe()) is not None:
+        raise CLIError(f"KVM is not available: {reason}")
+    return name, ring
+
+
 def run(args: argparse.Namespace) -> int:
+    from vmigrate.machine.kvm import KvmUnavailable
+    from vmigrate.machine.x86guest.build import GuestBuildError
     from vmigrate.vm import run_vm
 
     config = config_from_args(args)
     try:
         return run_vm(config)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, KvmUnavailable, GuestBuildError) as err:
         raise CLIError(str(err)) from None

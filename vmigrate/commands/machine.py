@@ -6,6 +6,7 @@ import os
 
 from vmigrate import QEMU_VERSION
 from vmigrate.commands import command
+from vmigrate.machine.runstate import NEEDS_RESET
 from vmigrate.qmp.errors import QMPError
 
 
@@ -26,7 +27,7 @@ def stop(vm, args, monitor):
 @command("cont")
 def cont(vm, args, monitor):
     state = vm.runstate.state
-    if state in ("internal-error", "shutdown"):
+    if state in NEEDS_RESET:
         raise QMPError("Resetting the Virtual Machine is required")
     if state == "suspended":
         return

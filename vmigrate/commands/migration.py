@@ -158,18 +158,29 @@ def query_vcpu_dirty_limit(vm, args, monitor):
     return []
 
 
+def _yank_instances(vm) -> list[dict]:
+    """Registered yank instances in QEMU's order: monitor chardevs, then migration."""
+    instances = [{"type": "chardev", "id": name} for name in vm.qmp.chardev_ids()]
+    if vm.migration.yank_registered:
+        instances.append({"type": "migration"})
+    return instances
+
+
 @command("query-yank")
 def query_yank(vm, args, monitor):
-    return [{"type": "migration"}] if vm.migration.yank_registered else []
+    return _yank_instances(vm)
 
 
 @command("yank")
 def yank(vm, args, monitor):
-    instances = args["instances"]
-    if any(i["type"] != "migration" or not vm.migration.yank_registered for i in instances):
+    registered = _yank_instances(vm)
+    if any(i not in registered for i in args["instances"]):
         raise QMPError("Instance not found", "DeviceNotFound")
-    if instances:
-        vm.migration.yank()
+    for instance in args["instances"]:
+        if instance["type"] == "migration":
+            vm.migration.yank()
+        else:
+            vm.qmp.yank_chardev(instance["id"])
 
 
 @command("announce-self")

@@ -44,9 +44,6 @@ class VirtualClock:
         self.cpu_ticks_offset = 0
         self.cpu_clock_offset = -time.monotonic_ns()
 
-    def now_ns(self) -> int:
-        return time.monotonic_ns() + self.cpu_clock_offset
-
     def save(self) -> dict:
         return vmstate.timer_values(self.cpu_ticks_offset, self.cpu_clock_offset)
 

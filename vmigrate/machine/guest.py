@@ -14,11 +14,16 @@ offset size    meaning
 0      8       magic ``b"VMIGRATE"`` once the workload initialised
 8      8       pass / step counter (little-endian u64)
 16     8       stress cursor (page index inside the working set)
+24     8       checksum result, once the counter passed the rounds
 ====== ======= ===================================================
+
+The x86 programs run under KVM (:mod:`vmigrate.machine.x86guest`) keep the
+same header, so tools read either kind of guest the same way.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -132,6 +137,56 @@ class Stress(Workload):
         return self.TICK
 
 
+class Checksum(Workload):
+    """A long computation over guest memory whose result must survive a migration unchanged.
+
+    The same arithmetic as the x86 program ``checksum.S`` (its comment has
+    the formulas), one round per step: words of [1 MiB, 1 MiB + size) are
+    filled, mixed *rounds* times, then summed into the header.
+    """
+
+    name = "checksum"
+    BASE = 1 << 20
+    FILL = np.uint64(0x9E3779B97F4A7C15)
+    MIX = np.uint64(0xBF58476D1CE4E5B9)
+
+    def __init__(self, ram: RAMBlock, size: int = 16 << 20, rounds: int = 1000) -> None:
+        super().__init__(ram)
+        base = min(self.BASE, ram.size // 2) // PAGE_SIZE * PAGE_SIZE
+        words = max(1, (min(size, ram.size - base)) // 8)
+        self.rounds = rounds
+        self._words = ram.bytes[base:base + words * 8].view(np.uint64)
+        self._first, self._count = base // PAGE_SIZE, -(-words * 8 // PAGE_SIZE)
+        self._init_header()
+
+    def step(self) -> float:
+        done = self.counter
+        if done > self.rounds:
+            return 0.05
+        w = self._words
+        if self._u64[2] == 0:
+            x = np.arange(1, len(w) + 1, dtype=np.uint64) * self.FILL
+            w[:] = x ^ (x >> np.uint64(32))
+            self._u64[2] = 1
+        elif done < self.rounds:
+            w ^= w >> np.uint64(31)
+            w *= self.MIX
+            w += np.uint64(done + 1)
+            self._u64[1] = done + 1
+        else:
+            self._u64[3] = checksum_result(w)
+            self._u64[1] = done + 1
+        self.ram.dirty.mark_range(self._first, self._count)
+        self.ram.dirty.mark_range(0, 1)
+        return 0.0
+
+
+def checksum_result(words: np.ndarray) -> int:
+    """The final sum of the checksum guest: sum of w[i] * (2i + 1) mod 2^64."""
+    weights = np.arange(len(words), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return int(np.sum(words * weights, dtype=np.uint64))
+
+
 def read_header(ram_file: str) -> int | None:
     """The workload's step counter from a RAM file (``--mem-path``), None before it started.
 
@@ -146,7 +201,8 @@ def read_header(ram_file: str) -> int | None:
 
 @dataclass(frozen=True)
 class GuestSpec:
-    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE``."""
+    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE``,
+    ``checksum[:size=SIZE,rounds=N]``."""
 
     kind: str
     options: dict
@@ -170,6 +226,7 @@ class GuestSpec:
         conv = {
             "ab": {"start": lambda v: parse_size(v, "B"), "end": lambda v: parse_size(v, "B"), "sleep": float},
             "stress": {"rate": float, "wss": lambda v: parse_size(v, "M")},
+            "checksum": {"size": lambda v: parse_size(v, "M"), "rounds": int},
             "idle": {},
         }[self.kind]
         names = {"sleep": "sleep_ms"}
@@ -183,8 +240,18 @@ class GuestSpec:
                 raise ValueError(f"invalid value '{value}' for guest option '{key}'") from None
         return out
 
+    def arguments(self) -> dict:
+        """Every option of the workload with its value: the given ones, the defaults for the rest.
+
+        The defaults are the software workload's, so the x86 programs under
+        KVM take the same ones.
+        """
+        params = inspect.signature(WORKLOADS[self.kind].__init__).parameters
+        defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+        return {**defaults, **self._convert()}
+
     def build(self, ram: RAMBlock) -> Workload:
         return WORKLOADS[self.kind](ram, **self._convert())
 
 
-WORKLOADS: dict[str, type[Workload]] = {"idle": Idle, "ab": AB, "stress": Stress}
+WORKLOADS: dict[str, type[Workload]] = {"idle": Idle, "ab": AB, "stress": Stress, "checksum": Checksum}

@@ -56,6 +56,17 @@ class DirtyLog:
             for bits in self._clients.values():
                 bits[pages] = True
 
+    def mark_bitmap(self, words: np.ndarray, first: int, count: int) -> int:
+        """Mark pages [first, first + count) whose bit is set in *words* (KVM's little-endian bitmap).
+
+        Returns how many bits were set.
+        """
+        marked = np.unpackbits(words.view(np.uint8), count=count, bitorder="little").view(np.bool_)
+        with self._lock:
+            for bits in self._clients.values():
+                bits[first:first + count] |= marked
+        return int(np.count_nonzero(marked))
+
     def collect_into(self, client: str, target: np.ndarray) -> int:
         """OR *client*'s log into *target*, clear it, return how many pages were newly dirty."""
         with self._lock:

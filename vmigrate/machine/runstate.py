@@ -11,9 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Protocol
 
-RUNNING_STATES = frozenset({"running"})
-
-#: Run states in which ``cont``/``stop`` are refused or redirected (QEMU 7.2 rules).
+#: Run states from which only a reset leads back (``cont`` is refused there).
 NEEDS_RESET = frozenset({"internal-error", "shutdown"})
 
 
@@ -39,7 +37,7 @@ class RunState:
 
     @property
     def running(self) -> bool:
-        return self._state in RUNNING_STATES
+        return self._state == "running"
 
     def set(self, state: str) -> None:
         """Change the state without touching the vCPUs (e.g. inmigrate → paused)."""

@@ -96,5 +96,10 @@ class SoftVcpus:
         """Nothing to switch off."""
 
     @property
+    def devices(self) -> list:
+        """No state outside guest RAM: the workloads keep theirs in it."""
+        return []
+
+    @property
     def workload(self) -> Workload | None:
         return self.vcpus[0].workload if self.vcpus else None

@@ -10,7 +10,9 @@ which is how cancel interrupts a migration stuck on a full socket.
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import socket
 import subprocess
 import time
@@ -25,14 +27,18 @@ class ChannelError(Exception):
 
 @dataclass(frozen=True)
 class MigrationAddress:
-    """A parsed migration URI."""
+    """A parsed migration URI (QEMU's SocketAddress, or exec/fd)."""
 
     kind: str  # tcp | unix | exec | fd
     host: str = ""
-    port: int = 0
+    #: A service string, resolved by getaddrinfo when the channel is opened (QEMU keeps it a string too).
+    port: str = ""
     path: str = ""
     command: str = ""
     fdname: str = ""
+    family: int = socket.AF_UNSPEC
+    #: ``,to=N``: a listener tries ports port..N.
+    to: int | None = None
 
     @property
     def multi_channel(self) -> bool:
@@ -43,34 +49,114 @@ class MigrationAddress:
         return f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
 
 
-def parse_uri(uri: str) -> MigrationAddress:
-    """Split a migration URI; raises QMPError with QEMU's texts."""
-    kind, sep, rest = uri.partition(":")
-    if not sep:
-        raise QMPError("Parameter 'uri' expects a valid migration protocol")
-    if kind == "tcp":
-        host, colon, port = rest.rpartition(":")
-        if not colon or not port:
-            raise QMPError(f"error parsing address '{rest}'")
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-        try:
-            number = int(port)
-        except ValueError:
-            raise QMPError(f"error parsing address '{rest}'") from None
-        if not 0 <= number <= 65535:
-            raise QMPError(f"Port '{port}' out of range")
-        return MigrationAddress("tcp", host=host or "0.0.0.0", port=number)
-    if kind == "unix":
-        return MigrationAddress("unix", path=rest)
-    if kind == "exec":
-        return MigrationAddress("exec", command=rest)
-    if kind == "fd":
-        return MigrationAddress("fd", fdname=rest)
-    if kind == "rdma":
+INVALID_PROTOCOL = "Parameter 'uri' expects a valid migration protocol"
+
+
+def parse_uri(uri: str, incoming: bool = False) -> MigrationAddress:
+    """Split a migration URI as QEMU 7.2 does, with its error texts.
+
+    ``tcp:`` hands the rest to the socket-address parser (so ``tcp:unix:/x``
+    is a unix socket, as in QEMU); ``unix:`` and ``vsock:`` go to it whole.
+    """
+    if uri.startswith("tcp:"):
+        return _socket_address(uri[4:])
+    if uri.startswith(("unix:", "vsock:")):
+        return _socket_address(uri)
+    if uri.startswith("rdma:"):
         raise QMPError("vmigrate does not implement RDMA migration (rdma:)")
-    if kind == "vsock":
+    if uri.startswith("exec:"):
+        return MigrationAddress("exec", command=uri[5:])
+    if uri.startswith("fd:"):
+        return MigrationAddress("fd", fdname=uri[3:])
+    raise QMPError(f"unknown migration protocol: {uri}" if incoming else INVALID_PROTOCOL)
+
+
+def _socket_address(text: str) -> MigrationAddress:
+    """QEMU's socket_parse: ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``, ``[tcp:]HOST:PORT[,opts]``."""
+    if text.startswith("unix:"):
+        if not text[5:]:
+            raise QMPError("invalid Unix socket address")
+        return MigrationAddress("unix", path=text[5:])
+    if text.startswith("fd:"):
+        if not text[3:]:
+            raise QMPError("invalid file descriptor address")
+        return MigrationAddress("fd", fdname=text[3:])
+    if text.startswith("vsock:"):
         raise QMPError("vmigrate does not implement vsock migration yet")
-    raise QMPError("Parameter 'uri' expects a valid migration protocol")
+    return _inet_address(text[4:] if text.startswith("tcp:") else text)
+
+
+def _inet_address(text: str) -> MigrationAddress:
+    """QEMU's inet_parse: the sscanf patterns, then the ``,to=`` and flag options."""
+    if text.startswith(":"):
+        m = re.match(r":([^,]{1,32})", text)
+        if not m:
+            raise QMPError(f"error parsing port in address '{text}'")
+        host, port = "", m.group(1)
+    elif text.startswith("["):
+        m = re.match(r"\[([^\]]{1,64})\]:([^,]{1,32})", text)
+        if not m:
+            raise QMPError(f"error parsing IPv6 address '{text}'")
+        host, port = m.groups()
+    else:
+        m = re.match(r"([^:]{1,64}):([^,]{1,32})", text)
+        if not m:
+            raise QMPError(f"error parsing address '{text}'")
+        host, port = m.groups()
+    options = text[m.end():]
+    to = None
+    pos = options.find(",to=")
+    if pos >= 0:
+        tm = re.match(r"[+-]?\d+(?=,|$)", options[pos + 4:])
+        if not tm:
+            raise QMPError("error parsing to= argument")
+        to = int(tm.group())
+    flags = {name: _inet_flag(name, options) for name in ("ipv4", "ipv6", "keep-alive", "mptcp")}
+    return MigrationAddress("tcp", host=host, port=port, family=_inet_family(host, flags["ipv4"], flags["ipv6"]), to=to)
+
+
+def _inet_flag(name: str, options: str) -> bool | None:
+    """``,NAME``, ``,NAME=on`` or ``,NAME=off``; None when absent."""
+    pos = options.find("," + name)
+    if pos < 0:
+        return None
+    rest = options[pos + 1 + len(name):]
+    end = rest.find(",")
+    if end >= 0 and rest[end + 1 : end + 2] == ",":
+        raise QMPError(f"error parsing '{name}' flag '{rest}'")
+    value = rest if end < 0 else rest[:end]
+    if value in ("", "=on"):
+        return True
+    if value == "=off":
+        return False
+    raise QMPError(f"error parsing '{name}' flag '{rest}'")
+
+
+def _inet_family(host: str, ipv4: bool | None, ipv6: bool | None) -> int:
+    """QEMU's inet_ai_family_from_address."""
+    if ipv4 is False and ipv6 is False:
+        raise QMPError("Cannot disable IPv4 and IPv6 at same time")
+    if ipv4 and ipv6:
+        return socket.AF_INET6 if not host else socket.AF_UNSPEC
+    if ipv6 or ipv4 is False:
+        return socket.AF_INET6
+    if ipv4 or ipv6 is False:
+        return socket.AF_INET
+    return socket.AF_UNSPEC
+
+
+def resolve(addr: MigrationAddress, passive: bool = False) -> list:
+    """getaddrinfo for a tcp address, failing with QEMU's text.
+
+    Only a listener narrows the address family by the ipv4/ipv6 flags; QEMU's
+    outgoing connect resolves without them.
+    """
+    try:
+        return socket.getaddrinfo(addr.host or None, addr.port or None,
+                                  family=addr.family if passive else socket.AF_UNSPEC,
+                                  type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE if passive else 0)
+    except socket.gaierror as err:
+        raise ChannelError(f"address resolution failed for {addr.host}:{addr.port}: {err.strerror}") from None
 
 
 class Channel:
@@ -245,12 +331,8 @@ class FdChannel(Channel):
 def connect(addr: MigrationAddress, timeout: float = 30.0) -> Channel:
     """Open the outgoing channel for a socket address (raises ChannelError)."""
     if addr.kind == "tcp":
-        try:
-            infos = socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
-        except socket.gaierror as err:
-            raise ChannelError(f"address resolution failed for {addr.host}:{addr.port}: {err.strerror}") from None
         last: OSError | None = None
-        for family, kind, proto, _, sockaddr in infos:
+        for family, kind, proto, _, sockaddr in resolve(addr):
             sock = socket.socket(family, kind, proto)
             sock.settimeout(timeout)
             try:
@@ -278,28 +360,46 @@ class Listener:
 
     def __init__(self, addr: MigrationAddress) -> None:
         self.addr = addr
-        if addr.kind == "tcp":
-            try:
-                infos = socket.getaddrinfo(addr.host or None, addr.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-            except socket.gaierror as err:
-                raise QMPError(f"address resolution failed for {addr.host}:{addr.port}: {err.strerror}") from None
-            family, kind, proto, _, sockaddr = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sockaddr = addr.path
-            if os.path.exists(addr.path):
-                os.unlink(addr.path)
+        self.sock = self._bind_tcp(addr) if addr.kind == "tcp" else self._bind_unix(addr.path)
+        #: Where we listen, fixed at bind time (query-migrate's ``socket-address``).
+        self.address = self._socket_address()
+
+    @staticmethod
+    def _bind_unix(path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)
         try:
-            sock.bind(sockaddr)
+            sock.bind(path)
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise QMPError(f"Failed to bind socket: {os.strerror(err.errno or 98)}") from None
-        self.sock = sock
-        #: Where we listen, fixed at bind time (query-migrate's ``socket-address``).
-        self.address = self._socket_address()
+            raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 98)}") from None
+        return sock
+
+    @staticmethod
+    def _bind_tcp(addr: MigrationAddress) -> socket.socket:
+        """Like QEMU's inet_listen_saddr: each resolved address, ports port..to, first that binds."""
+        try:
+            infos = resolve(addr, passive=True)
+        except ChannelError as err:
+            raise QMPError(str(err)) from None
+        error = errno.EADDRINUSE
+        for family, kind, proto, _, sockaddr in infos:
+            first = sockaddr[1]
+            for port in range(first, (addr.to if addr.to is not None else first) + 1):
+                sock = socket.socket(family, kind, proto)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((sockaddr[0], port, *sockaddr[2:]))
+                    sock.listen(16)
+                    return sock
+                except OSError as err:
+                    sock.close()
+                    error = err.errno or error
+                    if error != errno.EADDRINUSE:
+                        raise QMPError(f"Failed to bind socket: {os.strerror(error)}") from None
+        raise QMPError(f"Failed to bind socket: {os.strerror(error)}")
 
     def _socket_address(self) -> dict:
         """The bound address as QMP's SocketAddress (port 0 resolved; the port is a string)."""

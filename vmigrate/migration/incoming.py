@@ -14,12 +14,14 @@ import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
+from vmigrate.migration.multifd import MultifdError, MultifdReceiver, recv_exact
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.state import MigrationStateMachine
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.ram import RamLoader
 from vmigrate.migration.savevm import MACHINE_TYPE, device_bodies
 from vmigrate.migration.wire import ram as wire_ram
+from vmigrate.migration.wire import multifd as wire_multifd
 from vmigrate.migration.wire import return_path, stream, vmstate
 from vmigrate.migration.wire.errors import WireError
 from vmigrate.qmp.errors import QMPError
@@ -45,6 +47,8 @@ class IncomingMigration(MigrationStateMachine):
         #: The return path, once the source asked for it (OPEN_RETURN_PATH).
         self._rp: Channel | None = None
         self._thread: threading.Thread | None = None
+        #: Multifd channels by id, once each has sent a valid initial packet.
+        self._multifd_channels: list[Channel] = []
 
     def start(self, uri: str, monitor: "MonitorProtocol | None" = None, from_command_line: bool = False) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (states.md §9)."""
@@ -53,10 +57,7 @@ class IncomingMigration(MigrationStateMachine):
         if self.vm.runstate.state != "inmigrate":
             raise QMPError("'-incoming' was not specified on the command line")
         self.vm.emit_event("MIGRATION", {"status": "setup"})
-        kind = uri.partition(":")[0]
-        if kind not in ("tcp", "unix", "exec", "fd", "rdma", "vsock"):
-            raise QMPError(f"unknown migration protocol: {uri}")
-        addr = parse_uri(uri)
+        addr = parse_uri(uri, incoming=True)
         if addr.kind in ("tcp", "unix"):
             self.listener = Listener(addr)
             target = self._accept
@@ -88,16 +89,64 @@ class IncomingMigration(MigrationStateMachine):
         self._close_listener()
         if self._channel is not None:
             self._channel.shutdown()
+        for channel in list(self._multifd_channels):
+            channel.shutdown()
 
     # -- the incoming thread ------------------------------------------------
 
     def _accept(self) -> None:
+        """The first connection is the main channel; with multifd, the next N are its channels.
+
+        As in QEMU 7.2 the main channel is not read before every multifd
+        channel has connected and sent a valid initial packet.
+        """
         listener = self.listener
         try:
             channel = listener.accept()
         except ChannelError:
             return
+        if self.options.cap("multifd"):
+            try:
+                self._accept_multifd(listener)
+            except (WireError, MultifdError) as err:
+                channel.close()
+                self._fail_setup(str(err))
+                return
+            except ChannelError:
+                channel.close()
+                return
         self._load(channel)
+
+    def _fail_setup(self, desc: str) -> None:
+        """A multifd channel was refused: QEMU 7.2 only prints this and keeps waiting
+        forever; here the incoming migration fails with the reason."""
+        for extra in self._multifd_channels:
+            extra.close()
+        self._multifd_channels = []
+        self.error_desc = desc
+        self._close_listener()
+        self.set_state("none", "failed")
+
+    def _accept_multifd(self, listener: Listener) -> None:
+        """Accept the multifd channels and check their initial packets (multifd.md §2)."""
+        count = self.options.param("multifd-channels")
+        uuid = self.vm.config.uuid
+        local_uuid = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
+        by_id: dict[int, Channel] = {}
+        pending = self._multifd_channels
+        for n in range(count):
+            channel = listener.accept()
+            pending.append(channel)
+            head = bytearray(wire_multifd.INITIAL_PACKET_SIZE)
+            try:
+                recv_exact(channel, memoryview(head))
+                channel_id = wire_multifd.decode_initial_packet(bytes(head), local_uuid, count)
+            except (WireError, MultifdError) as err:
+                raise WireError(f"failed to receive packet via multifd channel {n}: {err}") from None
+            if channel_id in by_id:
+                raise WireError(f"multifd: received id '{channel_id}' already setup'")
+            by_id[channel_id] = channel
+        self._multifd_channels = [by_id[i] for i in range(count)]
 
     def _load(self, channel: Channel) -> None:
         self._channel = channel
@@ -136,9 +185,23 @@ class IncomingMigration(MigrationStateMachine):
 
     def _run_decoder(self, channel: Channel) -> None:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
-        loader = RamLoader(self.vm.ram_blocks)
+        compress = self.options.cap("compress")
+        loader = RamLoader(self.vm.ram_blocks, self.options.param("decompress-threads") if compress else 0)
+        try:
+            self._run_loader(channel, loader, compress)
+        finally:
+            loader.close()
+            self._multifd_channels = []
+
+    def _run_loader(self, channel: Channel, loader: RamLoader, compress: bool) -> None:
+        if self.options.cap("multifd"):
+            if not self._multifd_channels:
+                raise LoadError("multifd is not supported by current protocol")
+            loader.multifd = MultifdReceiver(self._multifd_channels, self.options.param("multifd-compression"),
+                                             self.vm.ram_blocks, on_pages=loader.pages_written)
         devices = {(d.idstr, d.instance_id): d for d in self.vm.devices}
-        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks()),
+        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=compress,
+                                                                       variable_runs=True),
                                         **device_bodies(devices)})
         self.vm.global_state.runstate = None
         fin = QEMUFileIn(channel)
@@ -163,6 +226,12 @@ class IncomingMigration(MigrationStateMachine):
             loader.load_pages(event)
         elif isinstance(event, wire_ram.RamZeroPages):
             loader.load_zero_pages(event)
+        elif isinstance(event, wire_ram.RamXbzrleRun):
+            loader.load_xbzrle(event)
+        elif isinstance(event, wire_ram.RamCompressedRun):
+            loader.load_compressed(event)
+        elif isinstance(event, wire_ram.RamEOS):
+            loader.end_of_section()
         elif isinstance(event, stream.Configuration):
             self._check_configuration(event)
         elif isinstance(event, vmstate.DeviceState):

@@ -8,17 +8,21 @@ guest, send the rest and the device state, finish.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+import uuid as uuidlib
 from typing import TYPE_CHECKING
 
 from vmigrate.migration import savevm
-from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, connect, parse_uri
+from vmigrate.migration.channel import (Channel, ChannelError, CommandChannel, FdChannel, MigrationAddress,
+                                        INVALID_PROTOCOL, connect, parse_uri)
+from vmigrate.migration.multifd import MultifdSender, ZeroCopySocket, open_channels
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.state import MigrationStateMachine
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSaver
-from vmigrate.migration.stats import RamStats
+from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
 from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path
 from vmigrate.qmp.errors import QMPError
@@ -80,13 +84,21 @@ class MigrationCancelled(Exception):
     pass
 
 
+class MultifdSetupError(Exception):
+    """QEMU 7.2 fails such a migration without an ``error-desc`` (the text goes to stderr)."""
+
+
 class OutgoingMigration(MigrationStateMachine):
     def __init__(self, vm: "VM", options: MigrationOptions) -> None:
         super().__init__(vm, options)
         self._thread: threading.Thread | None = None
         self.error_desc: str | None = None
         self.stats = RamStats()
+        #: QEMU 7.2 keeps the XBZRLE counters for the life of the process (never reset by migrate).
+        self.xbzrle_stats = XbzrleStats()
+        self.compression_stats = CompressionStats()
         self.file: QEMUFileOut | None = None
+        self._multifd: MultifdSender | None = None
         self._continue = threading.Semaphore(0)
         self.auto_converge = AutoConverge(options, vm.vcpus)
         self._reset_timing()
@@ -134,6 +146,7 @@ class OutgoingMigration(MigrationStateMachine):
             self.state = "none"
         self.set_state("none", "setup")
         self.stats = RamStats()
+        self.compression_stats = CompressionStats()
         self.error_desc = None
         self._reset_timing()
         try:
@@ -144,7 +157,7 @@ class OutgoingMigration(MigrationStateMachine):
                 if fd is None:
                     raise QMPError(f"File descriptor named '{addr.fdname}' has not been found")
         except QMPError as err:
-            if err.desc != "Parameter 'uri' expects a valid migration protocol":
+            if err.desc != INVALID_PROTOCOL:
                 self.error_desc = err.desc
             self.set_state("setup", "failed")
             raise
@@ -154,13 +167,14 @@ class OutgoingMigration(MigrationStateMachine):
             channel_factory = lambda: FdChannel(fd)  # noqa: E731
         else:
             channel_factory = lambda: connect(addr)  # noqa: E731
-        self._thread = threading.Thread(target=self._run, args=(channel_factory,), name="live_migration", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
+                                        daemon=True)
         self._thread.start()
 
     def _check_unimplemented(self) -> None:
         """Refuse capabilities whose stream features are not built yet (never a silent success)."""
-        for cap in ("xbzrle", "compress", "multifd", "postcopy-ram", "x-colo", "block", "dirty-bitmaps",
-                    "background-snapshot", "zero-copy-send", "postcopy-preempt", "x-ignore-shared"):
+        for cap in ("postcopy-ram", "x-colo", "block", "dirty-bitmaps",
+                    "background-snapshot", "postcopy-preempt", "x-ignore-shared"):
             if self.options.cap(cap):
                 raise QMPError(f"vmigrate does not implement the '{cap}' capability yet")
         if self.options.param("tls-creds"):
@@ -179,6 +193,9 @@ class OutgoingMigration(MigrationStateMachine):
         f = self.file
         if f is not None:
             f.shutdown()
+        multifd = self._multifd
+        if multifd is not None:
+            multifd.fail("Channel shut down")
 
     def continue_(self, expected: str) -> None:
         if self.state != expected:
@@ -211,6 +228,10 @@ class OutgoingMigration(MigrationStateMachine):
             else:
                 info["expected-downtime"] = self.expected_downtime
             info["ram"] = self.stats.to_qmp(self.total_ram, self.mbps, self.pages_per_second, completed)
+            if self.options.cap("xbzrle"):
+                info["xbzrle-cache"] = self.xbzrle_stats.to_qmp(self.options.param("xbzrle-cache-size"))
+            if self.options.cap("compress"):
+                info["compression"] = self.compression_stats.to_qmp()
             if self.auto_converge.percentage:
                 info["cpu-throttle-percentage"] = self.auto_converge.percentage
         elif state == "failed" and self.error_desc:
@@ -221,7 +242,7 @@ class OutgoingMigration(MigrationStateMachine):
     def _phase(self) -> str:
         return "precopy" if self.vm.runstate.running else "downtime"
 
-    def _run(self, channel_factory) -> None:
+    def _run(self, channel_factory, addr: MigrationAddress) -> None:
         vm = self.vm
         channel: Channel | None = None
         rp: ReturnPathReader | None = None
@@ -237,7 +258,10 @@ class OutgoingMigration(MigrationStateMachine):
             f.budget = self.options.param("max-bandwidth") // 10
             thread_start = now_ms()
             window = _Window(self, f)
-            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event, vm.vcpus)
+            self._multifd = self._open_multifd(addr, channel, f)
+            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event, vm.vcpus,
+                           options=self.options, xbzrle_stats=self.xbzrle_stats,
+                           compression_stats=self.compression_stats, multifd=self._multifd)
             ram.on_period = self.auto_converge.period_end
             saver = savevm.SaveVM(vm, ram, f, self.options)
             rp = self._open_return_path(channel, saver) if self.options.cap("return-path") else None
@@ -261,14 +285,21 @@ class OutgoingMigration(MigrationStateMachine):
                 raise MigrationCancelled()
         except MigrationCancelled:
             pass
+        except MultifdSetupError as err:
+            print(f"vmigrate: {err}", file=sys.stderr, flush=True)
+            self._fail(None)
         except (ChannelError, OSError, ValueError) as err:
             if rp is not None:
                 # The destination's own verdict explains a broken pipe better.
                 rp.join(timeout=2)
             self._fail(rp.error if rp is not None and rp.error else str(err))
         finally:
+            self._finish(was_running, stopped)
             if ram is not None:
                 ram.cleanup()
+            elif self._multifd is not None:
+                self._multifd.close()
+            self._multifd = None
             if channel is not None:
                 if rp is not None:
                     channel.shutdown()
@@ -278,7 +309,28 @@ class OutgoingMigration(MigrationStateMachine):
                 except (ChannelError, OSError):
                     pass
             self.file = None
-            self._finish(was_running, stopped)
+            # QEMU's cleanup bottom half.
+            self.set_state("cancelling", "cancelled")
+
+    def _open_multifd(self, addr: MigrationAddress, channel: Channel, f: QEMUFileOut) -> MultifdSender | None:
+        """Zero-copy check on the main channel, then the multifd channels (multifd.md §1, §8)."""
+        zero_copy = self.options.cap("zero-copy-send")
+        if zero_copy and addr.multi_channel and not ZeroCopySocket.enable(channel.sock):
+            raise ChannelError("Zero copy send feature not detected in host kernel")
+        if not self.options.cap("multifd"):
+            return None
+        if not addr.multi_channel:
+            raise MultifdSetupError("multifd is not supported by current protocol")
+        uuid = self.vm.config.uuid
+        channels = open_channels(addr, self.options.param("multifd-channels"), zero_copy)
+        method = self.options.param("multifd-compression")
+        level = self.options.param(f"multifd-{method}-level") if method != "none" else 0
+
+        def account(nbytes: int) -> None:
+            f.used += nbytes
+
+        return MultifdSender(channels, method, level, zero_copy,
+                             uuidlib.UUID(uuid).bytes if uuid else bytes(16), self.stats, account)
 
     def _pass_event(self, count: int) -> None:
         if self.options.cap("events"):
@@ -334,17 +386,22 @@ class OutgoingMigration(MigrationStateMachine):
         self.downtime = int(end - downtime_start)
         transfer = self.total_time - self.setup_time
         if transfer:
-            self.mbps = f.transferred * 8 / transfer / 1000
+            self.mbps = (f.transferred + self.stats.multifd_bytes) * 8 / transfer / 1000
         return was_running
 
-    def _fail(self, desc: str) -> None:
+    def _fail(self, desc: str | None) -> None:
         self.error_desc = desc
         for state in ("setup", "active", "pre-switchover", "device"):
             if self.set_state(state, "failed"):
                 break
 
     def _finish(self, was_running: bool, stopped: bool) -> None:
-        """QEMU's migration_iteration_finish + cleanup bottom half."""
+        """QEMU's migration_iteration_finish: the run state, before any cleanup.
+
+        A client reacting to ``MIGRATION completed`` must already see
+        ``postmigrate`` (or a restarted guest), so this runs before channels
+        are closed, which may take a while.
+        """
         vm = self.vm
         self.auto_converge.stop()
         if self.state == "completed":
@@ -354,7 +411,6 @@ class OutgoingMigration(MigrationStateMachine):
                 vm.runstate.start()
             elif vm.runstate.state == "finish-migrate":
                 vm.runstate.set("postmigrate")
-        self.set_state("cancelling", "cancelled")
 
 
 class ReturnPathReader(threading.Thread):
@@ -400,8 +456,12 @@ class _Window:
         self.mig = mig
         self.f = f
         self.start = now_ms()
-        self.bytes0 = f.transferred
+        self.bytes0 = self.total_bytes()
         self.pages0 = mig.stats.pages_sent
+
+    def total_bytes(self) -> int:
+        """Main channel bytes plus multifd-bytes (QEMU's migration_total_bytes)."""
+        return self.f.transferred + self.mig.stats.multifd_bytes
 
     def step(self) -> None:
         now = now_ms()
@@ -416,7 +476,7 @@ class _Window:
         if now < self.start + WINDOW_SECONDS * 1000:
             return
         mig, f = self.mig, self.f
-        xfer = f.transferred - self.bytes0
+        xfer = self.total_bytes() - self.bytes0
         dt = now - self.start
         bw = xfer / dt
         mig.threshold_size = int(bw * mig.options.param("downtime-limit"))
@@ -426,5 +486,5 @@ class _Window:
             mig.expected_downtime = int(mig.stats.remaining_pages * 4096 / bw)
         f.used = 0
         self.start = now_ms()
-        self.bytes0 = f.transferred
+        self.bytes0 = self.total_bytes()
         self.pages0 = mig.stats.pages_sent

@@ -4,7 +4,10 @@ Source side (QEMU's ram.c): a migration bitmap per block starts all-dirty;
 each sync ORs the vCPU dirty log into it.  Pages are sent in batches found
 with one ``flatnonzero`` over a bitmap window and encoded by the vectorised
 wire encoder, so the per-page work happens inside numpy and the socket
-call, never in a Python loop.
+call, never in a Python loop.  A batch goes out, in the precedence of
+QEMU's ram_save_target_page, to the compression threads, as ZERO records,
+to the multifd channels, as XBZRLE deltas (:mod:`.xbzrle`) or as PAGE
+records; the destination applies whole runs of each kind.
 """
 
 from __future__ import annotations
@@ -15,9 +18,15 @@ from typing import Callable, Protocol
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool
+from vmigrate.migration.multifd import MultifdReceiver, MultifdSender
+from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileOut
-from vmigrate.migration.stats import RamStats
+from vmigrate.migration.stats import CompressionStats, PeriodRates, RamStats, XbzrleStats
 from vmigrate.migration.wire import ram as wire_ram
+from vmigrate.migration.wire import xbzrle as wire_xbzrle
+from vmigrate.migration.wire.errors import WireError
+from vmigrate.migration.xbzrle import XbzrleSender
 
 #: Pages per encoded batch: big enough to amortise Python, small enough for the rate limiter.
 BATCH_PAGES = 1024
@@ -47,8 +56,30 @@ class RamSaver:
         phase: Callable[[], str],
         on_sync: Callable[[int], None],
         accel: "DirtyLogSource",
+        options: MigrationOptions | None = None,
+        xbzrle_stats: XbzrleStats | None = None,
+        compression_stats: CompressionStats | None = None,
+        multifd: MultifdSender | None = None,
     ) -> None:
+        """``options`` switch on XBZRLE and compression (their counters are the
+        ``*_stats`` objects, which outlive this saver); ``multifd`` routes
+        non-zero pages to the multifd channels."""
         self.blocks = blocks
+        self.options = options
+        self.xbzrle_stats = xbzrle_stats or XbzrleStats()
+        self.compression_stats = compression_stats or CompressionStats()
+        self.multifd = multifd
+        self.xbzrle: XbzrleSender | None = None
+        #: Set when the first full round is done (the XBZRLE start rule of ram.md §4).
+        self.xbzrle_active = False
+        self.compress: CompressSender | None = None
+        #: Completion with the VM stopped: the XBZRLE cache is no longer updated.
+        self.last_stage = False
+        #: Pages emitted by the page loop (QEMU's target_page_count, for the period rates).
+        self.target_pages = 0
+        self._rates = PeriodRates()
+        self._wrapped = False
+        self._f: QEMUFileOut | None = None
         self.accel = accel
         self.stats = stats
         self._phase = phase
@@ -72,6 +103,14 @@ class RamSaver:
 
     def setup(self, f: QEMUFileOut) -> None:
         """START body: the block list; then every page dirty and the first sync (pass 1)."""
+        self._f = f
+        options = self.options
+        if options is not None and options.cap("xbzrle"):
+            self.xbzrle = XbzrleSender(options.param("xbzrle-cache-size"), self.xbzrle_stats, self.blocks)
+        if options is not None and options.cap("compress"):
+            self.compress = CompressSender(options.param("compress-threads"), options.param("compress-level"),
+                                           options.param("compress-wait-thread"), self.compression_stats,
+                                           self._write_compressed)
         f.put(wire_ram.mem_size([(b.idstr, b.size) for b in self.blocks]))
         for block, bitmap in zip(self.blocks, self.bitmaps):
             bitmap[:] = True
@@ -81,6 +120,8 @@ class RamSaver:
         self.accel.dirty_log_start()
         self._period_start = time.monotonic()
         self.sync()
+        if self.multifd is not None:
+            self.multifd.sync()
         f.put(wire_ram.eos())
 
     def sync(self) -> None:
@@ -98,6 +139,8 @@ class RamSaver:
             if self.on_period is not None:
                 self.on_period(self._period_dirty * PAGE_SIZE, self.stats.transferred - self._period_xfer)
             self.stats.dirty_pages_rate = int(self._period_dirty * 1000 // elapsed_ms)
+            self._rates.update(self.target_pages, self.xbzrle_stats if self.xbzrle is not None else None,
+                               self.compression_stats if self.compress is not None else None)
             self._period_start = now
             self._period_dirty = 0
             self._period_xfer = self.stats.transferred
@@ -116,36 +159,118 @@ class RamSaver:
                 break
             if time.monotonic() > deadline:
                 break
+        if self.multifd is not None:
+            self.multifd.sync()
         f.put(wire_ram.eos())
         self.stats.account(EOS_SIZE, self._phase())
         return done
 
     def complete(self, f: QEMUFileOut) -> None:
         """END body with the VM stopped: final sync, every remaining page, EOS."""
+        self.last_stage = True
         self.sync()
         while self._send_batch(f):
             pass
+        if self.compress is not None:
+            self.compress.flush()
+        if self.multifd is not None:
+            self.multifd.sync()
         f.put(wire_ram.eos())
 
     def cleanup(self) -> None:
-        """Migration over (any outcome): dirty logging is no longer needed."""
+        """Migration over (any outcome): dirty logging is no longer needed, nor the page senders."""
+        if self.compress is not None:
+            self.compress.close()
+        if self.multifd is not None:
+            self.multifd.close()
         for block in self.blocks:
             block.dirty.stop(DIRTY_CLIENT)
         self.accel.dirty_log_stop()
 
     def _send_batch(self, f: QEMUFileOut) -> bool:
+        """Send the next batch of dirty pages, choosing their encoding as QEMU's ram_save_target_page.
+
+        Order of precedence: compression (until XBZRLE starts), zero page,
+        multifd (not in postcopy), XBZRLE (once active, not in postcopy),
+        normal page.
+        """
         found = self._next_batch()
+        if self._wrapped:
+            self._wrapped = False
+            if self.compress is not None and not self.xbzrle_active:
+                self.compress.flush()
+            if self.xbzrle is not None:
+                self.xbzrle_active = True
         if found is None:
             return False
         block, pages = found
+        self.stats.remaining_pages -= len(pages)
+        postcopy = self._phase() == "postcopy"
+        if self.compress is not None and not self.xbzrle_active:
+            self._send_compressed(f, block, pages)
+        elif self.multifd is not None and not postcopy:
+            self._send_multifd(f, block, pages)
+        elif self.xbzrle_active and not postcopy:
+            self._send_xbzrle(f, block, pages)
+        else:
+            self._send_plain(f, block, pages)
+        return True
+
+    def _send_plain(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
         records, counts = wire_ram.encode_pages(block.idstr, block.pages, pages, self._channel)
         f.put(records)
         stats = self.stats
         stats.duplicate += counts.zero_pages
         stats.normal += counts.normal_pages
-        stats.remaining_pages -= len(pages)
         stats.account(counts.bytes, self._phase())
-        return True
+        self.target_pages += len(pages)
+
+    def _send_multifd(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
+        """Zero pages as ZERO records on the main channel, the others to the multifd channels."""
+        nonzero = wire_ram.nonzero_pages(block.pages, pages)
+        zero = pages[~nonzero]
+        if zero.size:
+            records = wire_ram.page_records(block.idstr, zero, None, self._channel)
+            f.put(records)
+            self.stats.duplicate += len(zero)
+            self.stats.account(len(records), self._phase())
+        if zero.size < pages.size:
+            self.multifd.queue(block, pages[nonzero])
+        self.target_pages += len(pages)
+
+    def _send_xbzrle(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
+        hits = self.xbzrle_stats.pages
+        parts, counts = self.xbzrle.send(block, pages, self._channel, self.stats.dirty_sync_count,
+                                         self.last_stage)
+        for part in parts:
+            f.put(part)
+        stats = self.stats
+        stats.duplicate += counts.zero_pages
+        stats.normal += counts.normal_pages
+        stats.xbzrle_pages += self.xbzrle_stats.pages - hits
+        stats.account(counts.bytes, self._phase())
+        self.target_pages += counts.zero_pages + counts.normal_pages + counts.xbzrle_records
+
+    def _send_compressed(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
+        """The first page after a block switch goes out plain (so compressed records always
+        CONTINUE); the rest to the compression threads, or plain if they are busy."""
+        if self._channel.last_block != block.idstr:
+            self.compress.flush()
+            self._send_plain(f, block, pages[:1])
+            pages = pages[1:]
+        if pages.size:
+            busy = self.compress.submit(block, pages)
+            self.target_pages += len(pages) - len(busy)
+            if busy.size:
+                self._send_plain(f, block, busy)
+
+    def _write_compressed(self, output: ChunkOutput) -> None:
+        """A compression worker's records reach the main channel (QEMU counts them now)."""
+        self._f.put(output.data)
+        stats = self.stats
+        stats.account(len(output.data), self._phase())
+        stats.duplicate += output.zero_pages
+        stats.compressed_pages += output.compressed_pages
 
     def _next_batch(self) -> tuple[RAMBlock, np.ndarray] | None:
         """Next run of dirty pages from the cursor, cleared from the bitmap."""
@@ -173,7 +298,9 @@ class RamSaver:
         return None
 
     def on_round_complete(self) -> None:
-        """The scan wrapped past the last block (QEMU enables XBZRLE from here on)."""
+        """The scan wrapped past the last block: compression is flushed and XBZRLE
+        enabled before the next page is sent (ram.md §3.1)."""
+        self._wrapped = True
 
 
 class RamLoader:
@@ -185,9 +312,40 @@ class RamLoader:
     The guest of an incoming VM has not run, so nothing else writes its RAM.
     """
 
-    def __init__(self, blocks: list[RAMBlock]) -> None:
+    def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0) -> None:
+        """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability)."""
         self.blocks = {b.idstr: b for b in blocks}
         self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks}
+        self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
+        #: The multifd channels' receiver, once they are all connected.
+        self.multifd: MultifdReceiver | None = None
+
+    def pages_written(self, block: str, pages: np.ndarray) -> None:
+        """Pages got data from elsewhere (multifd channels): no longer known to be zero."""
+        self.known_zero[block][pages] = False
+
+    def load_xbzrle(self, event: "wire_ram.RamXbzrleRun") -> None:
+        """Deltas onto the pages' current contents (the destination keeps no cache)."""
+        block = self.blocks[event.block]
+        wire_xbzrle.decode_into(block.bytes, event.offsets, event.buf, event.starts, event.lengths)
+        self.known_zero[event.block][event.pages] = False
+
+    def load_compressed(self, event: "wire_ram.RamCompressedRun") -> None:
+        if self.decompress is None:
+            raise WireError("Received an unexpected compressed page")
+        self.decompress.load(self.blocks[event.block], event.offsets, event.buf, event.starts, event.lengths)
+        self.known_zero[event.block][event.pages] = False
+
+    def end_of_section(self) -> None:
+        """A RAM EOS: every multifd channel must have delivered its pages up to its SYNC."""
+        if self.multifd is not None:
+            self.multifd.sync_main()
+
+    def close(self) -> None:
+        if self.decompress is not None:
+            self.decompress.close()
+        if self.multifd is not None:
+            self.multifd.close()
 
     def known_blocks(self) -> dict[str, int]:
         return {name: b.size for name, b in self.blocks.items()}

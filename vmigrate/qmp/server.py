@@ -39,6 +39,7 @@ class _Connection:
         self.server = server
         self.sock = sock
         self.proto = MonitorProtocol(server.dispatcher, server.version, server.package)
+        self.chardev = ""
         self._out = bytearray()
         self._writing = False
         self.closed = False
@@ -149,7 +150,19 @@ class QMPServer:
             sock, _ = listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        self.connections.add(_Connection(self, sock))
+        conn = _Connection(self, sock)
+        conn.chardev = self.chardev_ids()[self._listeners.index(listener)]
+        self.connections.add(conn)
+
+    def chardev_ids(self) -> list[str]:
+        """Each ``--qmp`` is a socket character device to QEMU users: ``compat_monitor<N>``."""
+        return [f"compat_monitor{i}" for i in range(len(self._listeners))]
+
+    def yank_chardev(self, chardev: str) -> None:
+        """Drop the client connected through *chardev* (QEMU's yank of a socket chardev)."""
+        for conn in list(self.connections):
+            if conn.chardev == chardev:
+                conn.close()
 
     def emit_event(self, name: str, data: dict | None = None) -> None:
         """Send an event to every negotiated monitor; safe from any thread."""

@@ -63,6 +63,8 @@ MAX_RAM_BLOCKS = 1024
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
+_XBZRLE_HEAD = struct.Struct(">QBH")          # address word, encoding flag, be16 length
+_COMPRESSED_HEAD = struct.Struct(">QI")       # address word, be32 length
 _HEAD_WORDS = 8                             # 64 bytes: the zero test's first look
 _GATHER_CHUNK = 1024                        # pages per gather (4 MiB): stays in cache
 _SCALAR_SCAN = 8                            # headers read with struct before numpy
@@ -279,6 +281,39 @@ def encode_pages(block: str, ram: np.ndarray, pages: np.ndarray | Iterable[int],
     return memoryview(flat), counts
 
 
+def page_records(block: str, pages: np.ndarray, data: np.ndarray | None,
+                 channel: ChannelState) -> memoryview:
+    """PAGE records for ``pages`` carrying ``data[i]``, or ZERO records if ``data`` is None.
+
+    For pages whose bytes are not the block's current contents, e.g. the
+    XBZRLE cache copies that the destination must end up with.
+    """
+    idx = np.asarray(pages, dtype=np.intp)
+    if not idx.size:
+        return memoryview(b"")
+    prefix = _block_prefix(block, channel)
+    stride = ZERO_RECORD if data is None else PAGE_RECORD
+    flat = np.empty(len(idx) * stride + len(prefix), dtype=np.uint8)
+    if data is None:
+        _put_run(flat, 0, idx, RAM_SAVE_FLAG_ZERO, prefix, None)
+    else:
+        pos = 0
+        if prefix:
+            head = _record_header(int(idx[0]) << TARGET_PAGE_BITS, RAM_SAVE_FLAG_PAGE, prefix)
+            flat[:len(head)] = np.frombuffer(head, dtype=np.uint8)
+            flat[len(head):len(head) + TARGET_PAGE_SIZE] = data[0]
+            pos = len(head) + TARGET_PAGE_SIZE
+            idx, data = idx[1:], data[1:]
+        if len(idx):
+            rec = flat[pos:].reshape(len(idx), PAGE_RECORD)
+            headers = (idx.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)) | np.uint64(
+                RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE)
+            rec[:, :8] = headers.astype(">u8").view(np.uint8).reshape(-1, 8)
+            rec[:, 8:] = data
+    channel.last_block = block
+    return memoryview(flat)
+
+
 # -- events ----------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -344,6 +379,41 @@ class RamCompressedPage:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class RamVariableRun:
+    """Consecutive XBZRLE or COMPRESS_PAGE records of one block, decoded as one event.
+
+    Payload ``i`` (an XBZRLE delta or a zlib stream, by the event's type)
+    is ``buf[starts[i]:starts[i] + lengths[i]]`` for the page at byte
+    ``offsets[i]``; ``buf`` is the immutable received snapshot, so nothing
+    is copied.
+    """
+
+    block: str
+    offsets: np.ndarray
+    buf: bytes
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def pages(self) -> np.ndarray:
+        return self.offsets >> TARGET_PAGE_BITS
+
+    def payload(self, i: int) -> bytes:
+        return self.buf[self.starts[i]:self.starts[i] + self.lengths[i]]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+class RamXbzrleRun(RamVariableRun):
+    __slots__ = ()
+
+
+class RamCompressedRun(RamVariableRun):
+    __slots__ = ()
+
+
 @dataclass(frozen=True, slots=True)
 class RamEOS:
     pass
@@ -363,12 +433,17 @@ class RamBodyDecoder:
     ``page_size_blocks`` names the blocks whose MEM_SIZE entry carries a page
     size (postcopy advised, postcopy-ram on, huge pages); ``ignore_shared``
     says that entries carry a GPA; ``accept_compressed`` mirrors the
-    destination's ``compress`` capability.  Attributes may be changed
-    between events (e.g. after POSTCOPY_ADVISE).
+    destination's ``compress`` capability.  With ``variable_runs`` XBZRLE
+    and COMPRESS_PAGE records come as :class:`RamXbzrleRun` /
+    :class:`RamCompressedRun` events covering every following CONTINUE
+    record of the same kind that is complete in the buffer (a loader then
+    works on whole runs); without it, as one event per record.  Attributes
+    may be changed between events (e.g. after POSTCOPY_ADVISE).
     """
 
     blocks: Mapping[str, int] | None = None
     accept_compressed: bool = False
+    variable_runs: bool = False
     ignore_shared: bool = False
     page_size_blocks: Container[str] = ()
     version_id: int = RAM_SECTION_VERSION
@@ -393,6 +468,12 @@ class RamBodyDecoder:
             if flags & RAM_SAVE_FLAG_CONTINUE and kind in (RAM_SAVE_FLAG_ZERO, RAM_SAVE_FLAG_PAGE):
                 r.pos = start
                 return self._run(r, kind), False
+            if self.variable_runs and kind in (RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_COMPRESS_PAGE):
+                block = self._block(r, flags)
+                self._check_offset(block, offset)
+                ev = self._variable_run(r, kind, block, offset)
+                self.last_block = block
+                return ev, False
             block = self._block(r, flags)
             self._check_offset(block, offset)
             if kind == RAM_SAVE_FLAG_ZERO:
@@ -448,6 +529,59 @@ class RamBodyDecoder:
         if n > TARGET_PAGE_SIZE:
             raise WireError("Failed to load XBZRLE page - len overflow!")
         return r.take(n)
+
+    def _variable_payload(self, r: Reader, kind: int) -> int:
+        """Reads the payload's length header; returns the payload length (bounds checked)."""
+        if kind == RAM_SAVE_FLAG_XBZRLE:
+            if r.u8() != ENCODING_FLAG_XBZRLE:
+                raise WireError("Failed to load XBZRLE page - wrong compression!")
+            n = r.be16()
+            if n > TARGET_PAGE_SIZE:
+                raise WireError("Failed to load XBZRLE page - len overflow!")
+        else:
+            n = r.be32()
+            if n > COMPRESS_BOUND:
+                raise WireError(f"Invalid compressed data length: {n}")
+        return n
+
+    def _variable_run(self, r: Reader, kind: int, block: str, offset: int) -> RamVariableRun:
+        """The record at ``r`` (header word read) and every complete CONTINUE record after it.
+
+        Records of variable length are chained, so this walks them one by
+        one with ``struct`` — a short loop per record, no per-byte work.
+        """
+        n = self._variable_payload(r, kind)
+        r.need(n)
+        offsets, starts, lengths = [offset], [r.pos], [n]
+        r.pos += n
+        used = self._used_length(block)
+        want = kind | RAM_SAVE_FLAG_CONTINUE
+        xbzrle = kind == RAM_SAVE_FLAG_XBZRLE
+        head = _XBZRLE_HEAD if xbzrle else _COMPRESSED_HEAD
+        limit = TARGET_PAGE_SIZE if xbzrle else COMPRESS_BOUND
+        buf, end, pos = r.buf, r.end, r.pos
+        while end - pos >= head.size:
+            word, *rest = head.unpack_from(buf, pos)
+            if word & FLAGS_MASK != want:
+                break
+            n = rest[-1]
+            if (xbzrle and rest[0] != ENCODING_FLAG_XBZRLE) or n > limit:
+                r.pos = pos + 8
+                self._variable_payload(r, kind)
+            if pos + head.size + n > end:
+                break
+            address = word & ~FLAGS_MASK
+            if address >= used:
+                raise WireError(f"Illegal RAM offset {address:x}")
+            offsets.append(address)
+            pos += head.size
+            starts.append(pos)
+            lengths.append(n)
+            pos += n
+        r.pos = pos
+        cls = RamXbzrleRun if kind == RAM_SAVE_FLAG_XBZRLE else RamCompressedRun
+        return cls(block, np.array(offsets, np.int64), buf, np.array(starts, np.int64),
+                   np.array(lengths, np.int64))
 
     def _run(self, r: Reader, kind: int) -> object:
         """All complete CONTINUE records of ``kind`` from ``r.pos``, as one event.

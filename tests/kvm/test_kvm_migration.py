@@ -1,0 +1,117 @@
+"""KVM guests migrating between two vmigrate processes, proved by what the guests themselves say.
+
+The ``ab`` guest prints one letter per pass on its UART: the destination's
+output must continue the source's letter sequence with no gap.  The
+``checksum`` guest prints the result of a long computation: a migration in
+the middle must not change it.  RAM is read through ``--mem-path`` files as
+in tests/integration/test_precopy.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from procs import wait_for
+from vmigrate.machine.guest import GuestSpec
+from vmigrate.machine.kvm import KvmVcpus
+from vmigrate.machine.memory import RAMBlock
+
+MIB = 1 << 20
+
+
+def counter(path: Path) -> int:
+    """The guest's pass/round counter from its RAM file (0 before the guest started)."""
+    magic, count = np.fromfile(path, dtype=np.uint64, count=2)
+    return int(count) if magic.tobytes() == b"VMIGRATE" else 0
+
+
+def assert_letters_in_sequence(text: bytes) -> None:
+    letters = np.frombuffer(text, dtype=np.uint8).astype(int)
+    assert ((letters >= ord("a")) & (letters <= ord("z"))).all(), text[-40:]
+    gaps = np.flatnonzero((letters[1:] - letters[:-1]) % 26 != 1)
+    assert not len(gaps), f"the letter sequence breaks at {gaps[0]}: {text[max(0, gaps[0] - 5):gaps[0] + 5]!r}"
+
+
+def vm_pair(spawn, tmp_path: Path, guest: str, accel: str, *extra: str, dst_guest: str | None = None):
+    files = {side: (tmp_path / f"{side}.ram", tmp_path / f"{side}.serial") for side in ("src", "dst")}
+    common = ("-m", "64M", "--accel", accel, *extra)
+    src = spawn("vmigrate", *common, "--guest", guest,
+                "--mem-path", str(files["src"][0]), "--serial", str(files["src"][1]))
+    dst = spawn("vmigrate", *common, "--guest", dst_guest or guest,
+                "--mem-path", str(files["dst"][0]), "--serial", str(files["dst"][1]),
+                "-S", "--incoming", "tcp:127.0.0.1:0")
+    port = dst.migrate_status()["socket-address"][0]["port"]
+    return src, dst, f"tcp:127.0.0.1:{port}", files
+
+
+@pytest.mark.parametrize("accel", ["kvm", "kvm,dirty-ring-size=65536"], ids=["bitmap", "dirty-ring"])
+def test_ab_guest_migrates_and_its_output_continues(spawn, tmp_path, accel):
+    src, dst, uri, files = vm_pair(spawn, tmp_path, "ab:end=24M", accel)
+    (src_ram, src_serial), (dst_ram, dst_serial) = files["src"], files["dst"]
+    wait_for(lambda: counter(src_ram) > 0, 10, "guest start")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 32 * MIB})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= 3, 60, "three passes")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
+    info = src.wait_migration({"completed", "failed"}, timeout=60)
+    assert info["status"] == "completed", info
+    assert info["ram"]["normal"] > (24 - 1) * MIB // 4096, "the window was sent more than once"
+    dst.wait_migration({"completed", "failed"}, timeout=30)
+    assert dst.status() == "paused"
+
+    assert np.array_equal(np.fromfile(src_ram, dtype=np.uint8), np.fromfile(dst_ram, dtype=np.uint8))
+    passes = counter(dst_ram)
+    column = np.fromfile(dst_ram, dtype=np.uint8)[MIB:24 * MIB:4096]
+    assert np.isin(column, [passes % 256, (passes - 1) % 256]).all()
+    before = src_serial.read_bytes()
+    assert dst_serial.read_bytes() == b"", "the destination guest has not run yet"
+
+    dst.cmd("cont")
+    wait_for(lambda: len(dst_serial.read_bytes()) > 50, 20, "the guest printing on the destination")
+    dst.cmd("stop")
+    assert_letters_in_sequence(before + dst_serial.read_bytes())
+    assert src_serial.read_bytes() == before and counter(src_ram) == passes, "the source stays frozen"
+
+
+def unmigrated_checksum(guest: str, serial: Path) -> bytes:
+    """What the checksum guest prints when nothing interrupts it (run in this process)."""
+    ram = RAMBlock("ram", 64 * MIB)
+    vcpus = KvmVcpus(ram, 1, GuestSpec.parse(guest), serial=str(serial))
+    try:
+        vcpus.resume_all()
+        wait_for(lambda: serial.read_bytes().endswith(b"\n"), 60, "the unmigrated result")
+    finally:
+        vcpus.shutdown()
+    return serial.read_bytes()
+
+
+def test_checksum_is_unchanged_by_a_migration_in_the_middle(spawn, tmp_path):
+    """The result printed after a migration mid-computation is the unmigrated one.
+
+    The destination is started with ``--guest idle``: it loads no program
+    and its vCPU is halted, so it can only finish the computation from the
+    vCPU state that came over.  Two vCPUs: the second (never started)
+    migrates too.
+    """
+    guest, rounds = "checksum:size=8M,rounds=1000", 1000
+    expected = unmigrated_checksum(guest, tmp_path / "reference.serial")
+    assert expected.startswith(b"checksum ") and len(expected) == len("checksum ") + 17
+    src, dst, uri, files = vm_pair(spawn, tmp_path, guest, "kvm", "--smp", "2", dst_guest="idle")
+    (src_ram, src_serial), (dst_ram, dst_serial) = files["src"], files["dst"]
+    wait_for(lambda: counter(src_ram) >= 10, 20, "the computation to be under way")
+    # The guest rewrites all of its 8 MiB every round: allow the downtime that takes.
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
+    src.cmd("migrate", uri=uri)
+    assert src.wait_migration({"completed", "failed"}, timeout=60)["status"] == "completed"
+    dst.wait_migration({"completed", "failed"}, timeout=30)
+    stopped_at = counter(src_ram)
+    assert 10 <= stopped_at < rounds, "the migration happened in the middle"
+    assert src_serial.read_bytes() == b""
+    dst.cmd("cont")
+    wait_for(lambda: dst_serial.read_bytes().endswith(b"\n"), 60, "the result on the destination's UART")
+    assert dst_serial.read_bytes() == expected
+    assert counter(dst_ram) == rounds + 1
+    assert counter(src_ram) == stopped_at

@@ -1,0 +1,447 @@
+"""Multifd: page data on N extra connections, one thread per channel (multifd.md).
+
+Source: the migration thread zero-tests pages itself (zero pages stay on the
+main channel) and queues the others here in packets of up to 128 pages of
+one block.  A full packet goes to the next idle channel, round robin; its
+thread gathers the pages, compresses them if asked (zlib/zstd keep one
+stream per channel) and writes header and payload.  Before every RAM EOS
+the migration thread calls :meth:`MultifdSender.sync`: a SYNC packet on
+every channel, written after all earlier packets of that channel, and only
+then the EOS — the rule that lets the destination know all pages of the
+section arrived.
+
+Destination: one :class:`MultifdReceiver` thread per channel reads packets
+and writes their pages straight into guest RAM; after a SYNC packet it
+waits until the main channel's loader reached the matching EOS and called
+:meth:`MultifdReceiver.sync_main`.
+
+Zero copy: page payloads leave with ``sendmsg(MSG_ZEROCOPY)`` straight from
+guest RAM (only guest RAM, whose pages stay mapped and whose changes the
+dirty log re-sends, is ever handed to the kernel this way); completions are
+reaped from the socket's error queue before each SYNC, as QEMU flushes
+before each sync, and a flush in which the kernel copied every buffer
+counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+import threading
+from collections import deque
+from typing import Callable
+
+import numpy as np
+
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.migration.channel import ChannelError, MigrationAddress, SocketChannel, connect
+from vmigrate.migration.compress import write_pages
+from vmigrate.migration.stats import RamStats
+from vmigrate.migration.wire import multifd as wire
+from vmigrate.migration.wire.errors import WireError
+
+SO_ZEROCOPY = 60
+MSG_ZEROCOPY = 0x4000000
+SO_EE_ORIGIN_ZEROCOPY = 5
+SO_EE_CODE_ZEROCOPY_COPIED = 1
+_SOCK_EE = struct.Struct("=IBBBBII")
+#: Page runs sent as separate iovecs before gathering the packet into one buffer is cheaper.
+MAX_IOVEC_RUNS = 16
+#: Bound on every wait, so a stuck peer never hangs a thread forever (errors are re-checked).
+WAIT_SLICE = 0.5
+
+
+class MultifdError(ChannelError):
+    pass
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """(first page, count) of each run of consecutive page indices."""
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    firsts = np.concatenate(([0], breaks))
+    counts = np.diff(np.concatenate((firsts, [len(pages)])))
+    return list(zip(pages[firsts].tolist(), counts.tolist()))
+
+
+def sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> int:
+    """Write every buffer, resuming after partial writes; returns the sendmsg calls made."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    calls = 0
+    while views:
+        sent = sock.sendmsg(views, [], flags)
+        calls += 1
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+    return calls
+
+
+class ZeroCopySocket:
+    """MSG_ZEROCOPY bookkeeping of one socket (QEMU's zero_copy_queued/sent)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queued = 0
+        self.done = 0
+
+    @staticmethod
+    def enable(sock: socket.socket) -> bool:
+        """SO_ZEROCOPY; False where the kernel or the socket type cannot do it (e.g. AF_UNIX)."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+        except OSError:
+            return False
+        return True
+
+    def send(self, buffers: list) -> None:
+        try:
+            self.queued += sendmsg_all(self.sock, buffers, MSG_ZEROCOPY)
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                raise MultifdError("Process can't lock enough memory for using MSG_ZEROCOPY") from None
+            raise
+
+    def flush(self, stop: threading.Event) -> bool:
+        """Wait for every queued send's completion; True if all of them fell back to copying."""
+        if self.done == self.queued:
+            return False
+        copied_only = True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLERR)
+        while self.done < self.queued:
+            if stop.is_set():
+                raise MultifdError("multifd channel stopped while flushing zero-copy sends")
+            try:
+                _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE)
+            except BlockingIOError:
+                poller.poll(int(WAIT_SLICE * 1000))
+                continue
+            for _level, _type, data in ancdata:
+                ee_errno, origin, _kind, code, _pad, info, last = _SOCK_EE.unpack_from(data)
+                if ee_errno:
+                    raise MultifdError(f"Error on socket: {os.strerror(ee_errno)}")
+                if origin != SO_EE_ORIGIN_ZEROCOPY:
+                    raise MultifdError("Error not from zero copy")
+                self.done += last - info + 1
+                if not code & SO_EE_CODE_ZEROCOPY_COPIED:
+                    copied_only = False
+        return copied_only
+
+
+def open_channels(addr: MigrationAddress, count: int, zero_copy: bool) -> list[SocketChannel]:
+    """Connect the ``count`` multifd channels to the main channel's address."""
+    channels: list[SocketChannel] = []
+    try:
+        for _ in range(count):
+            channel = connect(addr)
+            channels.append(channel)
+            if zero_copy and not ZeroCopySocket.enable(channel.sock):
+                raise MultifdError("Zero copy send feature not detected in host kernel")
+    except ChannelError:
+        for channel in channels:
+            channel.close()
+        raise
+    return channels
+
+
+class _Job:
+    __slots__ = ("block", "pages", "packet_num", "sync")
+
+    def __init__(self, block: RAMBlock | None, pages: np.ndarray | None, packet_num: int, sync: bool) -> None:
+        self.block = block
+        self.pages = pages
+        self.packet_num = packet_num
+        self.sync = sync
+
+
+class _SendChannel:
+    def __init__(self, owner: "MultifdSender", channel_id: int, channel: SocketChannel, encoder: wire.PayloadEncoder,
+                 uuid: bytes, zero_copy: bool) -> None:
+        self.owner = owner
+        self.id = channel_id
+        self.channel = channel
+        self.encoder = encoder
+        self.uuid = uuid
+        self.zero_copy = ZeroCopySocket(channel.sock) if zero_copy else None
+        self.jobs: deque[_Job] = deque()
+        self.syncs_done = 0
+        self.thread = threading.Thread(target=self._run, name=f"multifdsend_{channel_id}", daemon=True)
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs
+
+    def _run(self) -> None:
+        owner = self.owner
+        try:
+            self.channel.write(wire.initial_packet(self.uuid, self.id))
+            while True:
+                with owner.cond:
+                    while not self.jobs and not owner.stop.is_set():
+                        owner.cond.wait(WAIT_SLICE)
+                    if owner.stop.is_set():
+                        return
+                    job = self.jobs[0]
+                if job.sync:
+                    self._sync(job)
+                else:
+                    self._send_pages(job)
+                with owner.cond:
+                    self.jobs.popleft()
+                    if job.sync:
+                        self.syncs_done += 1
+                    owner.cond.notify_all()
+        except (ChannelError, OSError, ValueError) as err:
+            owner.fail(f"multifd {self.id}: {err}")
+
+    def _sync(self, job: _Job) -> None:
+        if self.zero_copy is not None and self.zero_copy.flush(self.owner.stop):
+            self.owner.missed_zero_copy()
+        self.channel.write(wire.packet_header(wire.FLAG_SYNC, 0, 0, job.packet_num, None, ()))
+
+    def _send_pages(self, job: _Job) -> None:
+        block, pages = job.block, job.pages
+        runs = page_runs(pages)
+        if self.encoder.method == "none" and (self.zero_copy is not None or len(runs) <= MAX_IOVEC_RUNS):
+            data = [block.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in runs]
+            size = len(pages) * PAGE_SIZE
+        else:
+            data = [self.encoder.encode(block.pages[pages])]
+            size = len(data[0])
+        head = wire.packet_header(self.encoder.flag, len(pages), size, job.packet_num, block.idstr,
+                                  pages.astype(np.uint64) << np.uint64(12))
+        if self.zero_copy is not None:
+            self.channel.write(head)
+            self.zero_copy.send(data)
+        else:
+            try:
+                sendmsg_all(self.channel.sock, [head, *data])
+            except OSError as err:
+                raise ChannelError(f"Unable to write to socket: {os.strerror(err.errno or errno.EPIPE)}") from None
+
+
+class MultifdSender:
+    """The source side: packet batching, channel choice, sync, accounting (ram.md §7).
+
+    ``account`` adds bytes to the main stream's rate-limit window: multifd
+    traffic counts against the same ``max-bandwidth`` budget.
+    """
+
+    def __init__(self, channels: list[SocketChannel], method: str, level: int, zero_copy: bool, uuid: bytes,
+                 stats: RamStats, account: Callable[[int], None]) -> None:
+        self.stats = stats
+        self.account = account
+        self.cond = threading.Condition()
+        self.stop = threading.Event()
+        self.error: str | None = None
+        self._packet_num = 0
+        self._next = 0
+        self._block: RAMBlock | None = None
+        self._pending: list[np.ndarray] = []
+        self._pending_count = 0
+        self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), uuid, zero_copy)
+                         for i, ch in enumerate(channels)]
+        for ch in self.channels:
+            ch.thread.start()
+
+    # -- errors ---------------------------------------------------------------
+
+    def fail(self, desc: str) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = desc
+            self.stop.set()
+            self.cond.notify_all()
+        for ch in self.channels:
+            ch.channel.shutdown()
+
+    def missed_zero_copy(self) -> None:
+        with self.cond:
+            self.stats.dirty_sync_missed_zero_copy += 1
+
+    def _check(self) -> None:
+        if self.error is not None:
+            raise MultifdError(self.error)
+        if self.stop.is_set():
+            raise MultifdError("multifd channels were shut down")
+
+    # -- migration thread ---------------------------------------------------------
+
+    def queue(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """Queue non-zero pages of one block (counted as ``normal`` now, like QEMU)."""
+        self.stats.normal += len(pages)
+        start = 0
+        while start < len(pages):
+            if self._block is not block and self._pending_count:
+                self._send_pending()
+            self._block = block
+            take = min(wire.PAGES_PER_PACKET - self._pending_count, len(pages) - start)
+            self._pending.append(pages[start:start + take])
+            self._pending_count += take
+            start += take
+            if self._pending_count == wire.PAGES_PER_PACKET:
+                self._send_pending()
+
+    def _send_pending(self) -> None:
+        pages = np.concatenate(self._pending)
+        block = self._block
+        self._pending, self._pending_count, self._block = [], 0, None
+        size = len(pages) * PAGE_SIZE + wire.HEADER_SIZE
+        with self.cond:
+            n = len(self.channels)
+            while True:
+                self._check()
+                idle = [i for i in range(n) if self.channels[(self._next + i) % n].idle]
+                if idle:
+                    break
+                self.cond.wait(WAIT_SLICE)
+            chosen = self.channels[(self._next + idle[0]) % n]
+            self._next = (chosen.id + 1) % n
+            chosen.jobs.append(_Job(block, pages, self._next_packet_num(), False))
+            self.stats.account_multifd(size)
+            self.cond.notify_all()
+        self.account(size)
+
+    def _next_packet_num(self) -> int:
+        num = self._packet_num
+        self._packet_num += 1
+        return num
+
+    def sync(self) -> None:
+        """Before a RAM EOS: pending pages out, then a SYNC packet written on every channel."""
+        if self._pending_count:
+            self._send_pending()
+        with self.cond:
+            self._check()
+            targets = []
+            for ch in self.channels:
+                ch.jobs.append(_Job(None, None, self._next_packet_num(), True))
+                targets.append(ch.syncs_done + sum(job.sync for job in ch.jobs))
+                self.stats.account_multifd(wire.HEADER_SIZE)
+            self.cond.notify_all()
+            self.account(wire.HEADER_SIZE * len(self.channels))
+            while any(ch.syncs_done < target for ch, target in zip(self.channels, targets)):
+                self._check()
+                self.cond.wait(WAIT_SLICE)
+
+    def close(self) -> None:
+        """Stop the threads and close the channels (end of migration, any outcome)."""
+        with self.cond:
+            self.stop.set()
+            self.cond.notify_all()
+        for ch in self.channels:
+            ch.channel.shutdown()
+        for ch in self.channels:
+            ch.thread.join(timeout=10)
+            ch.channel.close()
+
+
+class MultifdReceiver:
+    """The destination side: one reader thread per channel, pages straight into guest RAM.
+
+    A channel thread that read a SYNC packet stops until :meth:`sync_main`
+    (called at the main channel's RAM EOS) has seen a SYNC from every
+    channel; a channel can therefore never be more than one sync ahead.
+    """
+
+    def __init__(self, channels: list[SocketChannel], method: str, blocks: list[RAMBlock],
+                 on_pages: Callable[[str, np.ndarray], None] | None = None) -> None:
+        """``on_pages(block, page_indices)`` is told about every page written (from a channel thread)."""
+        self.blocks = {b.idstr: b for b in blocks}
+        self.on_pages = on_pages
+        self.used = {b.idstr: b.size for b in blocks}
+        self.error: str | None = None
+        self.channels = channels
+        self._cond = threading.Condition()
+        self._stop = False
+        self._waiting = 0
+        self._ended = 0
+        self._generation = 0
+        self.threads = [threading.Thread(target=self._run, args=(i, ch, wire.PayloadDecoder(method, i)),
+                                         name=f"multifdrecv_{i}", daemon=True)
+                        for i, ch in enumerate(channels)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, channel_id: int, channel: SocketChannel, decoder: wire.PayloadDecoder) -> None:
+        head = bytearray(wire.HEADER_SIZE)
+        scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
+        try:
+            while not self._stop:
+                if not recv_exact(channel, memoryview(head), eof_ok=True):
+                    return
+                header = wire.decode_packet_header(bytes(head), self.used)
+                if header.normal_pages:
+                    decoder.check_flags(header)
+                    view = memoryview(scratch)[:decoder.payload_size(header)]
+                    recv_exact(channel, view)
+                    data = decoder.decode(header, view)
+                    pages = header.offsets >> 12
+                    write_pages(self.blocks[header.ramblock], pages,
+                                np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE))
+                    if self.on_pages is not None:
+                        self.on_pages(header.ramblock, pages)
+                if header.sync:
+                    self._wait_release()
+        except (WireError, ChannelError, OSError) as err:
+            with self._cond:
+                if self.error is None:
+                    self.error = str(err)
+                self._stop = True
+        finally:
+            with self._cond:
+                self._ended += 1
+                self._cond.notify_all()
+
+    def _wait_release(self) -> None:
+        with self._cond:
+            generation = self._generation
+            self._waiting += 1
+            self._cond.notify_all()
+            while self._generation == generation and not self._stop:
+                self._cond.wait(WAIT_SLICE)
+
+    def sync_main(self) -> None:
+        """At a RAM EOS on the main channel: wait for one SYNC per channel, then release them."""
+        with self._cond:
+            while self._waiting < len(self.channels):
+                if self.error is not None:
+                    raise MultifdError(self.error)
+                if self._ended:
+                    raise MultifdError("multifd: a channel closed before its SYNC packet")
+                self._cond.wait(WAIT_SLICE)
+            self._waiting = 0
+            self._generation += 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        for ch in self.channels:
+            ch.shutdown()
+        for t in self.threads:
+            t.join(timeout=10)
+        for ch in self.channels:
+            ch.close()
+
+
+def recv_exact(channel: SocketChannel, view: memoryview, eof_ok: bool = False) -> bool:
+    """Fill ``view`` from the socket; False on a clean EOF before the first byte if ``eof_ok``."""
+    got = 0
+    while got < len(view):
+        try:
+            n = channel.sock.recv_into(view[got:])
+        except OSError as err:
+            raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or errno.ECONNRESET)}") from None
+        if n == 0:
+            if got == 0 and eof_ok:
+                return False
+            raise MultifdError("multifd: connection closed in the middle of a packet")
+        got += n
+    return True
