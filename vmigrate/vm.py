@@ -93,6 +93,17 @@ class VM:
         return [self.ram]
 
     @property
+    def machine_type(self) -> str:
+        """The configuration section's machine name.
+
+        With software vCPUs the VM has exactly the sections of QEMU's ``-M
+        none``, and says so; KVM adds vCPU and device state no QEMU machine
+        carries, so a QEMU destination refuses it by name instead of failing
+        on an unknown section.
+        """
+        return "vmigrate-kvm" if self.config.accel == "kvm" else "none"
+
+    @property
     def devices(self) -> list[DeviceModel]:
         """Device models migrated as FULL sections, in stream order."""
         return [self.clock, *self.vcpus.devices, self.global_state]

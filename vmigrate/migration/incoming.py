@@ -19,7 +19,7 @@ from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.state import MigrationStateMachine
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.ram import RamLoader
-from vmigrate.migration.savevm import MACHINE_TYPE, device_bodies
+from vmigrate.migration.savevm import device_bodies
 from vmigrate.migration.wire import ram as wire_ram
 from vmigrate.migration.wire import multifd as wire_multifd
 from vmigrate.migration.wire import return_path, stream, vmstate
@@ -240,8 +240,9 @@ class IncomingMigration(MigrationStateMachine):
             self._command(event, channel)
 
     def _check_configuration(self, cfg: "stream.Configuration") -> None:
-        if cfg.machine != MACHINE_TYPE:
-            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{MACHINE_TYPE}'")
+        machine = self.vm.machine_type
+        if cfg.machine != machine:
+            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{machine}'")
         local = self.options.cap("x-ignore-shared")
         remote = "x-ignore-shared" in cfg.capabilities
         if local != remote:

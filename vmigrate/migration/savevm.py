@@ -20,7 +20,6 @@ from vmigrate.migration.wire import WireError, stream, vmstate
 if TYPE_CHECKING:
     from vmigrate.vm import VM
 
-MACHINE_TYPE = "none"
 RAM_SECTION = (2, "ram", 0, 4)
 
 
@@ -40,7 +39,7 @@ class SaveVM:
         uuid = self.vm.config.uuid
         send_uuid = uuidlib.UUID(uuid).bytes if uuid and self.options.cap("validate-uuid") else None
         self.f.put(stream.header())
-        self.f.put(stream.configuration(MACHINE_TYPE, caps=caps, uuid=send_uuid))
+        self.f.put(stream.configuration(self.vm.machine_type, caps=caps, uuid=send_uuid))
 
     def setup(self) -> None:
         """Header (unless already sent) and the START sections."""
