@@ -282,3 +282,16 @@ def test_records_straddling_reads_do_not_degrade_to_one_event_per_record():
             pages += len(ev)
     assert pages == 4096
     assert events <= 2 * (len(data) // 1000 + 1)
+
+
+def test_write_pages_handles_unsorted_and_repeated_indices(tmp_path):
+    """Out-of-order records (compression threads) must land where their offsets say."""
+    from vmigrate.machine.memory import RAMBlock
+
+    block = RAMBlock("ram", 8 * 4096)
+    data = np.arange(3, dtype=np.uint8).repeat(4096).reshape(3, 4096) + 1
+    block.write_pages(np.array([1, 1, 3]), data)
+    assert block.pages[1, 0] == 2 and block.pages[3, 0] == 3 and block.pages[2, 0] == 0
+    block.write_pages(np.array([6, 4, 5]), data)
+    assert list(block.pages[4:7, 0]) == [2, 3, 1]
+    block.close()

@@ -112,10 +112,10 @@ class RAMBlock:
         copy: taking the first-touch faults in one call is several times
         faster than one fault per page inside the copy.
         """
-        first, last = int(pages[0]), int(pages[-1])
-        if last - first + 1 == len(pages):
-            _populate_write(self._mmap, first * PAGE_SIZE, len(pages) * PAGE_SIZE)
-            self.pages[first : last + 1] = data
+        first, count = int(pages[0]), len(pages)
+        if int(pages[-1]) - first + 1 == count and (count == 1 or bool((np.diff(pages) == 1).all())):
+            _populate_write(self._mmap, first * PAGE_SIZE, count * PAGE_SIZE)
+            self.pages[first : first + count] = data
         else:
             self.pages[pages] = data
 

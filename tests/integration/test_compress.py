@@ -1,0 +1,98 @@
+"""Compression threads between two vmigrate processes (the ``compress`` capability)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from procs import wait_for
+from vmigrate.machine.guest import MAGIC
+
+pytestmark = pytest.mark.timeout(90)
+
+MIB = 1 << 20
+GUEST = "stress:rate=100,wss=8M"
+
+
+def start_pair(spawn, tmp_path: Path, src_caps: dict, dst_caps: dict, **params):
+    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "src.ram"),
+                "--guest", GUEST)
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "dst.ram"),
+                "--guest", GUEST, "-S", "--incoming", "tcp:127.0.0.1:0")
+    src.set_caps(events=True, **src_caps)
+    dst.set_caps(events=True, **dst_caps)
+    if params:
+        src.cmd("migrate-set-parameters", **params)
+    ram = np.memmap(tmp_path / "src.ram", np.uint8, "r+")
+    # Random (incompressible) and repetitive (compressible) pages outside the guest's working set.
+    ram[12 * MIB:16 * MIB] = np.random.default_rng(3).integers(0, 256, 4 * MIB, dtype=np.uint8)
+    ram[16 * MIB:20 * MIB] = np.tile(np.arange(256, dtype=np.uint8), 4 * MIB // 256)
+    ram.flush()
+    wait_for(lambda: (tmp_path / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
+    port = dst.migrate_status()["socket-address"][0]["port"]
+    return src, dst, f"tcp:127.0.0.1:{port}"
+
+
+def migrate_in_passes(src, uri: str, passes: int = 4) -> dict:
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB, "downtime-limit": 1})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
+             f"{passes} passes")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
+    return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
+
+
+def ram_equal(tmp_path: Path) -> bool:
+    return np.array_equal(np.fromfile(tmp_path / "src.ram", np.uint8), np.fromfile(tmp_path / "dst.ram", np.uint8))
+
+
+def test_compressed_pages_with_a_dirtying_guest(spawn, tmp_path):
+    src, dst, uri = start_pair(spawn, tmp_path, {"compress": True}, {"compress": True},
+                               **{"compress-threads": 3, "compress-level": 6})
+    info = migrate_in_passes(src, uri)
+    assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert ram_equal(tmp_path)
+    comp, ram = info["compression"], info["ram"]
+    assert comp["busy"] == 0 and comp["busy-rate"] == 0
+    # Every page but the first of the block goes through the threads; the random MiBs barely shrink.
+    assert comp["pages"] > 4 * MIB // 4096 * 2
+    assert 4 * MIB < comp["compressed-size"] < comp["pages"] * 4096
+    assert ram["normal"] == 1 and ram["duplicate"] > 0
+    assert ram["precopy-bytes"] + ram["downtime-bytes"] == ram["transferred"]
+
+
+def test_busy_threads_send_plain_pages_when_not_waiting(spawn, tmp_path):
+    src, dst, uri = start_pair(spawn, tmp_path, {"compress": True}, {"compress": True},
+                               **{"compress-threads": 1, "compress-level": 9, "compress-wait-thread": False})
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration({"completed", "failed"}, timeout=60)
+    assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert ram_equal(tmp_path)
+    comp, ram = info["compression"], info["ram"]
+    assert comp["busy"] > 0 and comp["pages"] > 0
+    assert ram["normal"] + ram["duplicate"] + comp["pages"] >= 32 * MIB // 4096
+
+
+def test_compress_then_xbzrle(spawn, tmp_path):
+    """Compression serves the first round only; XBZRLE takes over from the first wrap."""
+    caps = {"compress": True, "xbzrle": True}
+    src, dst, uri = start_pair(spawn, tmp_path, caps, {"compress": True})
+    info = migrate_in_passes(src, uri)
+    assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert ram_equal(tmp_path)
+    assert info["compression"]["pages"] > 0
+    assert info["xbzrle-cache"]["pages"] > 0 and info["xbzrle-cache"]["cache-miss"] > 0
+
+
+def test_destination_without_compress_refuses_compressed_pages(spawn, tmp_path):
+    src, dst, uri = start_pair(spawn, tmp_path, {"compress": True}, {})
+    src.cmd("migrate", uri=uri)
+    assert src.wait_migration({"completed", "failed"}, timeout=30)["status"] == "failed"
+    info = dst.wait_migration({"completed", "failed"}, timeout=30)
+    assert info["status"] == "failed"
+    assert "Received an unexpected compressed page" in info["error-desc"]
