@@ -79,6 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--shm-dir", default="/dev/shm", help="where RAM files live (default /dev/shm)")
         q.add_argument("--timeout", type=float, default=300.0, help="cancel a migration after this many seconds")
         q.add_argument("--seed", type=int, default=1, help="seed of the guest RAM contents")
+        q.add_argument("--accel", choices=("soft", "kvm"), default="soft",
+                       help="vmigrate's vCPU backend (default soft: the -M none machine QEMU runs here)")
 
     pre = kinds.add_parser("precopy", help="idle guest, unlimited bandwidth: vmigrate vs QEMU vs Python ceiling")
     common(pre, "4G", "bench-results/precopy")
@@ -234,12 +236,13 @@ class MemWatch:
 # -- VM processes ------------------------------------------------------------
 
 
-def vm_argv(impl: str, sock: Path, ram_file: Path, size: int, incoming: bool, guest: str) -> list[str]:
+def vm_argv(impl: str, sock: Path, ram_file: Path, size: int, incoming: bool, guest: str,
+            accel: str = "soft") -> list[str]:
     """Command line of one VM; a destination waits (``defer``) and stays paused after the load (``-S``)."""
     mib = f"{size >> 20}M"
     if impl == "vmigrate":
         argv = [sys.executable, "-m", "vmigrate", "run", "--qmp", f"unix:{sock}", "-m", mib,
-                "--mem-path", str(ram_file), "--guest", guest]
+                "--mem-path", str(ram_file), "--guest", guest, "--accel", accel]
         return argv + (["--incoming", "defer", "-S"] if incoming else [])
     argv = [QEMU, "-nic", "none", "-display", "none", "-M", "none,memory-backend=ram0",
             "-object", f"memory-backend-file,id=ram0,size={mib},mem-path={ram_file},share=on",
@@ -251,13 +254,13 @@ class BenchVM:
     """One VM process (vmigrate or QEMU) and its QMP client."""
 
     def __init__(self, impl: str, role: str, sockdir: Path, logdir: Path, ram_file: Path, size: int,
-                 *, incoming: bool, guest: str = "idle") -> None:
+                 *, incoming: bool, guest: str = "idle", accel: str = "soft") -> None:
         self.impl, self.role = impl, role
         sock = sockdir / f"{impl}-{role}.qmp"
         self.log_path = logdir / f"{impl}-{role}.log"
         self._log = open(self.log_path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(vm_argv(impl, sock, ram_file, size, incoming, guest),
+        self.proc = subprocess.Popen(vm_argv(impl, sock, ram_file, size, incoming, guest, accel),
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while not sock.exists():
@@ -320,6 +323,8 @@ class RunSpec:
     dirty_rate: int = 0
     wss: int = 0
     timeout: float = 300.0
+    #: vmigrate's vCPU backend: soft by default, the same machine as QEMU's ``-M none`` here.
+    accel: str = "soft"
 
     @property
     def guest(self) -> str:
@@ -350,9 +355,11 @@ def measure(spec: RunSpec, src_ram: Path, dst_ram: Path, workdir: Path, logdir: 
     profilers: list[subprocess.Popen] = []
     watch: MemWatch | None = None
     try:
-        dst = BenchVM(spec.impl, "dst", workdir, logdir, dst_ram, spec.size, incoming=True, guest=spec.guest)
+        dst = BenchVM(spec.impl, "dst", workdir, logdir, dst_ram, spec.size, incoming=True, guest=spec.guest,
+                      accel=spec.accel)
         vms.append(dst)
-        src = BenchVM(spec.impl, "src", workdir, logdir, src_ram, spec.size, incoming=False, guest=spec.guest)
+        src = BenchVM(spec.impl, "src", workdir, logdir, src_ram, spec.size, incoming=False, guest=spec.guest,
+                      accel=spec.accel)
         vms.append(src)
         watch = MemWatch({"src": src.pid, "dst": dst.pid}).start()
         mig = MigrationRun(src.qmp, "tcp:127.0.0.1:0", dst.qmp)
@@ -882,7 +889,7 @@ def run_precopy(args, size: int, impls: list[str], params: dict, out: Path, logd
         image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
         for rep in range(args.repeat):
             for impl in impls:
-                spec = RunSpec(impl, "precopy", size, params=params, timeout=args.timeout)
+                spec = RunSpec(impl, "precopy", size, params=params, timeout=args.timeout, accel=args.accel)
                 rec = migrate_once(spec, image.path, workdir, logdir) | {"rep": rep}
                 records.append(rec)
                 console.print(f"  run {rep + 1}/{args.repeat} {impl}: {describe(rec)}")
@@ -975,7 +982,8 @@ def run_matrix(args, size: int, impls: list[str], params: dict, out: Path, logdi
             caps, scenario_params = SCENARIOS[scenario]
             for rate in rates:
                 for impl in impls:
-                    spec = RunSpec(impl, scenario, size, caps, scenario_params | params, rate, wss, args.timeout)
+                    spec = RunSpec(impl, scenario, size, caps, scenario_params | params, rate, wss, args.timeout,
+                                   args.accel)
                     if impl == "qemu" and rate:
                         rec = spec.record(status="n/a", note=NO_VCPU)
                     else:
