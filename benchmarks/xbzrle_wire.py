@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vmigrate.machine.guest import HEADER_PAGES, Workload
+from vmigrate.machine.guest import Stress, Workload
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, parse_size
 from vmigrate.qmp.client import QMPClient
 
@@ -45,39 +45,18 @@ QEMU = "qemu-system-x86_64"
 MIB = 1 << 20
 
 
-class Rewrite(Workload):
+class Rewrite(Stress):
     """Rewrites ``fraction`` of each visited page (one contiguous stretch), ``rate`` MiB of pages per second."""
 
     name = "rewrite"
-    TICK = 0.005
 
     def __init__(self, ram: RAMBlock, wss: int, rate: float, fraction: float) -> None:
-        super().__init__(ram)
-        self.first = HEADER_PAGES
-        self.count = max(1, min(wss // PAGE_SIZE, ram.npages - HEADER_PAGES))
-        self.pages_per_second = rate * MIB / PAGE_SIZE
         self.span = int(PAGE_SIZE * fraction)
-        self._last = time.monotonic()
-        self._credit = 0.0
-        self._init_header()
+        super().__init__(ram, rate=rate, wss=wss)
 
-    def step(self) -> float:
-        now = time.monotonic()
-        self._credit = min(self._credit + (now - self._last) * self.pages_per_second, self.pages_per_second * 0.1)
-        self._last = now
-        n = int(self._credit)
-        if n:
-            self._credit -= n
-            cursor = int(self._u64[2])
-            idx = self.first + (cursor + np.arange(n)) % self.count
-            stamp = int(self._u64[1]) + 1
-            offset = (stamp * 97) % (PAGE_SIZE - self.span)
-            self.ram.pages[idx, offset:offset + self.span] ^= np.uint8(1 + stamp % 255)
-            self.ram.dirty.mark_pages(idx)
-            self._u64[1] = stamp
-            self._u64[2] = (cursor + n) % self.count
-            self.ram.dirty.mark_range(0, 1)
-        return self.TICK
+    def write(self, pages: np.ndarray, stamp: int) -> None:
+        offset = (stamp * 97) % (PAGE_SIZE - self.span)
+        self.ram.pages[pages, offset:offset + self.span] ^= np.uint8(1 + stamp % 255)
 
 
 class RewriteSpec:

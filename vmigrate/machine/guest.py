@@ -128,13 +128,17 @@ class Stress(Workload):
             self._credit -= n
             cursor = int(self._u64[2])
             idx = self.first + (cursor + np.arange(n)) % self.count
-            stamp = self._u64[1] + 1
-            self.ram.pages[idx, :8] = np.frombuffer(int(stamp).to_bytes(8, "little"), dtype=np.uint8)
+            stamp = int(self._u64[1]) + 1
+            self.write(idx, stamp)
             self.ram.dirty.mark_pages(idx)
             self._u64[1] = stamp
             self._u64[2] = (cursor + n) % self.count
             self.ram.dirty.mark_range(0, 1)
         return self.TICK
+
+    def write(self, pages: np.ndarray, stamp: int) -> None:
+        """How a page is dirtied: its first 8 bytes become the step number."""
+        self.ram.pages[pages, :8] = np.frombuffer(stamp.to_bytes(8, "little"), dtype=np.uint8)
 
 
 class Checksum(Workload):
