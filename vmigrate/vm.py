@@ -48,6 +48,7 @@ class VMConfig:
 class VM:
     def __init__(self, config: VMConfig, loop: asyncio.AbstractEventLoop) -> None:
         from vmigrate.commands import CommandDispatcher
+        from vmigrate.migration.dirtylimit import DirtyLimitService
         from vmigrate.migration.dirtyrate import DirtyRateMeasurement
         from vmigrate.migration.migration import MigrationManager
         from vmigrate.qmp.server import QMPServer
@@ -71,6 +72,7 @@ class VM:
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(self)
         self.dirty_rate = DirtyRateMeasurement(self)
+        self.dirty_limit = DirtyLimitService(self)
         self._shutdown = asyncio.Event()
         self.shutdown_reason: str | None = None
         self._loop_thread = threading.get_ident()

@@ -129,33 +129,19 @@ def query_dirty_rate(vm, args, monitor):
     return vm.dirty_rate.query()
 
 
-DIRTY_LIMIT_NEEDS_RING = "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'"
-
-
-def _dirty_ring_vcpus(vm, args) -> None:
-    """The dirty-limit commands' common checks (dirtyrate.md §7.1)."""
-    if not getattr(vm.vcpus, "dirty_ring_enabled", False):
-        raise QMPError(DIRTY_LIMIT_NEEDS_RING)
-    index = args.get("cpu-index")
-    if index is not None and not 0 <= index < vm.config.smp:
-        raise QMPError("incorrect cpu index specified")
-    raise NotYetImplemented("the vCPU dirty-limit service")
-
-
 @command("set-vcpu-dirty-limit")
 def set_vcpu_dirty_limit(vm, args, monitor):
-    _dirty_ring_vcpus(vm, args)
+    vm.dirty_limit.set_limit(args.get("cpu-index"), args["dirty-rate"])
 
 
 @command("cancel-vcpu-dirty-limit")
 def cancel_vcpu_dirty_limit(vm, args, monitor):
-    if getattr(vm.vcpus, "dirty_ring_enabled", False):
-        _dirty_ring_vcpus(vm, args)
+    vm.dirty_limit.cancel(args.get("cpu-index"))
 
 
 @command("query-vcpu-dirty-limit")
 def query_vcpu_dirty_limit(vm, args, monitor):
-    return []
+    return vm.dirty_limit.query()
 
 
 def _yank_instances(vm) -> list[dict]:

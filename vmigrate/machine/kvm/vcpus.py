@@ -112,6 +112,9 @@ class KvmVcpuThread(threading.Thread):
                 self._mmio()
             elif reason == abi.KVM_EXIT_DIRTY_RING_FULL:
                 owner.harvest_rings()
+                delay = owner.ring_full_sleep_us[cpu.index]
+                if delay:
+                    owner._sleep(delay / 1e6)
             elif reason != abi.KVM_EXIT_HLT:
                 self._fail(self._describe_exit(reason))
                 settled = True
@@ -188,6 +191,8 @@ class KvmVcpus:
         self._dirty_users_lock = threading.Lock()
         #: Harvest statistics: calls, pages reported, seconds spent.
         self.harvests = Counter()
+        #: The dirty-limit service's sleep per full dirty ring, per vCPU (µs; 0: none).
+        self.ring_full_sleep_us = [0] * count
         self.threads = [KvmVcpuThread(cpu, self) for cpu in self.cpus]
         for t in self.threads:
             t.start()
@@ -264,6 +269,10 @@ class KvmVcpus:
     @property
     def dirty_ring_enabled(self) -> bool:
         return bool(self.vm.dirty_ring_entries)
+
+    @property
+    def dirty_ring_entries(self) -> int:
+        return self.vm.dirty_ring_entries
 
     def dirty_log_start(self) -> None:
         with self._dirty_users_lock:
