@@ -150,3 +150,26 @@ def test_env() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+MIB = 1 << 20
+
+
+def migrate_in_passes(src: VMProcess, uri: str, passes: int = 4, bandwidth: int = 16 * MIB) -> dict:
+    """Migrate under limits a dirtying guest cannot converge under, lift them after *passes* syncs.
+
+    A 1 ms downtime limit never fits the dirty working set, so the source
+    iterates (exercising every per-pass path) until the limits go.
+    """
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": 1})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
+             f"{passes} passes")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
+    return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
+
+
+def ram_files_equal(a: Path, b: Path) -> bool:
+    import numpy as np
+
+    return np.array_equal(np.fromfile(a, np.uint8), np.fromfile(b, np.uint8))

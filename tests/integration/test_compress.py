@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_for
+from procs import migrate_in_passes, ram_files_equal, wait_for
 from vmigrate.machine.guest import MAGIC
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,26 +35,13 @@ def start_pair(spawn, tmp_path: Path, src_caps: dict, dst_caps: dict, **params):
     return src, dst, f"tcp:127.0.0.1:{port}"
 
 
-def migrate_in_passes(src, uri: str, passes: int = 4) -> dict:
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB, "downtime-limit": 1})
-    src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
-             f"{passes} passes")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
-    return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
-
-
-def ram_equal(tmp_path: Path) -> bool:
-    return np.array_equal(np.fromfile(tmp_path / "src.ram", np.uint8), np.fromfile(tmp_path / "dst.ram", np.uint8))
-
-
 def test_compressed_pages_with_a_dirtying_guest(spawn, tmp_path):
     src, dst, uri = start_pair(spawn, tmp_path, {"compress": True}, {"compress": True},
                                **{"compress-threads": 3, "compress-level": 6})
-    info = migrate_in_passes(src, uri)
+    info = migrate_in_passes(src, uri, bandwidth=8 * MIB)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     comp, ram = info["compression"], info["ram"]
     assert comp["busy"] == 0 and comp["busy-rate"] == 0
     # Every page but the first of the block goes through the threads; the random MiBs barely shrink.
@@ -71,7 +58,7 @@ def test_busy_threads_send_plain_pages_when_not_waiting(spawn, tmp_path):
     info = src.wait_migration({"completed", "failed"}, timeout=60)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     comp, ram = info["compression"], info["ram"]
     assert comp["busy"] > 0 and comp["pages"] > 0
     assert ram["normal"] + ram["duplicate"] + comp["pages"] >= 32 * MIB // 4096
@@ -81,10 +68,10 @@ def test_compress_then_xbzrle(spawn, tmp_path):
     """Compression serves the first round only; XBZRLE takes over from the first wrap."""
     caps = {"compress": True, "xbzrle": True}
     src, dst, uri = start_pair(spawn, tmp_path, caps, {"compress": True})
-    info = migrate_in_passes(src, uri)
+    info = migrate_in_passes(src, uri, bandwidth=8 * MIB)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     assert info["compression"]["pages"] > 0
     assert info["xbzrle-cache"]["pages"] > 0 and info["xbzrle-cache"]["cache-miss"] > 0
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_for
+from procs import migrate_in_passes, ram_files_equal, wait_for
 from vmigrate.machine.guest import MAGIC
 
 pytestmark = pytest.mark.timeout(90)
@@ -36,26 +36,13 @@ def start_pair(spawn, tmp_path: Path, uri: str = "tcp:127.0.0.1:0", src_args=(),
     return src, dst, uri
 
 
-def migrate_in_passes(src, uri: str, passes: int = 4) -> dict:
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MIB, "downtime-limit": 1})
-    src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
-             f"{passes} passes")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
-    return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
-
-
-def ram_equal(tmp_path: Path) -> bool:
-    return np.array_equal(np.fromfile(tmp_path / "src.ram", np.uint8), np.fromfile(tmp_path / "dst.ram", np.uint8))
-
-
 @pytest.mark.parametrize("method,channels", [("none", 2), ("zlib", 3), ("zstd", 2)])
 def test_multifd_pages_arrive_through_the_channels(spawn, tmp_path, method, channels):
     src, dst, uri = start_pair(spawn, tmp_path, **{"multifd-channels": channels, "multifd-compression": method})
-    info = migrate_in_passes(src, uri)
+    info = migrate_in_passes(src, uri, bandwidth=16 * MIB)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     ram = info["ram"]
     # Pages are counted uncompressed at queue time, plus 1344 bytes per packet header.
     overhead = ram["multifd-bytes"] - ram["normal"] * 4096
@@ -70,10 +57,10 @@ def test_zero_copy_send_on_loopback(spawn, tmp_path):
     """MSG_ZEROCOPY works over TCP; on loopback the kernel copies, so every flush counts as missed."""
     src, dst, uri = start_pair(spawn, tmp_path)
     src.set_caps(**{"zero-copy-send": True})
-    info = migrate_in_passes(src, uri, passes=3)
+    info = migrate_in_passes(src, uri, passes=3, bandwidth=16 * MIB)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     assert info["ram"]["dirty-sync-missed-zero-copy"] > 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_for
+from procs import migrate_in_passes, ram_files_equal, wait_for
 from vmigrate.machine.guest import MAGIC
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,28 +35,18 @@ def start_pair(spawn, tmp_path: Path, *caps: str, **params):
     return src, dst, f"tcp:127.0.0.1:{port}"
 
 
-def migrate_in_passes(src, dst, uri: str, passes: int = 5) -> dict:
-    # 1 ms of downtime at 16 MiB/s never fits the dirty working set: passes until the limits go.
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MIB, "downtime-limit": 1})
-    src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
-             f"{passes} passes")
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
-    info = src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
+def migrate_both(src, dst, uri: str, passes: int = 5) -> dict:
+    info = migrate_in_passes(src, uri, passes)
     assert info["status"] == "completed", info
     assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
     return info
 
 
-def ram_equal(tmp_path: Path) -> bool:
-    return np.array_equal(np.fromfile(tmp_path / "src.ram", np.uint8), np.fromfile(tmp_path / "dst.ram", np.uint8))
-
-
 def test_xbzrle_deltas_reproduce_the_guest_exactly(spawn, tmp_path):
     # A 4 MiB cache holds half of the 8 MiB working set: hits, misses and evictions all happen.
     src, dst, uri = start_pair(spawn, tmp_path, "xbzrle", **{"xbzrle-cache-size": 4 * MIB})
-    info = migrate_in_passes(src, dst, uri)
-    assert ram_equal(tmp_path)
+    info = migrate_both(src, dst, uri)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
 
     ram, cache = info["ram"], info["xbzrle-cache"]
     assert cache["cache-size"] == 4 * MIB
@@ -72,8 +62,8 @@ def test_xbzrle_deltas_reproduce_the_guest_exactly(spawn, tmp_path):
 def test_xbzrle_cache_report_follows_the_capability(spawn, tmp_path):
     """``xbzrle-cache`` is shown while the capability is on at query time, with counters kept."""
     src, dst, uri = start_pair(spawn, tmp_path, "xbzrle", **{"xbzrle-cache-size": 8 * MIB})
-    info = migrate_in_passes(src, dst, uri, passes=3)
-    assert ram_equal(tmp_path)
+    info = migrate_both(src, dst, uri, passes=3)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
     counters = info["xbzrle-cache"]
     src.set_caps(xbzrle=False)
     assert "xbzrle-cache" not in src.migrate_status()
@@ -100,4 +90,4 @@ def test_xbzrle_is_not_used_in_the_first_round(spawn, tmp_path):
                                     "cache-miss-rate": 0, "encoding-rate": 0, "overflow": 0}
     assert info["ram"]["normal"] == MIB // 4096 * 4
     dst.wait_migration({"completed"})
-    assert ram_equal(tmp_path)
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")

@@ -15,7 +15,7 @@ from typing import Callable
 
 from vmigrate.machine.memory import parse_size
 
-from procs import VMProcess
+from procs import VMProcess, wait_for
 
 #: Final states of a migration on either side.
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -80,3 +80,16 @@ class Machines:
         if kind == "vmigrate":
             args = tuple("--incoming" if a == "-incoming" else a for a in args)
         return getattr(self, kind)(size, *args, **kw)
+
+
+def converge_after_passes(src: Machine, passes: int = 3, still_active: bool = True) -> None:
+    """Let the source iterate for *passes* syncs, then lift its limits so it finishes.
+
+    A ``drive`` for :func:`transport.migrate`.  With *still_active* the source
+    must not have converged by itself (its limits were meant to prevent it).
+    """
+    wait_for(lambda: src.vm.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes,
+             30, f"{passes} dirty bitmap syncs", interval=0.05)
+    if still_active:
+        assert src.vm.migrate_status()["status"] == "active", "converged before the limits were lifted"
+    src.vm.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 10 << 30})

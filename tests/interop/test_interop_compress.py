@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from machines import Machine, Machines
+from machines import Machine, Machines, converge_after_passes
 from procs import wait_for
 from ramfile import fill_garbage, fill_pattern, first_difference, pages
 from transport import Transport, migrate
@@ -45,12 +45,6 @@ def test_qemu_to_vmigrate(machines: Machines, threads) -> None:
     assert first_difference(src.ram, dst.ram, src.size) is None
 
 
-def lift_after_passes(src: Machine, passes: int = 4) -> None:
-    wait_for(lambda: src.vm.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 30,
-             f"{passes} dirty bitmap syncs", interval=0.05)
-    src.vm.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 10 << 30})
-
-
 @pytest.mark.parametrize("with_xbzrle", [False, True])
 def test_vmigrate_to_qemu(machines: Machines, with_xbzrle) -> None:
     src = machines.vmigrate(SIZE, "--guest", "stress:rate=150,wss=16M")
@@ -69,7 +63,7 @@ def test_vmigrate_to_qemu(machines: Machines, with_xbzrle) -> None:
         dst.vm.set_caps(compress=True)
         return dst
 
-    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lift_after_passes)
+    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lambda src: converge_after_passes(src, 4, still_active=False))
     info = src.vm.migrate_status()
     assert info["status"] == "completed", info
     assert info["compression"]["pages"] > 2048

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from machines import Machine, Machines
+from machines import Machine, Machines, converge_after_passes
 from procs import wait_for
 from ramfile import PAGE_SIZE, fill_garbage, fill_pattern, first_difference, pages
 from transport import Transport, migrate
@@ -68,12 +68,6 @@ def test_qemu_to_vmigrate(machines: Machines, method, channels) -> None:
     assert first_difference(src.ram, dst.ram, src.size) is None
 
 
-def lift_after_passes(src: Machine, passes: int = 4) -> None:
-    wait_for(lambda: src.vm.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 30,
-             f"{passes} dirty bitmap syncs", interval=0.05)
-    src.vm.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 10 << 30})
-
-
 @pytest.mark.parametrize("method,channels", [("none", 3), ("zlib", 2), ("zstd", 2)])
 def test_vmigrate_to_qemu(machines: Machines, method, channels) -> None:
     src = machines.vmigrate(SIZE, "--guest", GUEST)
@@ -87,7 +81,7 @@ def test_vmigrate_to_qemu(machines: Machines, method, channels) -> None:
         enable(dst, channels, method)
         return dst
 
-    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lift_after_passes)
+    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lambda src: converge_after_passes(src, 4, still_active=False))
     info = src.vm.migrate_status()
     check_multifd_accounting(info, channels, "vmigrate")
     assert info["ram"]["dirty-sync-count"] >= 5

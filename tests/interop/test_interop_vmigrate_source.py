@@ -13,7 +13,7 @@ import pytest
 
 import event_trace as trace
 from capture import analyze, ram_accounting
-from machines import Machine, Machines
+from machines import Machine, Machines, converge_after_passes
 from procs import wait_for
 from query_stats import check_completed
 from ramfile import PAGE_SIZE, ab_state, fill_garbage, first_difference, pages
@@ -40,16 +40,6 @@ CASES = [
 ]
 
 
-def converge_after_passes(src: Machine) -> None:
-    """Let the source iterate without converging for a few passes, then let it finish."""
-    wait_for(
-        lambda: src.vm.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= MIN_PASSES,
-        30, f"{MIN_PASSES} dirty bitmap syncs", interval=0.05,
-    )
-    assert src.vm.migrate_status()["status"] == "active", "converged before the limits were lifted"
-    src.vm.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 10 << 30})
-
-
 @pytest.mark.parametrize("name,guest,dst_paused", CASES)
 def test_vmigrate_to_qemu(machines: Machines, name, guest, dst_paused) -> None:
     transport = Transport(name, machines.ramdir)
@@ -63,7 +53,7 @@ def test_vmigrate_to_qemu(machines: Machines, name, guest, dst_paused) -> None:
         fill_garbage(ram, src.size)
         return machines.qemu(SIZE, "-incoming", "defer", *(["-S"] if dst_paused else []), ram=ram)
 
-    dst = migrate(transport, src, start_dst, drive=converge_after_passes)
+    dst = migrate(transport, src, start_dst, drive=lambda src: converge_after_passes(src, MIN_PASSES))
     dst.require_alive()
 
     info = src.vm.migrate_status()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from machines import Machine, Machines
+from machines import Machine, Machines, converge_after_passes
 from procs import wait_for
 from ramfile import fill_garbage, fill_pattern, first_difference, pages
 from transport import Transport, migrate
@@ -22,13 +22,6 @@ pytestmark = pytest.mark.timeout(90)
 
 SIZE = "64M"
 MIB = 1 << 20
-
-
-def lift_after_passes(src: Machine, passes: int = 5) -> None:
-    wait_for(lambda: src.vm.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 30,
-             f"{passes} dirty bitmap syncs", interval=0.05)
-    assert src.vm.migrate_status()["status"] == "active"
-    src.vm.cmd("migrate-set-parameters", **{"downtime-limit": 2000, "max-bandwidth": 10 << 30})
 
 
 @pytest.mark.parametrize("guest,cache", [
@@ -49,7 +42,7 @@ def test_vmigrate_to_qemu(machines: Machines, guest, cache) -> None:
         fill_garbage(ram, src.size)
         return machines.qemu(SIZE, "-incoming", "defer", "-S", ram=ram)
 
-    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lift_after_passes)
+    dst = migrate(Transport("tcp", machines.ramdir), src, start_dst, drive=lambda src: converge_after_passes(src, 5))
     info = src.vm.migrate_status()
     assert info["status"] == "completed", info
     assert dst.vm.migrate_status() == {"status": "completed"}
