@@ -116,7 +116,7 @@ class VM:
         if self.runstate.state == "running":
             self.vcpus.resume_all()
         if self.config.incoming not in (None, "defer"):
-            self.migration.incoming.start(self.config.incoming, from_command_line=True)
+            self.migration.incoming.start(self.config.incoming)
 
     def emit_event(self, name: str, data: dict | None = None) -> None:
         self.qmp.emit_event(name, data)

@@ -16,7 +16,6 @@ import threading
 import numpy as np
 
 PAGE_SIZE = 4096
-PAGE_BITS = 12
 
 
 class DirtyLog:
@@ -41,10 +40,6 @@ class DirtyLog:
     def stop(self, client: str) -> None:
         with self._lock:
             self._clients.pop(client, None)
-
-    @property
-    def active(self) -> bool:
-        return bool(self._clients)
 
     def mark_range(self, first: int, count: int) -> None:
         with self._lock:

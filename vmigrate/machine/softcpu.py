@@ -22,7 +22,6 @@ class SoftVcpu(threading.Thread):
         self._make_workload = make_workload
         self._owner = owner
         self.workload: Workload | None = None
-        self.steps = 0
 
     def run(self) -> None:
         owner = self._owner
@@ -42,7 +41,6 @@ class SoftVcpu(threading.Thread):
                 if self.workload is None:
                     self.workload = self._make_workload()
                 pause = self.workload.step()
-                self.steps += 1
             pause += owner.throttle_sleep(time.perf_counter() - started + pause)
             with owner._cond:
                 if owner._run and not owner._quit and pause > 0:

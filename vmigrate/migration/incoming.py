@@ -50,7 +50,7 @@ class IncomingMigration(MigrationStateMachine):
         #: Multifd channels by id, once each has sent a valid initial packet.
         self._multifd_channels: list[Channel] = []
 
-    def start(self, uri: str, monitor: "MonitorProtocol | None" = None, from_command_line: bool = False) -> None:
+    def start(self, uri: str, monitor: "MonitorProtocol | None" = None) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (states.md §9)."""
         if self.started:
             raise QMPError("The incoming migration has already been started")

@@ -36,7 +36,6 @@ RUNNING = frozenset({
     "pre-switchover", "device", "wait-unplug", "cancelling",
 })
 WINDOW_SECONDS = 0.1
-UNLIMITED = (1 << 63) - 1
 
 
 def now_ms() -> float:
