@@ -1,9 +1,7 @@
 """The portable software vCPU: one thread per vCPU running a guest workload.
 
-Pausing is a handshake, not a flag: :meth:`SoftVcpus.pause_all` returns only
-once every vCPU thread is parked outside its workload step, so the migration
-code may read RAM knowing no guest write is in flight (QEMU's
-pause_all_vcpus gives the same guarantee).
+The pause handshake and throttle rule are :class:`~vmigrate.machine.vcpus.VcpuGroup`'s;
+a software vCPU parks between workload steps.
 """
 
 from __future__ import annotations
@@ -13,6 +11,7 @@ import time
 from typing import Callable
 
 from vmigrate.machine.guest import Workload
+from vmigrate.machine.vcpus import VcpuGroup
 
 
 class SoftVcpu(threading.Thread):
@@ -47,42 +46,19 @@ class SoftVcpu(threading.Thread):
                     owner._cond.wait(pause)
 
 
-class SoftVcpus:
+class SoftVcpus(VcpuGroup):
     """All software vCPUs of one VM; vCPU 0 runs the workload, the others idle."""
 
     def __init__(self, count: int, make_workload: Callable[[], Workload] | None) -> None:
-        self._cond = threading.Condition()
-        self._run = False
-        self._quit = False
-        self._parked = 0
+        super().__init__()
         #: Fraction of wall time each vCPU must sleep (auto-converge / dirty limit).
         self.throttle = 0.0
-        self.vcpus = [SoftVcpu(i, make_workload if i == 0 else None, self) for i in range(count)]
-        for v in self.vcpus:
+        self.threads = [SoftVcpu(i, make_workload if i == 0 else None, self) for i in range(count)]
+        for v in self.threads:
             v.start()
 
-    def throttle_sleep(self, ran: float) -> float:
-        """Extra sleep after *ran* seconds of guest time, so sleeping is the throttled fraction of wall time."""
-        t = self.throttle
-        return 0.0 if t <= 0 else ran * t / (1 - t)
-
-    def pause_all(self) -> None:
-        with self._cond:
-            self._run = False
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: self._parked == len(self.vcpus), timeout=10)
-
-    def resume_all(self) -> None:
-        with self._cond:
-            self._run = True
-            self._cond.notify_all()
-
     def shutdown(self) -> None:
-        with self._cond:
-            self._quit = True
-            self._cond.notify_all()
-        for v in self.vcpus:
-            v.join(timeout=5)
+        self._stop_threads()
 
     def dirty_log_start(self) -> None:
         """Software vCPUs mark the dirty log on every write; nothing to switch on."""
@@ -100,4 +76,4 @@ class SoftVcpus:
 
     @property
     def workload(self) -> Workload | None:
-        return self.vcpus[0].workload if self.vcpus else None
+        return self.threads[0].workload if self.threads else None

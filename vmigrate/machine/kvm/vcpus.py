@@ -1,6 +1,6 @@
 """The KVM vCPU backend: one thread per vCPU in KVM_RUN, with the software backend's interface.
 
-Pausing is the same handshake as :class:`~vmigrate.machine.softcpu.SoftVcpus`:
+Pausing is :class:`~vmigrate.machine.vcpus.VcpuGroup`'s handshake:
 :meth:`KvmVcpus.pause_all` returns only when no vCPU is inside KVM_RUN.  A
 vCPU in the guest is kicked out with ``immediate_exit`` and a signal; a vCPU
 that last left KVM_RUN for a port-I/O exit enters KVM_RUN once more with
@@ -36,7 +36,7 @@ from vmigrate.machine.kvm.uart import SerialSink, Uart16550
 from vmigrate.machine.kvm.vcpu import Vcpu
 from vmigrate.machine.kvm.vm import KvmVM
 from vmigrate.machine.memory import RAMBlock
-from vmigrate.machine.softcpu import SoftVcpus
+from vmigrate.machine.vcpus import VcpuGroup
 from vmigrate.machine.x86guest import boot, build
 from vmigrate.machine.x86guest.programs import program_for
 
@@ -154,7 +154,7 @@ class KvmVcpuThread(threading.Thread):
         self.owner.on_error(message)
 
 
-class KvmVcpus:
+class KvmVcpus(VcpuGroup):
     """The KVM machine: VM, memory slots, vCPU threads, UART, and their migratable state."""
 
     def __init__(self, ram: RAMBlock, count: int, guest: GuestSpec, serial: str | None = None,
@@ -180,10 +180,7 @@ class KvmVcpus:
         self.uart = Uart16550(self.sink, next(sid))
         self._uart_lock = threading.Lock()
 
-        self._cond = threading.Condition()
-        self._run = False
-        self._quit = False
-        self._parked = 0
+        super().__init__()
         self._throttle = 0.0
         self._throttle_start = 0.0
         self._ticker: threading.Thread | None = None
@@ -235,29 +232,8 @@ class KvmVcpus:
                 self._ticker = threading.Thread(target=self._throttle_ticker, name="vCPU throttle", daemon=True)
                 self._ticker.start()
 
-    #: The software vCPU's rule, so both backends throttle alike.
-    throttle_sleep = SoftVcpus.throttle_sleep
-
-    def pause_all(self) -> None:
-        with self._cond:
-            self._run = False
-            self._kick_all()
-            self._cond.notify_all()
-            if not self._cond.wait_for(lambda: self._parked == len(self.threads), timeout=10):
-                raise RuntimeError("a vCPU did not leave KVM_RUN within 10 s")
-
-    def resume_all(self) -> None:
-        with self._cond:
-            self._run = True
-            self._cond.notify_all()
-
     def shutdown(self) -> None:
-        with self._cond:
-            self._quit = True
-            self._kick_all()
-            self._cond.notify_all()
-        for t in self.threads:
-            t.join(timeout=5)
+        self._stop_threads()
         if any(t.is_alive() for t in self.threads):
             return  # a thread stuck in the kernel keeps its fds; the process is exiting anyway
         for cpu in self.cpus:
