@@ -135,9 +135,19 @@ def vmigrate_argv(sock: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "vmigrate", "run", "--qmp", f"unix:{sock}", *accel, *extra]
 
 
-def qemu_argv(sock: Path, *extra: str, memory: str = "64M", mem_path: Path | None = None) -> list[str]:
+def qemu_argv(sock: Path, *extra: str, memory: str = "64M", mem_path: Path | None = None,
+              pc: bool = False) -> list[str]:
+    """QEMU 7.2 with a ``-M none`` machine, or with *pc* a KVM PC booting the guest program in *mem_path*.
+
+    *pc* needs *mem_path* prepared by :func:`vmigrate.machine.x86guest.pc.prepare`.
+    """
     argv = [QEMU, "-nic", "none", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
-    if mem_path is not None:
+    if pc:
+        from vmigrate.machine.x86guest import pc as pc_guest
+        from vmigrate.machine.memory import parse_size
+
+        argv += pc_guest.qemu_argv(mem_path, parse_size(memory, "M"))
+    elif mem_path is not None:
         # The backend id names the RAM block: "ram", like vmigrate's and plain -M none -m.
         argv += ["-M", "none,memory-backend=ram", "-object",
                  f"memory-backend-file,id=ram,size={memory},mem-path={mem_path},share=on", "-m", memory]

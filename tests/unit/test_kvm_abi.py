@@ -157,9 +157,17 @@ def _walk(ram: np.ndarray, addr: int) -> tuple[int, int]:
 def test_boot_tables_identity_map_ram_for_user_mode():
     ram = np.zeros(2 << 20, dtype=np.uint8)
     code = b"\x90" * 100
-    boot.install(ram, 5 << 30, code)
+    boot.install(ram, 5 << 30, code, {"rdi": 7, "rbx": 9})
     for addr in (0, 0x123456, (1 << 30) + 0x1000, (5 << 30) - 1):
         assert _walk(ram, addr)[0] == addr
+    small = np.zeros(2 << 20, dtype=np.uint8)
+    boot.install(small, 64 << 20, code, {})
+    assert _walk(small, 0xFFFFFFF0)[0] == 0xFFFFFFF0, "a PC's reset vector stays mapped for bios.S"
+    args = ram[boot.BOOT_ARGS:boot.BOOT_ARGS + 8 * len(boot.BOOT_REGISTERS)].view(np.uint64)
+    assert dict(zip(boot.BOOT_REGISTERS, args.tolist())) == {
+        "rip": build.CODE_BASE, "rsp": boot.STACK_TOP, "rdi": 7, "rsi": 0, "rdx": 0, "rcx": 0, "rbx": 9}
+    assert len(boot.gdt_bytes()) == 8 * build.GUEST_H["GDT_ENTRIES"], "bios.S loads the GDT with this limit"
+    assert boot.STACK_TOP <= 0xA0000, "a PC has VGA and ROM above 640 KiB"
     assert bytes(ram[build.CODE_BASE:build.CODE_BASE + 100]) == code
     tss = bytes(ram[boot.TSS_BASE:boot.TSS_BASE + boot.TSS_SIZE])
     iomap = int.from_bytes(tss[0x66:0x68], "little")
@@ -182,6 +190,8 @@ def test_programs_take_the_workload_options_clamped_to_ram():
     assert ab.arguments == {"rdi": mib, "rsi": 8 * mib, "rbx": 0}
     stress = program_for(GuestSpec.parse("stress:rate=4,wss=16M"), 64 * mib, 2 * 10**9)
     assert stress.arguments == {"rdi": mib, "rsi": 4096, "rdx": 1024, "rcx": 2 * 10**9, "rbx": 5000}
+    spinning = program_for(GuestSpec.parse("stress:rate=4,wss=16M,tick=0"), 64 * mib, 2 * 10**9)
+    assert spinning.arguments["rbx"] == 0
     checksum = program_for(GuestSpec.parse("checksum:size=100M,rounds=7"), 32 * mib, 10**9)
     assert checksum.arguments == {"rdi": mib, "rsi": 31 * mib // 8, "rdx": 7}
     assert program_for(GuestSpec.parse("idle"), 64 * mib, 10**9) is None
@@ -201,6 +211,8 @@ def test_programs_assemble_once_into_the_cache(tmp_path, monkeypatch):
     assert build.image("ab") == image and cached[0].stat().st_mtime_ns == stamp
     with pytest.raises(build.GuestBuildError, match="no guest program 'nosuch'"):
         build.image("nosuch")
+    bios = build.image(build.BIOS)
+    assert len(bios) == 64 << 10 and bios[0xFFF0] == 0xE9, "a 64 KiB ROM with a near jump at the reset vector"
 
 
 def test_software_checksum_workload_matches_the_reference():

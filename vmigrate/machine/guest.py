@@ -104,13 +104,17 @@ class AB(Workload):
 
 
 class Stress(Workload):
-    """Dirties a working set at a target rate, round-robin, a few ms at a time."""
+    """Dirties a working set at a target rate, round-robin, a few ms at a time.
+
+    ``tick=0`` never sleeps between steps: the guest spins on the clock, as
+    the x86 program must on a PC, which has no sleep hypercall.
+    """
 
     name = "stress"
-    TICK = 0.005
 
-    def __init__(self, ram: RAMBlock, rate: float = 100.0, wss: int = 64 << 20) -> None:
+    def __init__(self, ram: RAMBlock, rate: float = 100.0, wss: int = 64 << 20, tick_ms: float = 5.0) -> None:
         super().__init__(ram)
+        self.tick = tick_ms / 1000
         self.first = HEADER_PAGES
         self.count = max(1, min(wss // PAGE_SIZE, ram.npages - HEADER_PAGES))
         self.pages_per_second = rate * (1 << 20) / PAGE_SIZE
@@ -134,7 +138,7 @@ class Stress(Workload):
             self._u64[1] = stamp
             self._u64[2] = (cursor + n) % self.count
             self.ram.dirty.mark_range(0, 1)
-        return self.TICK
+        return self.tick
 
     def write(self, pages: np.ndarray, stamp: int) -> None:
         """How a page is dirtied: its first 8 bytes become the step number."""
@@ -205,7 +209,7 @@ def read_header(ram_file: str) -> int | None:
 
 @dataclass(frozen=True)
 class GuestSpec:
-    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE``,
+    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE[,tick=MS]``,
     ``checksum[:size=SIZE,rounds=N]``."""
 
     kind: str
@@ -229,11 +233,11 @@ class GuestSpec:
     def _convert(self) -> dict:
         conv = {
             "ab": {"start": lambda v: parse_size(v, "B"), "end": lambda v: parse_size(v, "B"), "sleep": float},
-            "stress": {"rate": float, "wss": lambda v: parse_size(v, "M")},
+            "stress": {"rate": float, "wss": lambda v: parse_size(v, "M"), "tick": float},
             "checksum": {"size": lambda v: parse_size(v, "M"), "rounds": int},
             "idle": {},
         }[self.kind]
-        names = {"sleep": "sleep_ms"}
+        names = {"sleep": "sleep_ms", "tick": "tick_ms"}
         out = {}
         for key, value in self.options.items():
             if key not in conv:

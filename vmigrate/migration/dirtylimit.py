@@ -2,7 +2,8 @@
 
 A service thread measures every vCPU's dirty rate once a second from its
 dirty ring and adjusts, per limited vCPU, how long that vCPU sleeps each
-time its ring fills up.  Only the dirty ring attributes writes to a vCPU,
+time its ring fills up (QEMU's mechanism; a tighter adjustment rule, see
+:func:`throttle_step`).  Only the dirty ring attributes writes to a vCPU,
 hence the KVM ``dirty-ring-size`` requirement, as in QEMU.
 """
 
@@ -19,27 +20,30 @@ if TYPE_CHECKING:
     from vmigrate.vm import VM
 
 NEEDS_RING = "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'"
-TOLERANCE_MIB = 25
 PERIOD_S = 1.0
+#: Longest sleep per full ring: a vCPU still gets through a ring every ten seconds.
+MAX_SLEEP_US = 10_000_000
 
 
-def throttle_step(quota: int, current: int, sleep_us: int, ring_mib: int, max_rate: int) -> int:
-    """QEMU 7.2's adjustment of one vCPU's sleep per full ring (µs); *max_rate* already updated."""
-    if abs(quota - current) <= TOLERANCE_MIB:
-        return sleep_us
+def throttle_step(quota: int, current: int, sleep_us: int, ring_mib: int) -> int:
+    """The next sleep per full ring (µs) for a vCPU measured at *current* MiB/s under *quota*.
+
+    QEMU 7.2 stops adjusting within 25 MiB/s of the quota and otherwise moves
+    by fixed fractions of a ring-fill time, so a 50 MiB/s quota settles
+    anywhere in 25..75 MiB/s.  We solve for the sleep instead: a vCPU that
+    sleeps ``s`` per ring of ``R`` MiB and dirties at ``c`` spends ``R/c - s``
+    filling it, so running at ``q`` needs ``s' = s + R/q - R/c``.  Far from
+    the quota the whole step is taken; near it, half (one-second samples
+    vary by a fraction of a ring), which converges without overshoot.
+    """
     if current == 0:
         return 0
-    full_us = ring_mib * 1_000_000 // max_rate
-    if abs(quota - current) * 100 // max(quota, current) > 50:
-        if quota < current:
-            pct = (current - quota) * 100 // current
-            sleep_us += int(full_us * pct / (100 - pct))
-        else:
-            pct = (quota - current) * 100 // quota
-            sleep_us -= int(full_us * pct / (100 - pct))
-    else:
-        sleep_us += full_us // 10 if quota < current else -(full_us // 10)
-    return max(min(sleep_us, full_us * 99), 0)
+    if current == quota:
+        return sleep_us
+    step = ring_mib * 1_000_000 * (current - quota) / (quota * current)
+    if abs(quota - current) * 2 <= quota:
+        step /= 2
+    return max(min(round(sleep_us + step), MAX_SLEEP_US), 0)
 
 
 class DirtyLimitService:
@@ -47,7 +51,6 @@ class DirtyLimitService:
         self.vm = vm
         self.quota: dict[int, int] = {}
         self.current: dict[int, int] = {}
-        self._max_rate = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -117,11 +120,8 @@ class DirtyLimitService:
                 with self._lock:
                     self.current = dict(enumerate(rates))
                     for i, quota in self.quota.items():
-                        current = rates[i]
-                        if abs(quota - current) > TOLERANCE_MIB and current:
-                            self._max_rate = max(self._max_rate, current)
                         vcpus.ring_full_sleep_us[i] = throttle_step(
-                            quota, current, vcpus.ring_full_sleep_us[i], ring_mib, max(self._max_rate, 1))
+                            quota, rates[i], vcpus.ring_full_sleep_us[i], ring_mib)
         finally:
             for i in range(len(vcpus.ring_full_sleep_us)):
                 vcpus.ring_full_sleep_us[i] = 0

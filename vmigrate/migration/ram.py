@@ -154,7 +154,7 @@ class RamSaver:
         deadline = time.monotonic() + ITERATION_MAX_SECONDS
         done = False
         while not f.rate_limited():
-            if not self._send_batch(f):
+            if not self._send_batch(f, self._batch_within_budget(f)):
                 done = True
                 break
             if time.monotonic() > deadline:
@@ -187,14 +187,25 @@ class RamSaver:
             block.dirty.stop(DIRTY_CLIENT)
         self.accel.dirty_log_stop()
 
-    def _send_batch(self, f: QEMUFileOut) -> bool:
+    @staticmethod
+    def _batch_within_budget(f: QEMUFileOut) -> int:
+        """Pages for the next batch: no more than the rate limiter's window has left (one page over at most).
+
+        QEMU checks the limit after every page; a whole batch past the budget
+        would overshoot ``max-bandwidth`` by up to 4 MiB per 100 ms window.
+        """
+        if f.budget <= 0:
+            return BATCH_PAGES
+        return min(max((f.budget - f.used) // PAGE_SIZE + 1, 1), BATCH_PAGES)
+
+    def _send_batch(self, f: QEMUFileOut, max_pages: int = BATCH_PAGES) -> bool:
         """Send the next batch of dirty pages, choosing their encoding as QEMU's ram_save_target_page.
 
         Order of precedence: compression (until XBZRLE starts), zero page,
         multifd (not in postcopy), XBZRLE (once active, not in postcopy),
         normal page.
         """
-        found = self._next_batch()
+        found = self._next_batch(max_pages)
         if self._wrapped:
             self._wrapped = False
             if self.compress is not None and not self.xbzrle_active:
@@ -272,8 +283,8 @@ class RamSaver:
         stats.duplicate += output.zero_pages
         stats.compressed_pages += output.compressed_pages
 
-    def _next_batch(self) -> tuple[RAMBlock, np.ndarray] | None:
-        """Next run of dirty pages from the cursor, cleared from the bitmap."""
+    def _next_batch(self, max_pages: int) -> tuple[RAMBlock, np.ndarray] | None:
+        """Next run of at most *max_pages* dirty pages from the cursor, cleared from the bitmap."""
         if self.stats.remaining_pages <= 0:
             return None
         nblocks = len(self.blocks)
@@ -286,7 +297,7 @@ class RamSaver:
                 window = bitmap[start : start + SCAN_PAGES]
                 hits = np.flatnonzero(window)
                 if hits.size:
-                    pages = hits[:BATCH_PAGES] + start
+                    pages = hits[:max_pages] + start
                     bitmap[pages] = False
                     self._cursor_page = int(pages[-1]) + 1
                     return block, pages

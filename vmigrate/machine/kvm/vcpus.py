@@ -205,7 +205,7 @@ class KvmVcpus(VcpuGroup):
         if program is None:
             bsp.set_mp_state(abi.KVM_MP_STATE_HALTED)
             return
-        boot.install(self.ram.bytes, self.vm.ram_top, build.image(program.name))
+        boot.install(self.ram.bytes, self.vm.ram_top, build.image(program.name), program.arguments)
         sregs = bsp.get_sregs()
         bsp.set_sregs(structs.load_into(sregs, structs.flatten(boot.initial_sregs())))
         bsp.set_regs(structs.from_nested(abi.kvm_regs, boot.initial_regs(program.arguments)))

@@ -29,6 +29,11 @@ PDPT_BASE = GUEST_H["PDPT_BASE"]
 PD_BASE = GUEST_H["PD_BASE"]
 #: Page directories fit below the code: each maps 1 GiB.
 MAX_MAPPED_GIB = (CODE_BASE - PD_BASE) // 0x1000
+#: The first 4 GiB are always mapped: a PC's firmware (bios.S) runs just below 4 GiB when it turns paging on.
+MIN_MAPPED_GIB = 4
+BOOT_ARGS = GUEST_H["BOOT_ARGS"]
+#: The registers bios.S loads before entering the program, in this order.
+BOOT_REGISTERS = ("rip", "rsp", "rdi", "rsi", "rdx", "rcx", "rbx")
 STACK_TOP = GUEST_H["STACK_TOP"]
 #: Programs work on memory from here up; everything below is the loader's.
 WORK_BASE = GUEST_H["WORK_BASE"]
@@ -82,11 +87,15 @@ def tss_bytes() -> bytes:
 
 def mapped_gib(top: int) -> int:
     """How many GiB of guest-physical space the page tables map for RAM ending at *top*."""
-    return max(1, min(-(-top // (1 << 30)), MAX_MAPPED_GIB))
+    return max(MIN_MAPPED_GIB, min(-(-top // (1 << 30)), MAX_MAPPED_GIB))
 
 
-def install(ram: np.ndarray, top: int, code: bytes) -> None:
-    """Write GDT, TSS, page tables and the program into guest RAM (*ram*: bytes from gpa 0)."""
+def install(ram: np.ndarray, top: int, code: bytes, arguments: dict[str, int]) -> None:
+    """Write GDT, TSS, page tables, the program and its boot arguments into guest RAM (*ram*: bytes from gpa 0).
+
+    The boot arguments repeat the entry registers of :func:`initial_regs`
+    for firmware that cannot be handed registers (bios.S).
+    """
     if len(code) > STACK_TOP // 2 - CODE_BASE:
         raise ValueError("guest program too large")
     ram[:WORK_BASE] = 0
@@ -99,6 +108,8 @@ def install(ram: np.ndarray, top: int, code: bytes) -> None:
     large = np.arange(gib * 512, dtype=np.uint64) << np.uint64(21)
     words[PD_BASE // 8:PD_BASE // 8 + gib * 512] = large | np.uint64(_TABLE_FLAGS | _PTE_LARGE)
     ram[CODE_BASE:CODE_BASE + len(code)] = np.frombuffer(code, dtype=np.uint8)
+    regs = initial_regs(arguments)
+    words[BOOT_ARGS // 8:BOOT_ARGS // 8 + len(BOOT_REGISTERS)] = [regs.get(name, 0) for name in BOOT_REGISTERS]
 
 
 def _segment(selector: int, code: bool) -> dict:

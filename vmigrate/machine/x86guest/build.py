@@ -1,4 +1,4 @@
-"""Assemble the guest programs from their sources with the system's gcc and ld.
+"""Assemble the guest programs (and the PC firmware that starts them) with the system's gcc and ld.
 
 The programs are kept as GNU assembler sources next to this module; the flat
 binaries are built at first use into a cache directory keyed by a hash of
@@ -19,6 +19,10 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent
 _COMMON = ("guest.h", "common.S")
+#: The PC firmware of :mod:`~vmigrate.machine.x86guest.pc`: not a ``--guest`` program.
+BIOS = "bios"
+#: Where the firmware is linked: a 64 KiB ROM ending at 4 GiB, over the reset vector.
+BIOS_BASE = 0xFFFF0000
 
 
 def _defines(header: Path) -> dict[str, int]:
@@ -38,7 +42,11 @@ class GuestBuildError(RuntimeError):
 
 
 def program_names() -> list[str]:
-    return sorted(p.stem for p in SOURCES.glob("*.S") if p.name not in _COMMON)
+    return sorted(p.stem for p in SOURCES.glob("*.S") if p.name not in _COMMON and p.stem != BIOS)
+
+
+def _link_base(name: str) -> int:
+    return BIOS_BASE if name == BIOS else CODE_BASE
 
 
 def missing_tools() -> list[str]:
@@ -58,19 +66,24 @@ def cache_dir() -> Path:
 
 
 def _source_key(name: str) -> str:
-    digest = hashlib.sha256(f"{CODE_BASE:#x}".encode())
+    digest = hashlib.sha256(f"{_link_base(name):#x}".encode())
     for part in (*_COMMON, f"{name}.S"):
         digest.update((SOURCES / part).read_bytes())
     return digest.hexdigest()[:16]
 
 
 def image(name: str) -> bytes:
-    """The flat binary of program *name*, linked at :data:`CODE_BASE`."""
+    """The flat binary of program *name*, linked at :data:`CODE_BASE` (the firmware at :data:`BIOS_BASE`)."""
+    return binary(name).read_bytes()
+
+
+def binary(name: str) -> Path:
+    """The cached file holding :func:`image` of *name*, built first if needed."""
     if not (SOURCES / f"{name}.S").is_file():
         raise GuestBuildError(f"no guest program '{name}' (have: {', '.join(program_names())})")
     target = cache_dir() / f"{name}-{_source_key(name)}.bin"
     if target.is_file():
-        return target.read_bytes()
+        return target
     if missing := missing_tools():
         raise GuestBuildError(f"building the x86 guest program '{name}' needs {' and '.join(missing)} "
                               "(apt-get install gcc)")
@@ -78,7 +91,7 @@ def image(name: str) -> bytes:
         obj, out = Path(tmp) / f"{name}.o", Path(tmp) / f"{name}.bin"
         for argv in (
             ["gcc", "-c", "-I", str(SOURCES), str(SOURCES / f"{name}.S"), "-o", str(obj)],
-            ["ld", "-N", f"-Ttext={CODE_BASE:#x}", "-e", "_start", "--build-id=none", "--oformat=binary",
+            ["ld", "-N", f"-Ttext={_link_base(name):#x}", "-e", "_start", "--build-id=none", "--oformat=binary",
              "-o", str(out), str(obj)],
         ):
             result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
@@ -87,4 +100,4 @@ def image(name: str) -> bytes:
                 raise GuestBuildError(f"{argv[0]} failed on {name}.S: {detail[0] if detail else result.returncode}")
         # Atomic publish: a concurrent build of the same sources writes the same bytes.
         os.replace(out, target)
-    return target.read_bytes()
+    return target

@@ -2,19 +2,21 @@
  *
  * Guest-physical layout (identity-mapped with 2 MiB user pages):
  *   0x0000   header page: magic, pass counter, cursor, result (read by tools through the RAM file)
- *   0x1000   GDT, then the TSS and its I/O permission bitmap
- *   0x2000   page tables: PML4, PDPT, then one page directory per GiB
+ *   0x1000   GDT, then the TSS and its I/O permission bitmap; boot arguments at 0x1800
+ *   0x2000   page tables: PML4, PDPT, then one page directory per GiB (at least 4 GiB mapped)
  *   0x20000  program code, entry first
- *   ...      stack, growing down from 1 MiB
+ *   ...      stack, growing down from 0x80000 (a PC's RAM ends at 0xA0000: VGA and ROMs above)
  *   1 MiB    the programs' working memory
  */
 #define GDT_BASE        0x1000
+#define GDT_ENTRIES     7                       /* null, kernel code/data, user data/code, TSS (2) */
 #define TSS_BASE        0x1080
 #define PML4_BASE       0x2000
 #define PDPT_BASE       0x3000
 #define PD_BASE         0x4000
+#define BOOT_ARGS       0x1800                  /* rip, rsp, rdi, rsi, rdx, rcx, rbx: read by bios.S */
 #define CODE_BASE       0x20000
-#define STACK_TOP       0x100000
+#define STACK_TOP       0x80000
 #define WORK_BASE       0x100000
 
 #define SEL_KERNEL_CODE 0x08

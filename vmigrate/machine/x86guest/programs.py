@@ -14,10 +14,6 @@ from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.memory import PAGE_SIZE
 from vmigrate.machine.x86guest.boot import WORK_BASE
 
-#: The stress program's pacing tick, as the software workload's.
-STRESS_TICK_US = 5000
-
-
 @dataclass(frozen=True)
 class Program:
     name: str
@@ -52,7 +48,7 @@ def program_for(spec: GuestSpec, ram_top: int, tsc_hz: int) -> Program | None:
         return Program("stress", {
             "rdi": first, "rsi": (last - first) // PAGE_SIZE,
             "rdx": round(args["rate"] * (1 << 20) / PAGE_SIZE),
-            "rcx": tsc_hz, "rbx": STRESS_TICK_US,
+            "rcx": tsc_hz, "rbx": round(args["tick_ms"] * 1000),
         })
     if spec.kind == "checksum":
         first, last = _work_window(WORK_BASE, WORK_BASE + args["size"], ram_top, "checksum")

@@ -1,7 +1,8 @@
 /* stress: dirty a working set at a target rate, paced by the TSC.
  *
  * rdi: first page address, rsi: pages in the working set, rdx: pages per
- * second, rcx: TSC ticks per second, rbx: tick length in microseconds.
+ * second, rcx: TSC ticks per second, rbx: tick length in microseconds (0:
+ * spin on the TSC without the sleep hypercall, which a PC does not have).
  * Each tick turns the elapsed TSC time into page credit (at most 0.1 s
  * worth, so a guest that was paused does not burst afterwards; the
  * fraction is kept in r13), then stamps the next pages round-robin with
@@ -57,5 +58,7 @@ tick:
         mov     qword ptr ds:HDR_CURSOR, r9
         mov     qword ptr ds:HDR_COUNTER, r8
 rest:
+        test    ebx, ebx
+        jz      tick
         SLEEP_US ebx
         jmp     tick
