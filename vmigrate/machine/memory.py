@@ -8,6 +8,7 @@ incoming migration) must mark pages in the same place.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import re
@@ -99,17 +100,21 @@ class RAMBlock:
         self.pages = self.bytes.reshape(-1, PAGE_SIZE)
         self.npages = size // PAGE_SIZE
         self.dirty = DirtyLog(self.npages)
+        self._prefaulter: Prefaulter | None = None
 
     def write_pages(self, pages: np.ndarray, data: np.ndarray) -> None:
         """Store whole pages (incoming migration).
 
         A contiguous run is prefaulted with one MADV_POPULATE_WRITE before the
         copy: taking the first-touch faults in one call is several times
-        faster than one fault per page inside the copy.
+        faster than one fault per page inside the copy.  Long runs also let
+        the :class:`Prefaulter` allocate what is likely to come next.
         """
         first, count = int(pages[0]), len(pages)
         if int(pages[-1]) - first + 1 == count and (count == 1 or bool((np.diff(pages) == 1).all())):
-            _populate_write(self._mmap, first * PAGE_SIZE, count * PAGE_SIZE)
+            if self._prefaulter is None:
+                self._prefaulter = Prefaulter(self.bytes.ctypes.data, self.npages)
+            self._prefaulter.populate(first, count)
             self.pages[first : first + count] = data
         else:
             self.pages[pages] = data
@@ -142,22 +147,91 @@ class RAMBlock:
         return holes
 
     def close(self) -> None:
+        if self._prefaulter is not None:
+            self._prefaulter.stop()
         self.pages = self.bytes = None  # type: ignore[assignment]
         self._mmap.close()
 
 
 _MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _populate_supported = True
 
 
-def _populate_write(mem: mmap.mmap, offset: int, length: int) -> None:
-    """Prefault a range for writing; a no-op on kernels without MADV_POPULATE_WRITE (< 5.14)."""
+def _populate_write(addr: int, length: int) -> None:
+    """Prefault a range for writing, without the GIL; a no-op on kernels without MADV_POPULATE_WRITE (< 5.14)."""
     global _populate_supported
-    if _populate_supported:
-        try:
-            mem.madvise(_MADV_POPULATE_WRITE, offset, length)
-        except OSError:
-            _populate_supported = False
+    if _populate_supported and _libc.madvise(addr, length, _MADV_POPULATE_WRITE) != 0:
+        _populate_supported = False
+
+
+class Prefaulter:
+    """Allocates a RAM block's pages ahead of an incoming stream's long runs, on its own thread.
+
+    Allocating a fresh page (the kernel zeroes it, and on a nested host the
+    outer host may have to back it first) was two thirds of the receiving
+    thread's time in a 4 GiB precopy, on one core while the other idled.  A
+    stream that has just sent a long run of data pages is about to send the
+    pages after it, so a helper thread allocates them while the receiving
+    thread copies.  The lookahead is never longer than the run already
+    written, so memory allocated for pages that turn out to be zero (and
+    would otherwise stay unbacked) is at most what the run itself used.
+    """
+
+    #: Runs shorter than this (in pages) start no lookahead: zero-heavy RAM stays unbacked.
+    MIN_RUN = 256
+    #: The most the helper works ahead of the stream, in pages (32 MiB).
+    MAX_AHEAD = 8192
+    #: Pages per helper call: small enough to track the stream, large enough to amortise the call.
+    CHUNK = 256
+
+    def __init__(self, addr: int, npages: int) -> None:
+        self._addr = addr
+        self._npages = npages
+        self._cond = threading.Condition()
+        #: The current run: pages [run_start, written) came in order; the helper allocated [written, ready).
+        self._run_start = self._written = self._ready = 0
+        self._goal = 0
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="prefault", daemon=True)
+        self._thread.start()
+
+    def populate(self, first: int, count: int) -> None:
+        """Pages [first, first + count) are about to be written: allocate them, and what follows a long run."""
+        end = first + count
+        with self._cond:
+            if first != self._written:
+                self._run_start, self._ready = first, first
+            ready = self._ready
+            self._written = end
+            self._ready = max(self._ready, end)
+            run = end - self._run_start
+            if run >= self.MIN_RUN:
+                self._goal = min(end + min(run, self.MAX_AHEAD), self._npages)
+                self._cond.notify()
+        if end > ready:
+            _populate_write(self._addr + first * PAGE_SIZE, count * PAGE_SIZE)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and self._ready >= self._goal:
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                start = self._ready
+                stop = min(start + self.CHUNK, self._goal)
+            _populate_write(self._addr + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
+            with self._cond:
+                if self._ready == start:
+                    self._ready = stop
 
 
 def parse_size(text: str, default_suffix: str = "M") -> int:
