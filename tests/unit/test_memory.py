@@ -16,64 +16,54 @@ MIB = 1 << 20
 
 
 @pytest.fixture
-def ram_dir(tmp_path):
-    """tmpfs where there is one (where guest RAM lives): it allocates exactly the pages touched."""
+def block(tmp_path, request):
+    """A RAM block of ``request.param`` MiB in a file on tmpfs where there is one (where guest RAM
+    lives: it allocates exactly the pages touched)."""
     shm = Path("/dev/shm")
-    if not shm.is_dir():
-        yield tmp_path
-        return
-    with tempfile.TemporaryDirectory(dir=shm) as tmp:
-        yield Path(tmp)
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else tmp_path) as tmp:
+        ram = RAMBlock("ram", request.param * MIB, str(Path(tmp) / "ram"))
+        try:
+            yield ram
+        finally:
+            ram.close()
 
 
-def allocated_pages(path: Path) -> int:
-    return os.stat(path).st_blocks * 512 // PAGE_SIZE
+def allocated_pages(block: RAMBlock) -> int:
+    return os.stat(block.mem_path).st_blocks * 512 // PAGE_SIZE
 
 
-def allocation_after(path: Path, expected: int, timeout: float = 5.0) -> int:
-    """The file's allocated pages once they reach *expected* (or time is up), and 0.2 s later."""
+def allocation_after(block: RAMBlock, expected: int, timeout: float = 5.0) -> int:
+    """The block's allocated pages once they reach *expected* (or time is up), and 0.2 s later."""
     deadline = time.monotonic() + timeout
-    while allocated_pages(path) < expected and time.monotonic() < deadline:
+    while allocated_pages(block) < expected and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.2)
-    return allocated_pages(path)
+    return allocated_pages(block)
 
 
 def write_run(block: RAMBlock, first: int, count: int, value: int) -> None:
     block.write_pages(np.arange(first, first + count), np.full((count, PAGE_SIZE), value, np.uint8))
 
 
-def test_a_long_run_allocates_as_far_ahead_as_it_has_come(ram_dir):
-    path = ram_dir / "ram"
-    block = RAMBlock("ram", 64 * MIB, str(path))
-    try:
-        for first in range(0, 1024, 256):
-            write_run(block, first, 256, 7)
-        assert allocation_after(path, 2048) == 2048, "1024 pages written, 1024 allocated ahead"
-        assert (block.pages[:1024] == 7).all() and not block.pages[1024:2048].any()
-    finally:
-        block.close()
+@pytest.mark.parametrize("block", [64], indirect=True)
+def test_a_long_run_allocates_as_far_ahead_as_it_has_come(block):
+    for first in range(0, 1024, 256):
+        write_run(block, first, 256, 7)
+    assert allocation_after(block, 2048) == 2048, "1024 pages written, 1024 allocated ahead"
+    assert (block.pages[:1024] == 7).all() and not block.pages[1024:2048].any()
 
 
-def test_lookahead_is_capped(ram_dir):
-    path = ram_dir / "ram"
-    block = RAMBlock("ram", 256 * MIB, str(path))
-    try:
-        for first in range(0, 16384, 1024):
-            write_run(block, first, 1024, 1)
-        assert allocation_after(path, 16384 + Prefaulter.MAX_AHEAD) == 16384 + Prefaulter.MAX_AHEAD
-    finally:
-        block.close()
+@pytest.mark.parametrize("block", [256], indirect=True)
+def test_lookahead_is_capped(block):
+    for first in range(0, 16384, 1024):
+        write_run(block, first, 1024, 1)
+    assert allocation_after(block, 16384 + Prefaulter.MAX_AHEAD) == 16384 + Prefaulter.MAX_AHEAD
 
 
-def test_short_runs_allocate_only_what_they_write(ram_dir):
+@pytest.mark.parametrize("block", [64], indirect=True)
+def test_short_runs_allocate_only_what_they_write(block):
     """Data pages scattered among zero pages: the zero pages stay unbacked."""
-    path = ram_dir / "ram"
-    block = RAMBlock("ram", 64 * MIB, str(path))
-    try:
-        for first in range(0, 8192, 512):
-            write_run(block, first, 100, 3)
-        assert allocation_after(path, 16 * 100) == 16 * 100
-        assert int(block.unbacked_pages().sum()) == block.npages - 16 * 100
-    finally:
-        block.close()
+    for first in range(0, 8192, 512):
+        write_run(block, first, 100, 3)
+    assert allocation_after(block, 16 * 100) == 16 * 100
+    assert int(block.unbacked_pages().sum()) == block.npages - 16 * 100
