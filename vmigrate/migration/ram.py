@@ -79,6 +79,8 @@ class RamSaver:
         self.target_pages = 0
         self._rates = PeriodRates()
         self._wrapped = False
+        #: The first copy of RAM is out: every page was sent once (the cursor went round, or none was left).
+        self.bulk_done = False
         self._f: QEMUFileOut | None = None
         self.accel = accel
         self.stats = stats
@@ -286,6 +288,7 @@ class RamSaver:
     def _next_batch(self, max_pages: int) -> tuple[RAMBlock, np.ndarray] | None:
         """Next run of at most *max_pages* dirty pages from the cursor, cleared from the bitmap."""
         if self.stats.remaining_pages <= 0:
+            self.bulk_done = True
             return None
         nblocks = len(self.blocks)
         # Two rounds over all blocks at most: the cursor may start mid-block.
@@ -312,6 +315,7 @@ class RamSaver:
         """The scan wrapped past the last block: compression is flushed and XBZRLE
         enabled before the next page is sent (ram.md §3.1)."""
         self._wrapped = True
+        self.bulk_done = True
 
 
 class RamLoader:
