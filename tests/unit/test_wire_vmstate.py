@@ -140,3 +140,14 @@ def test_field_type_checks():
         V.Field("x", "int32", 8)
     with pytest.raises(ValueError):
         V.Field("x", "float", 4)
+
+
+@pytest.mark.parametrize("text, written", [
+    ("ram", '"ram"'),
+    ('a"b\\c', '"a\\"b\\\\c"'),
+    ("tab\there\n", '"tab\\there\\n"'),
+    ("\x01\x7f", '"\\u0001\\u007F"'),
+    ("é😀", '"\\u00E9\\uD83D\\uDE00"'),
+])
+def test_vmdesc_strings_are_escaped_as_qemus_json_writer_does(text, written):
+    assert V._json_str(text) == written
