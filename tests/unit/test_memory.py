@@ -67,3 +67,12 @@ def test_short_runs_allocate_only_what_they_write(block):
         write_run(block, first, 100, 3)
     assert allocation_after(block, 16 * 100) == 16 * 100
     assert int(block.unbacked_pages().sum()) == block.npages - 16 * 100
+
+
+@pytest.mark.parametrize("block", [64], indirect=True)
+def test_packets_out_of_order_still_make_a_run(block):
+    """Two multifd channels: each pair of 128-page packets lands second one first."""
+    for first in range(0, 1024, 256):
+        write_run(block, first + 128, 128, 5)
+        write_run(block, first, 128, 5)
+    assert allocation_after(block, 2048) == 2048

@@ -172,45 +172,51 @@ class Prefaulter:
     Allocating a fresh page (the kernel zeroes it, and on a nested host the
     outer host may have to back it first) was two thirds of the receiving
     thread's time in a 4 GiB precopy, on one core while the other idled.  A
-    stream that has just sent a long run of data pages is about to send the
-    pages after it, so a helper thread allocates them while the receiving
-    thread copies.  The lookahead is never longer than the run already
-    written, so memory allocated for pages that turn out to be zero (and
-    would otherwise stay unbacked) is at most what the run itself used.
+    stream that has just sent a dense run of data pages is about to send the
+    pages after it, so a helper thread allocates them while the receivers
+    copy.  Writes a little out of order (multifd channels) continue a run;
+    the lookahead is never longer than the data the run has brought, so
+    memory allocated for pages that turn out to be zero (and would otherwise
+    stay unbacked) is at most what the run itself used.
     """
 
-    #: Runs shorter than this (in pages) start no lookahead: zero-heavy RAM stays unbacked.
+    #: Runs with fewer data pages than this start no lookahead: zero-heavy RAM stays unbacked.
     MIN_RUN = 256
     #: The most the helper works ahead of the stream, in pages (32 MiB).
     MAX_AHEAD = 8192
     #: Pages per helper call: small enough to track the stream, large enough to amortise the call.
     CHUNK = 256
+    #: A write this close (in pages) to the run continues it: multifd channels deliver packets out of order.
+    SLACK = 1024
 
     def __init__(self, addr: int, npages: int) -> None:
         self._addr = addr
         self._npages = npages
         self._cond = threading.Condition()
-        #: The current run: pages [run_start, written) came in order; the helper allocated [written, ready).
-        self._run_start = self._written = self._ready = 0
-        self._goal = 0
+        #: The current run spans pages [start, written) and brought data_pages of them.
+        self._start = self._written = self._data_pages = 0
+        #: The helper allocated [ahead_from, ready) and works on towards goal.
+        self._ahead_from = self._ready = self._goal = 0
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="prefault", daemon=True)
         self._thread.start()
 
     def populate(self, first: int, count: int) -> None:
-        """Pages [first, first + count) are about to be written: allocate them, and what follows a long run."""
+        """Pages [first, first + count) are about to be written: allocate them, and what follows a dense run."""
         end = first + count
         with self._cond:
-            if first != self._written:
-                self._run_start, self._ready = first, first
-            ready = self._ready
-            self._written = end
-            self._ready = max(self._ready, end)
-            run = end - self._run_start
-            if run >= self.MIN_RUN:
-                self._goal = min(end + min(run, self.MAX_AHEAD), self._npages)
+            if not self._start - self.SLACK <= first <= self._written + self.SLACK:
+                self._start, self._written, self._data_pages = first, end, 0
+                self._ahead_from = self._ready = self._goal = end
+            self._start = min(self._start, first)
+            self._written = max(self._written, end)
+            self._data_pages += count
+            covered = self._ahead_from <= first and end <= self._ready
+            dense = self._data_pages * 10 >= (self._written - self._start) * 9
+            if self._data_pages >= self.MIN_RUN and dense:
+                self._goal = min(self._written + min(self._data_pages, self.MAX_AHEAD), self._npages)
                 self._cond.notify()
-        if end > ready:
+        if not covered:
             _populate_write(self._addr + first * PAGE_SIZE, count * PAGE_SIZE)
 
     def stop(self) -> None:
@@ -222,10 +228,13 @@ class Prefaulter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopped and self._ready >= self._goal:
+                while not self._stopped and max(self._ready, self._written) >= self._goal:
                     self._cond.wait()
                 if self._stopped:
                     return
+                if self._ready < self._written:
+                    # The writers got past the helper (they allocate their own pages): restart ahead of them.
+                    self._ahead_from = self._ready = self._written
                 start = self._ready
                 stop = min(start + self.CHUNK, self._goal)
             _populate_write(self._addr + start * PAGE_SIZE, (stop - start) * PAGE_SIZE)
