@@ -81,6 +81,8 @@ def compress_chunk(block: RAMBlock, pages: np.ndarray, level: int) -> ChunkOutpu
 class _Worker:
     def __init__(self, owner: "CompressSender", index: int) -> None:
         self.owner = owner
+        #: Signalled when this worker gets a job (or must quit): only it wakes, not all of them.
+        self.cond = threading.Condition(owner.lock)
         self.job: tuple[RAMBlock, np.ndarray] | None = None
         self.output: ChunkOutput | None = None
         self.done = True
@@ -90,9 +92,9 @@ class _Worker:
     def _run(self) -> None:
         owner = self.owner
         while True:
-            with owner.cond:
+            with owner.lock:
                 while self.job is None and not owner.quit:
-                    owner.cond.wait(WAIT_SLICE)
+                    self.cond.wait(WAIT_SLICE)
                 if owner.quit:
                     return
                 block, pages = self.job
@@ -101,11 +103,11 @@ class _Worker:
             except (zlib.error, ValueError) as err:
                 owner.error = f"compressed data failed: {err}"
                 output = ChunkOutput()
-            with owner.cond:
+            with owner.lock:
                 self.output = output
                 self.job = None
                 self.done = True
-                owner.cond.notify_all()
+                owner.cond.notify()
 
 
 class CompressSender:
@@ -122,7 +124,9 @@ class CompressSender:
         self.wait = wait
         self.stats = stats
         self._write = write
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        #: Signalled when a worker finishes a job (only the migration thread waits on it).
+        self.cond = threading.Condition(self.lock)
         self.quit = False
         self.error: str | None = None
         self.workers = [_Worker(self, i) for i in range(threads)]
@@ -153,7 +157,7 @@ class CompressSender:
                 worker.done = False
                 output, worker.output = worker.output, None
                 worker.job = (block, chunk)
-                self.cond.notify_all()
+                worker.cond.notify()
             self._emit(output)
         return np.concatenate(busy) if busy else pages[:0]
 
@@ -171,9 +175,10 @@ class CompressSender:
             self._emit(output)
 
     def close(self) -> None:
-        with self.cond:
+        with self.lock:
             self.quit = True
-            self.cond.notify_all()
+            for worker in self.workers:
+                worker.cond.notify()
         for worker in self.workers:
             worker.thread.join(timeout=10)
 
