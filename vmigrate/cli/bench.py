@@ -135,18 +135,6 @@ def fill_ram_image(path: Path, size: int, zero_fraction: float, seed: int, chunk
     return RamImage(path, size, nzero, digest.hexdigest())
 
 
-def warm_host_memory(directory: Path, nbytes: int) -> None:
-    """Allocate and free *nbytes* of tmpfs pages before any timed run.
-
-    On a nested-virtualisation host (PVM here) the first touch of memory the
-    outer host never backed costs several times a later one: allocating
-    tmpfs pages ran at 340 MiB/s cold and 1,850 MiB/s warm on these machines.
-    Without this, whichever implementation runs first pays for it.
-    """
-    with tempfile.NamedTemporaryFile(dir=directory, prefix="warm-") as f:
-        os.posix_fallocate(f.fileno(), 0, nbytes)
-
-
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -896,9 +884,8 @@ def run_precopy(args, size: int, impls: list[str], params: dict, out: Path, logd
     profile: dict = {}
     workdir = Path(tempfile.mkdtemp(prefix="vmigrate-bench-", dir=args.shm_dir))
     try:
-        console.print(f"warming {human_bytes(2 * size)} of host memory, filling {human_bytes(size)} of guest RAM "
-                      f"({args.zero_fraction:.0%} zero pages) in {workdir} ...")
-        warm_host_memory(workdir, 2 * size)
+        console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) "
+                      f"in {workdir} ...")
         image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
         for rep in range(args.repeat):
             # Alternate the order: what is left of the host's state favours neither.
@@ -985,15 +972,12 @@ def run_matrix(args, size: int, impls: list[str], params: dict, out: Path, logdi
     if not rates or min(rates) < 0:
         raise CLIError("--dirty-rates must be non-negative integers (MiB/s)")
     dirtying = "vmigrate" in impls and any(rates)
-    need = (3 if dirtying else 2) * size
-    check_space(Path(args.shm_dir), need,
+    check_space(Path(args.shm_dir), (3 if dirtying else 2) * size,
                 f"a {human_bytes(size)} matrix (pristine, {'dirtied source, ' if dirtying else ''}destination RAM)")
     records: list[dict] = []
     workdir = Path(tempfile.mkdtemp(prefix="vmigrate-bench-", dir=args.shm_dir))
     try:
-        console.print(f"warming {human_bytes(need)} of host memory, filling {human_bytes(size)} of guest RAM "
-                      f"({args.zero_fraction:.0%} zero pages) ...")
-        warm_host_memory(workdir, need)
+        console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) ...")
         image = fill_ram_image(workdir / "pristine.ram", size, args.zero_fraction, args.seed)
         for index, scenario in enumerate(scenarios):
             caps, scenario_params = SCENARIOS[scenario]
