@@ -18,6 +18,9 @@ from typing import Any, Callable
 from qemu.qmp import ConnectError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from vmigrate.machine.memory import parse_size
+from vmigrate.machine.x86guest import pc as pc_guest
+
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 START_TIMEOUT = 15.0
 
@@ -143,9 +146,6 @@ def qemu_argv(sock: Path, *extra: str, memory: str = "64M", mem_path: Path | Non
     """
     argv = [QEMU, "-nic", "none", "-display", "none", "-qmp", f"unix:{sock},server=on,wait=off"]
     if pc:
-        from vmigrate.machine.x86guest import pc as pc_guest
-        from vmigrate.machine.memory import parse_size
-
         argv += pc_guest.qemu_argv(mem_path, parse_size(memory, "M"))
     elif mem_path is not None:
         # The backend id names the RAM block: "ram", like vmigrate's and plain -M none -m.

@@ -38,8 +38,6 @@ def throttle_step(quota: int, current: int, sleep_us: int, ring_mib: int) -> int
     """
     if current == 0:
         return 0
-    if current == quota:
-        return sleep_us
     step = ring_mib * 1_000_000 * (current - quota) / (quota * current)
     if abs(quota - current) * 2 <= quota:
         step /= 2
