@@ -1,26 +1,40 @@
 """One VM process: guest RAM, vCPUs, run state, QMP monitors and migration.
 
 :class:`VM` assembles the pieces from a :class:`VMConfig` and owns the
-asyncio loop that serves QMP.  Threads (vCPUs, migration) reach the loop only
-through :meth:`emit_event` and :meth:`call_soon`.
+asyncio loop that serves QMP.  It registers what migrates in the section
+registry and hands the migration engine a narrow
+:class:`~vmigrate.migration.port.MigrationHost`, never itself.  Threads
+(vCPUs, migration) reach the loop only through :meth:`emit_event` and
+:meth:`call_soon`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
-import sys
 import threading
 from dataclasses import dataclass, field
 
 from vmigrate import QEMU_VERSION, __version__
-from vmigrate.machine.devices import DeviceModel, GlobalState, VirtualClock
+from vmigrate.commands import CommandDispatcher
+from vmigrate.machine.devices import GlobalState, VirtualClock
+from vmigrate.machine.dirtylimit import DirtyLimitService
+from vmigrate.machine.dirtyrate import DirtyRateMeasurement
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.host import keep_large_buffers_in_heap
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.softcpu import SoftVcpus
+from vmigrate.machine.vcpus import VcpuBackend
+from vmigrate.migration.migration import MigrationManager
+from vmigrate.migration.port import MigrationHost
+from vmigrate.migration.ram import RamSection
+from vmigrate.migration.savevm import SectionRegistry
 from vmigrate.qapi.schema import load as load_schema
+from vmigrate.qmp.server import QMPServer
+
+log = logging.getLogger(__name__)
 
 PACKAGE = f"vmigrate {__version__}"
 
@@ -47,12 +61,6 @@ class VMConfig:
 
 class VM:
     def __init__(self, config: VMConfig, loop: asyncio.AbstractEventLoop) -> None:
-        from vmigrate.commands import CommandDispatcher
-        from vmigrate.migration.dirtylimit import DirtyLimitService
-        from vmigrate.migration.dirtyrate import DirtyRateMeasurement
-        from vmigrate.migration.migration import MigrationManager
-        from vmigrate.qmp.server import QMPServer
-
         self.config = config
         self.loop = loop
         self.package = PACKAGE
@@ -69,15 +77,30 @@ class VM:
         self.runstate.autostart = not config.start_paused
         self.clock = VirtualClock()
         self.global_state = GlobalState()
+        self.sections = self._register_sections()
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
-        self.migration = MigrationManager(self)
-        self.dirty_rate = DirtyRateMeasurement(self)
-        self.dirty_limit = DirtyLimitService(self)
+        self.migration = MigrationManager(MigrationHost(
+            ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
+            global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
+            machine_type=self.machine_type, emit_event=self.emit_event))
+        self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
+        self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()
         self.shutdown_reason: str | None = None
         self._loop_thread = threading.get_ident()
 
-    def _make_vcpus(self, config: VMConfig):
+    def _register_sections(self) -> SectionRegistry:
+        """What migrates, in the order and with the section ids of ``-M none`` (savevm.py), then
+        the KVM devices."""
+        sections = SectionRegistry()
+        sections.register_device(self.clock)
+        sections.register_live(RamSection(self.ram_blocks, self.vcpus))
+        for device in self.vcpus.devices:
+            sections.register_device(device)
+        sections.register_device(self.global_state)
+        return sections
+
+    def _make_vcpus(self, config: VMConfig) -> VcpuBackend:
         if config.accel == "kvm":
             from vmigrate.machine.kvm import KvmVcpus
 
@@ -87,7 +110,7 @@ class VM:
 
     def _guest_error(self, message: str) -> None:
         """A vCPU stopped for good (from its thread): say why, stop the VM in ``internal-error``."""
-        print(f"vmigrate: {message}", file=sys.stderr, flush=True)
+        log.error("%s", message)
         self.call_soon(self.runstate.stop, "internal-error")
 
     @property
@@ -104,11 +127,6 @@ class VM:
         on an unknown section.
         """
         return "vmigrate-kvm" if self.config.accel == "kvm" else "none"
-
-    @property
-    def devices(self) -> list[DeviceModel]:
-        """Device models migrated as FULL sections, in stream order."""
-        return [self.clock, *self.vcpus.devices, self.global_state]
 
     def start(self) -> None:
         for spec in self.config.qmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from procs import QMPCommandError
+from vmigrate.machine import devices as D
 from vmigrate.migration.wire import stream, vmstate
 
 
@@ -16,7 +17,7 @@ def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
     assert [e["event"] for e in vm.events(wait=0.2)] == ["STOP", "RESUME"]
     assert vm.status() == "running"
 
-    decoder = stream.StreamDecoder(vmstate.none_machine_bodies(), require_configuration=False)
+    decoder = stream.StreamDecoder(D.none_machine_bodies(), require_configuration=False)
     decoder.feed(path.read_bytes())
     decoder.close()
     events = []
@@ -24,7 +25,7 @@ def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
         events.append(ev)
     states = {e.idstr: e.values for e in events if isinstance(e, vmstate.DeviceState)}
     assert set(states) == {"timer", "globalstate"}
-    assert vmstate.globalstate_runstate(states["globalstate"]) == "running"
+    assert D.globalstate_runstate(states["globalstate"]) == "running"
 
     with pytest.raises(QMPCommandError, match="Cannot update device state while vm is running"):
         vm.cmd("xen-load-devices-state", filename=str(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from procs import QMPCommandError, wait_for
-from vmigrate.migration.dirtylimit import throttle_step
+from vmigrate.machine.dirtylimit import throttle_step
 
 RING = "kvm,dirty-ring-size=4096"  # 16 MiB of pages per ring: it fills, so the limit can bite
 

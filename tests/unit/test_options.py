@@ -15,7 +15,7 @@ from vmigrate.migration.options import (
     MigrationOptions,
 )
 from vmigrate.qapi import schema
-from vmigrate.qmp.errors import QMPError
+from vmigrate.migration.errors import MigrationError
 
 ZC = "Zero copy only available for non-compressed non-TLS multifd migration"
 BBM = "Invalid mapping given for block-bitmap-mapping: "
@@ -57,18 +57,18 @@ def set_caps(opts: MigrationOptions, *names_on: str, off: tuple[str, ...] = (),
 
 def caps_error(opts: MigrationOptions, *names_on: str, **kw) -> str:
     before = opts.query_capabilities()
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(MigrationError) as exc:
         set_caps(opts, *names_on, **kw)
-    assert exc.value.cls == "GenericError"
+    assert exc.value.error_class == "GenericError"
     assert opts.query_capabilities() == before, "a refused request must change nothing"
     return exc.value.desc
 
 
 def params_error(opts: MigrationOptions, request: dict) -> str:
     before = opts.query_parameters()
-    with pytest.raises(QMPError) as exc:
+    with pytest.raises(MigrationError) as exc:
         opts.set_parameters(request)
-    assert exc.value.cls == "GenericError"
+    assert exc.value.error_class == "GenericError"
     assert opts.query_parameters() == before, "a refused request must change nothing"
     return exc.value.desc
 
@@ -503,3 +503,32 @@ def test_bitmap_mapping_is_replaced_never_removed_and_copied(opts):
     assert opts.param("block-bitmap-mapping") == [node("n", "a")]
     opts.set_parameters({"block-bitmap-mapping": []})
     assert opts.query_parameters()["block-bitmap-mapping"] == []
+
+
+def test_the_typed_snapshot_covers_the_schema_exactly():
+    from dataclasses import fields
+
+    from vmigrate.migration.config import Capabilities, Parameters
+
+    s = schema.load()
+    assert [f.name.replace("_", "-") for f in fields(Capabilities)] == s.enum_values("MigrationCapability")
+    assert [f.name.replace("_", "-") for f in fields(Parameters)] == [m.name for m in s.members("MigrationParameters")]
+    opts = MigrationOptions()
+    opts.set_parameters({"downtime-limit": 123, "multifd-compression": "zstd", "multifd-zstd-level": 7})
+    config = opts.snapshot()
+    assert config.params.downtime_limit == 123 and config.params.multifd_level == 7
+    assert config.caps.events is False and config.params.tls_authz == ""
+
+
+def test_rate_limiter_windows():
+    from vmigrate.migration.rate_limit import RateLimiter
+
+    limiter = RateLimiter(40960)
+    assert limiter.budget == 4096 and limiter.pages_left(4096, 1024) == 2
+    limiter.account(8192)
+    assert limiter.exceeded() and limiter.pages_left(4096, 1024) == 1
+    limiter.new_window()
+    assert not limiter.exceeded()
+    limiter.set_rate(0)
+    limiter.account(1 << 30)
+    assert not limiter.exceeded() and limiter.pages_left(4096, 1024) == 1024

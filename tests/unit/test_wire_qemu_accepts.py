@@ -19,6 +19,7 @@ import pytest
 
 from vmigrate.migration.wire import ram as R
 from vmigrate.migration.wire import stream as S
+from vmigrate.machine import devices as D
 from vmigrate.migration.wire import vmstate as V
 
 QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
@@ -68,8 +69,8 @@ def build_stream(image: np.ndarray, runstate: str) -> bytes:
         out += [S.section_part(2), bytes(R.encode_pages("ram0", mem, pages, ch)[0]), R.eos(),
                 S.footer(2)]
     out += [S.section_end(2), R.eos(), S.footer(2)]
-    devices = [V.DeviceSection(0, "timer", 0, V.TIMER, V.timer_values(123, 456)),
-               V.DeviceSection(4, "globalstate", 0, V.GLOBALSTATE, V.globalstate_values(runstate))]
+    devices = [V.DeviceSection(0, "timer", 0, D.TIMER, D.timer_values(123, 456)),
+               V.DeviceSection(4, "globalstate", 0, D.GLOBALSTATE, D.globalstate_values(runstate))]
     out += [d.encode() for d in devices]
     out += [S.eof(), S.vmdesc(V.vmdesc_json(devices))]
     return b"".join(out)

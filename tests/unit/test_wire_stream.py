@@ -13,6 +13,7 @@ import pytest
 from vmigrate.migration.wire import NEED_DATA, WireError
 from vmigrate.migration.wire import ram as R
 from vmigrate.migration.wire import stream as S
+from vmigrate.machine import devices as D
 from vmigrate.migration.wire import vmstate as V
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -29,7 +30,7 @@ def sidecar(name: str) -> dict:
 
 
 def decoder(blocks: dict | None = None, **kw) -> S.StreamDecoder:
-    return S.StreamDecoder({"ram": R.RamBodyDecoder(blocks), **V.none_machine_bodies()}, **kw)
+    return S.StreamDecoder({"ram": R.RamBodyDecoder(blocks), **D.none_machine_bodies()}, **kw)
 
 
 def drain(dec: S.StreamDecoder) -> list:
@@ -87,7 +88,7 @@ def test_small_capture_event_sequence():
     assert events[3].blocks == (R.RamBlockInfo("ram0", 8192),)
     assert events[14] == S.SectionFull(0, "timer", 0, 2)
     assert events[17] == S.SectionFull(4, "globalstate", 0, 1)
-    assert V.globalstate_runstate(events[18].values) == "running"
+    assert D.globalstate_runstate(events[18].values) == "running"
     assert len(events[-1].json) == 486
 
 
@@ -130,7 +131,7 @@ def page_from(desc: str) -> bytes:
 def test_globalstate_runstate_of_captures(name, runstate):
     events = decode_all(vector(name))
     gs = next(e for e in events if isinstance(e, V.DeviceState) and e.idstr == "globalstate")
-    assert V.globalstate_runstate(gs.values) == runstate
+    assert D.globalstate_runstate(gs.values) == runstate
     assert gs.values["size"] == len(runstate) + 1
     assert sidecar(name)["runstate_before_migrate"] == runstate
 
@@ -179,7 +180,7 @@ def reencode(events: list, ram_image: np.ndarray | None) -> bytes:
         elif isinstance(ev, R.RamEOS):
             out.append(R.eos())
         elif isinstance(ev, V.DeviceState):
-            desc = {"timer": V.TIMER, "globalstate": V.GLOBALSTATE}[ev.idstr]
+            desc = {"timer": D.TIMER, "globalstate": D.GLOBALSTATE}[ev.idstr]
             dev = V.DeviceSection(current.section_id, ev.idstr, ev.instance_id, desc, ev.values)
             devices.append(dev)
             out.append(dev.body())
@@ -258,7 +259,7 @@ def test_section_headers_bytes():
 
 
 def test_commands_roundtrip():
-    blob = S.section_full(0, "timer", 0, 2, V.encode_state(V.TIMER, {})) + S.ping(3) + S.postcopy_run()
+    blob = S.section_full(0, "timer", 0, 2, V.encode_state(D.TIMER, {})) + S.ping(3) + S.postcopy_run()
     stream = (S.open_return_path() + S.ping(1) + S.postcopy_advise() + S.postcopy_listen()
               + S.postcopy_ram_discard("ram0", [(0x668000, 0x3998000)]) + S.packaged(blob)
               + S.ping(4) + S.enable_colo() + S.postcopy_resume() + S.recv_bitmap("ram0"))
@@ -330,7 +331,7 @@ def test_unknown_capability_and_subsection():
 
 def test_section_errors():
     base = S.header() + S.configuration()
-    timer = V.encode_state(V.TIMER, {})
+    timer = V.encode_state(D.TIMER, {})
     fails(base + S.section_full(0, "nosuch", 0, 1, b""), "Unknown savevm section or instance 'nosuch' 0")
     fails(base + S.section_full(0, "timer", 3, 2, timer), "Unknown savevm section or instance 'timer' 3")
     fails(base + S.section_full(0, "timer", 0, 3, timer), "unsupported version 3 for 'timer' v2")

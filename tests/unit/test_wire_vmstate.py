@@ -10,6 +10,7 @@ import pytest
 from vmigrate.migration.wire import WireError
 from vmigrate.migration.wire import stream as S
 from vmigrate.migration.wire import vmstate as V
+from vmigrate.machine import devices as D
 from vmigrate.migration.wire.buffer import Reader
 
 VECTORS = Path(__file__).parent / "vectors"
@@ -25,8 +26,8 @@ SPEC_VMDESC = (
 
 
 def none_devices(runstate: str = "running") -> list[V.DeviceSection]:
-    return [V.DeviceSection(0, "timer", 0, V.TIMER, V.timer_values(1, 2)),
-            V.DeviceSection(4, "globalstate", 0, V.GLOBALSTATE, V.globalstate_values(runstate))]
+    return [V.DeviceSection(0, "timer", 0, D.TIMER, D.timer_values(1, 2)),
+            V.DeviceSection(4, "globalstate", 0, D.GLOBALSTATE, D.globalstate_values(runstate))]
 
 
 def captured_vmdesc(name: str) -> bytes:
@@ -45,10 +46,10 @@ def test_vmdesc_is_byte_identical_to_qemu():
 def test_vmdesc_with_nested_subsections_matches_qemu_icount_capture():
     qemu = captured_vmdesc("icount1m")
     timer_entry = json.loads(qemu)["devices"][0]
-    values = V.timer_values()
+    values = D.timer_values()
     values["timer/icount"] = {"timer/icount/warp_timer": {}, "timer/icount/timers": {},
                               "timer/icount/shift": {}}
-    devices = [V.DeviceSection(0, "timer", 0, V.TIMER, values), none_devices()[1]]
+    devices = [V.DeviceSection(0, "timer", 0, D.TIMER, values), none_devices()[1]]
     assert V.vmdesc_json(devices) == qemu
     assert [s["vmsd_name"] for s in timer_entry["subsections"][0]["subsections"]] == [
         "timer/icount/warp_timer", "timer/icount/timers", "timer/icount/shift"]
@@ -64,45 +65,45 @@ def test_none_machine_device_bodies():
 
 
 def test_state_roundtrip_with_subsections_and_versions():
-    values = V.timer_values(-5, 7)
+    values = D.timer_values(-5, 7)
     values["timer/icount"] = {"qemu_icount_bias": 3, "qemu_icount": 4,
                               "timer/icount/shift": {"icount_time_shift": -2, "last_delta": 9}}
-    body = V.encode_state(V.TIMER, values) + S.footer(0)
+    body = V.encode_state(D.TIMER, values) + S.footer(0)
     r = Reader(body, 0, len(body))
-    got = V.decode_state(V.TIMER, r, 2)
+    got = V.decode_state(D.TIMER, r, 2)
     assert got["cpu_ticks_offset"] == -5 and got["cpu_clock_offset"] == 7
     assert got["timer/icount"]["timer/icount/shift"] == {"icount_time_shift": -2, "last_delta": 9}
     assert body[r.pos] == S.QEMU_VM_SECTION_FOOTER
-    v1 = V.encode_state(V.TIMER, V.timer_values(1, 2), version_id=1)
+    v1 = V.encode_state(D.TIMER, D.timer_values(1, 2), version_id=1)
     assert len(v1) == 16
-    assert "cpu_clock_offset" not in V.decode_state(V.TIMER, Reader(v1 + b"\x7e", 0, 17), 1)
+    assert "cpu_clock_offset" not in V.decode_state(D.TIMER, Reader(v1 + b"\x7e", 0, 17), 1)
 
 
 def test_unknown_subsection_with_parent_prefix_fails():
-    body = V.encode_state(V.TIMER, {}) + S.subsection_header("timer/bogus", 1)
+    body = V.encode_state(D.TIMER, {}) + S.subsection_header("timer/bogus", 1)
     with pytest.raises(WireError, match="unknown subsection timer/bogus"):
-        V.decode_state(V.TIMER, Reader(body, 0, len(body)), 2)
-    other = V.encode_state(V.TIMER, {}) + S.subsection_header("globalstate/x", 1)
+        V.decode_state(D.TIMER, Reader(body, 0, len(body)), 2)
+    other = V.encode_state(D.TIMER, {}) + S.subsection_header("globalstate/x", 1)
     r = Reader(other, 0, len(other))
-    V.decode_state(V.TIMER, r, 2)
+    V.decode_state(D.TIMER, r, 2)
     assert r.pos == 24                   # a foreign subsection ends the list, unread
 
 
 def test_globalstate_validation():
-    dec = V.VMStateBodyDecoder(V.GLOBALSTATE)
+    dec = V.VMStateBodyDecoder(D.GLOBALSTATE)
     dec.begin(S.QEMU_VM_SECTION_FULL, S.Section(4, "globalstate", 0, 1))
-    bad = V.encode_state(V.GLOBALSTATE, {"size": 6, "runstate": V.runstate_buffer("bogus")})
+    bad = V.encode_state(D.GLOBALSTATE, {"size": 6, "runstate": D.runstate_buffer("bogus")})
     with pytest.raises(WireError, match="invalid parameter value: bogus"):
         dec.decode(Reader(bad + b"\x7e", 0, len(bad) + 1))
     # No NUL in 100 bytes: QEMU forces the last byte to NUL before parsing.
     unterminated = b"\0\0\0\x64" + b"r" * 100
     with pytest.raises(WireError, match="invalid parameter value: r{99}$"):
         dec.decode(Reader(unterminated + b"\x7e", 0, 105))
-    ok = V.encode_state(V.GLOBALSTATE, V.globalstate_values("suspended"))
+    ok = V.encode_state(D.GLOBALSTATE, D.globalstate_values("suspended"))
     ev, done = dec.decode(Reader(ok + b"\x7e", 0, len(ok) + 1))
-    assert done and V.globalstate_runstate(ev.values) == "suspended"
+    assert done and D.globalstate_runstate(ev.values) == "suspended"
     with pytest.raises(ValueError):
-        V.globalstate_values("bogus")
+        D.globalstate_values("bogus")
 
 
 def test_vmdesc_field_naming_arrays_and_escaping():
@@ -126,11 +127,11 @@ def test_description_from_vmdesc_decodes_like_builtin():
     entries = json.loads(captured_vmdesc("icount1m"))["devices"]
     data = (VECTORS / "icount1m.bin").read_bytes()
     start = data.index(b"\x05timer") + 6 + 8
-    for builtin, entry in zip((V.TIMER, V.GLOBALSTATE), entries):
+    for builtin, entry in zip((D.TIMER, D.GLOBALSTATE), entries):
         derived = V.description_from_vmdesc(entry)
         assert derived.name == builtin.name and derived.version_id == builtin.version_id
     derived = V.description_from_vmdesc(entries[0])
-    a = V.decode_state(V.TIMER, Reader(data, start, len(data)), 2)
+    a = V.decode_state(D.TIMER, Reader(data, start, len(data)), 2)
     b = V.decode_state(derived, Reader(data, start, len(data)), 2)
     assert a == b and "timer/icount" in b
 

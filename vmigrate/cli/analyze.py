@@ -28,6 +28,7 @@ from vmigrate.cli.main import CLIError
 from vmigrate.migration.wire import NEED_DATA, WireError
 from vmigrate.migration.wire import ram as wram
 from vmigrate.migration.wire import stream as ws
+from vmigrate.machine import devices as D
 from vmigrate.migration.wire import vmstate as wv
 
 READ_CHUNK = 4 << 20
@@ -141,7 +142,7 @@ class Analyzer:
         self.report = Report()
         self.ram = wram.RamBodyDecoder(blocks=None, accept_compressed=True)
         bodies: dict[str, Any] = vmdesc_bodies(vmdesc)
-        bodies.update(wv.none_machine_bodies())
+        bodies.update(D.none_machine_bodies())
         bodies["ram"] = self.ram
         self.decoder = ws.StreamDecoder(bodies, require_configuration=None)
         self.extract = extract

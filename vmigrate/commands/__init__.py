@@ -2,7 +2,8 @@
 
 Handlers register with :func:`command`; the schema decides which commands
 exist and checks their arguments before a handler runs, so a handler only
-holds behaviour.  A schema command without a handler answers a
+holds behaviour.  The engines below raise :class:`~vmigrate.errors.VMError`
+with QEMU's class and text; this layer alone turns it into a QMP error.  A schema command without a handler answers a
 :class:`~vmigrate.qmp.errors.NotYetImplemented` error naming the feature.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from vmigrate.errors import VMError
 from vmigrate.qapi.schema import load as load_schema
-from vmigrate.qmp.errors import NotYetImplemented
+from vmigrate.qmp.errors import NotYetImplemented, QMPError
 
 if TYPE_CHECKING:
     from vmigrate.qmp.protocol import MonitorProtocol
@@ -49,7 +51,10 @@ class CommandDispatcher:
         handler = HANDLERS.get(name)
         if handler is None:
             raise NotYetImplemented(f"the command {name}")
-        return handler(self.vm, args, monitor)
+        try:
+            return handler(self.vm, args, monitor)
+        except VMError as err:
+            raise QMPError(err.desc, err.error_class) from None
 
 
 def _load_handlers() -> None:

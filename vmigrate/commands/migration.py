@@ -6,18 +6,14 @@ import os
 
 from vmigrate.commands import command
 from vmigrate.machine import host
-from vmigrate.migration import savevm
+from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.wire import WireError
 from vmigrate.qmp.errors import NotYetImplemented, QMPError
 
 
 @command("query-migrate")
 def query_migrate(vm, args, monitor):
-    info: dict = {}
-    mig = vm.migration
-    mig.incoming.query(info)
-    mig.outgoing.query(info)
-    return info
+    return vm.migration.query()
 
 
 @command("migrate-set-capabilities")
@@ -25,7 +21,7 @@ def migrate_set_capabilities(vm, args, monitor):
     mig = vm.migration
     mig.options.set_capabilities(
         args["capabilities"],
-        migration_running=mig.outgoing.running,
+        migration_running=mig.outgoing_running,
         runstate=vm.runstate.state,
         incoming_single_channel=mig.incoming.single_channel,
         postcopy_supported=host.postcopy_supported,
@@ -41,10 +37,7 @@ def query_migrate_capabilities(vm, args, monitor):
 
 @command("migrate-set-parameters")
 def migrate_set_parameters(vm, args, monitor):
-    mig = vm.migration
-    changed = mig.options.set_parameters(args)
-    if "max-bandwidth" in changed:
-        mig.outgoing.set_max_bandwidth(mig.options.param("max-bandwidth"))
+    vm.migration.set_parameters(args)
 
 
 @command("query-migrate-parameters")
@@ -54,22 +47,22 @@ def query_migrate_parameters(vm, args, monitor):
 
 @command("migrate")
 def migrate(vm, args, monitor):
-    vm.migration.outgoing.start(args["uri"], monitor, args)
+    vm.migration.migrate(args["uri"], args, monitor.named_fds)
 
 
 @command("migrate-incoming")
 def migrate_incoming(vm, args, monitor):
-    vm.migration.incoming.start(args["uri"], monitor=monitor)
+    vm.migration.incoming.start(args["uri"], monitor.named_fds)
 
 
 @command("migrate_cancel")
 def migrate_cancel(vm, args, monitor):
-    vm.migration.outgoing.cancel()
+    vm.migration.cancel()
 
 
 @command("migrate-continue")
 def migrate_continue(vm, args, monitor):
-    vm.migration.outgoing.continue_(args["state"])
+    vm.migration.continue_(args["state"])
 
 
 @command("migrate-start-postcopy")
@@ -77,7 +70,7 @@ def migrate_start_postcopy(vm, args, monitor):
     opts = vm.migration.options
     if not (opts.cap("postcopy-ram") or opts.cap("dirty-bitmaps")):
         raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
-    if vm.migration.outgoing.state == "none":
+    if vm.migration.outgoing_status == "none":
         raise QMPError("Postcopy must be started after migration has been started")
     raise NotYetImplemented("postcopy")
 
@@ -187,7 +180,7 @@ def xen_save_devices_state(vm, args, monitor):
             raise QMPError(f"Unable to open {filename}: {os.strerror(err.errno)}") from None
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(savevm.device_state_stream(vm))
+                f.write(vm.sections.device_state_stream())
         except OSError:
             raise QMPError("An IO error has occurred") from None
     finally:
@@ -206,6 +199,6 @@ def xen_load_devices_state(vm, args, monitor):
     except OSError as err:
         raise QMPError(f"Unable to open {filename}: {os.strerror(err.errno)}") from None
     try:
-        savevm.load_device_state(vm, data)
-    except WireError:
+        vm.sections.load_device_state(data)
+    except (WireError, LoadError):
         raise QMPError("An IO error has occurred") from None

@@ -9,21 +9,16 @@ QMP handlers on the main thread may ask for ``cont``.
 from __future__ import annotations
 
 import threading
-from typing import Callable, Protocol
+from typing import Callable
+
+from vmigrate.machine.vcpus import VcpuBackend
 
 #: Run states from which only a reset leads back (``cont`` is refused there).
 NEEDS_RESET = frozenset({"internal-error", "shutdown"})
 
 
-class VcpuControl(Protocol):
-    """What the run state needs from the vCPU backend."""
-
-    def pause_all(self) -> None: ...  # returns once no vCPU touches RAM any more
-    def resume_all(self) -> None: ...
-
-
 class RunState:
-    def __init__(self, initial: str, vcpus: VcpuControl, emit: Callable[[str, dict | None], None]) -> None:
+    def __init__(self, initial: str, vcpus: VcpuBackend, emit: Callable[[str, dict | None], None]) -> None:
         self._state = initial
         self._vcpus = vcpus
         self._emit = emit

@@ -50,7 +50,7 @@ class SoftVcpus(VcpuGroup):
     """All software vCPUs of one VM; vCPU 0 runs the workload, the others idle."""
 
     def __init__(self, count: int, make_workload: Callable[[], Workload] | None) -> None:
-        super().__init__()
+        super().__init__(count)
         #: Fraction of wall time each vCPU must sleep (auto-converge / dirty limit).
         self.throttle = 0.0
         self.threads = [SoftVcpu(i, make_workload if i == 0 else None, self) for i in range(count)]
@@ -68,6 +68,14 @@ class SoftVcpus(VcpuGroup):
 
     def dirty_log_stop(self) -> None:
         """Nothing to switch off."""
+
+    @property
+    def dirty_ring_entries(self) -> int:
+        """No accelerator, no per-vCPU rings: writes are not attributed to a vCPU."""
+        return 0
+
+    def dirty_ring_counters(self) -> list[int]:
+        return [0] * self.count
 
     @property
     def devices(self) -> list:

@@ -1,4 +1,7 @@
-"""What every vCPU backend shares: the run/pause handshake and the throttle rule.
+"""The vCPU backend port and what every backend shares: the run/pause handshake, the throttle rule.
+
+:class:`VcpuBackend` is all that the run state, the migration engine and the
+dirty-rate services may ask of the vCPUs, whichever accelerator runs them.
 
 Pausing is a handshake, not a flag: :meth:`VcpuGroup.pause_all` returns only
 once every vCPU thread is parked outside guest execution, so the migration
@@ -10,8 +13,49 @@ incrementing ``_parked`` under ``_cond`` and wait for ``_run``.
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from vmigrate.machine.devices import DeviceModel
 
 PAUSE_TIMEOUT = 10.0
+
+
+class VcpuBackend(Protocol):
+    """The port through which everything outside ``machine/`` drives the vCPUs.
+
+    Dirty logging is reference-counted by the backends: migration, the
+    dirty-rate measurement and the dirty-limit service each start and stop
+    it independently (QEMU's global dirty-log users).
+    """
+
+    #: Fraction of wall time each vCPU sleeps (auto-converge), 0..0.99.
+    throttle: float
+    #: Per vCPU, how long it sleeps each time its dirty ring fills (µs; the dirty limit).
+    ring_full_sleep_us: list[int]
+
+    @property
+    def count(self) -> int: ...
+
+    def pause_all(self) -> None: ...  # returns once no vCPU touches RAM any more
+
+    def resume_all(self) -> None: ...
+
+    def dirty_log_start(self) -> None: ...
+
+    def dirty_log_sync(self) -> None: ...  # pull what the accelerator logged into the RAM blocks' logs
+
+    def dirty_log_stop(self) -> None: ...
+
+    @property
+    def dirty_ring_entries(self) -> int: ...  # entries per vCPU dirty ring; 0 without rings
+
+    def dirty_ring_counters(self) -> list[int]: ...  # pages collected from each vCPU's ring so far
+
+    @property
+    def devices(self) -> list["DeviceModel"]: ...  # migrated device models, in stream order
+
+    def shutdown(self) -> None: ...
 
 
 class VcpuGroup:
@@ -19,11 +63,16 @@ class VcpuGroup:
 
     threads: list[threading.Thread]
 
-    def __init__(self) -> None:
+    def __init__(self, count: int) -> None:
         self._cond = threading.Condition()
         self._run = False
         self._quit = False
         self._parked = 0
+        self.ring_full_sleep_us = [0] * count
+
+    @property
+    def count(self) -> int:
+        return len(self.ring_full_sleep_us)
 
     def _kick_all(self) -> None:
         """Make vCPUs that are executing guest code come back now (KVM: out of KVM_RUN)."""

@@ -13,12 +13,15 @@ from __future__ import annotations
 import errno
 import os
 import re
+import select
 import socket
+import struct
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 
-from vmigrate.qmp.errors import QMPError
+from vmigrate.migration.errors import MigrationError
 
 
 class ChannelError(Exception):
@@ -63,26 +66,26 @@ def parse_uri(uri: str, incoming: bool = False) -> MigrationAddress:
     if uri.startswith(("unix:", "vsock:")):
         return _socket_address(uri)
     if uri.startswith("rdma:"):
-        raise QMPError("vmigrate does not implement RDMA migration (rdma:)")
+        raise MigrationError("vmigrate does not implement RDMA migration (rdma:)")
     if uri.startswith("exec:"):
         return MigrationAddress("exec", command=uri[5:])
     if uri.startswith("fd:"):
         return MigrationAddress("fd", fdname=uri[3:])
-    raise QMPError(f"unknown migration protocol: {uri}" if incoming else INVALID_PROTOCOL)
+    raise MigrationError(f"unknown migration protocol: {uri}" if incoming else INVALID_PROTOCOL)
 
 
 def _socket_address(text: str) -> MigrationAddress:
     """QEMU's socket_parse: ``unix:PATH``, ``fd:NAME``, ``vsock:CID:PORT``, ``[tcp:]HOST:PORT[,opts]``."""
     if text.startswith("unix:"):
         if not text[5:]:
-            raise QMPError("invalid Unix socket address")
+            raise MigrationError("invalid Unix socket address")
         return MigrationAddress("unix", path=text[5:])
     if text.startswith("fd:"):
         if not text[3:]:
-            raise QMPError("invalid file descriptor address")
+            raise MigrationError("invalid file descriptor address")
         return MigrationAddress("fd", fdname=text[3:])
     if text.startswith("vsock:"):
-        raise QMPError("vmigrate does not implement vsock migration yet")
+        raise MigrationError("vmigrate does not implement vsock migration yet")
     return _inet_address(text[4:] if text.startswith("tcp:") else text)
 
 
@@ -91,17 +94,17 @@ def _inet_address(text: str) -> MigrationAddress:
     if text.startswith(":"):
         m = re.match(r":([^,]{1,32})", text)
         if not m:
-            raise QMPError(f"error parsing port in address '{text}'")
+            raise MigrationError(f"error parsing port in address '{text}'")
         host, port = "", m.group(1)
     elif text.startswith("["):
         m = re.match(r"\[([^\]]{1,64})\]:([^,]{1,32})", text)
         if not m:
-            raise QMPError(f"error parsing IPv6 address '{text}'")
+            raise MigrationError(f"error parsing IPv6 address '{text}'")
         host, port = m.groups()
     else:
         m = re.match(r"([^:]{1,64}):([^,]{1,32})", text)
         if not m:
-            raise QMPError(f"error parsing address '{text}'")
+            raise MigrationError(f"error parsing address '{text}'")
         host, port = m.groups()
     options = text[m.end():]
     to = None
@@ -109,7 +112,7 @@ def _inet_address(text: str) -> MigrationAddress:
     if pos >= 0:
         tm = re.match(r"[+-]?\d+(?=,|$)", options[pos + 4:])
         if not tm:
-            raise QMPError("error parsing to= argument")
+            raise MigrationError("error parsing to= argument")
         to = int(tm.group())
     flags = {name: _inet_flag(name, options) for name in ("ipv4", "ipv6", "keep-alive", "mptcp")}
     return MigrationAddress("tcp", host=host, port=port, family=_inet_family(host, flags["ipv4"], flags["ipv6"]), to=to)
@@ -123,19 +126,19 @@ def _inet_flag(name: str, options: str) -> bool | None:
     rest = options[pos + 1 + len(name):]
     end = rest.find(",")
     if end >= 0 and rest[end + 1 : end + 2] == ",":
-        raise QMPError(f"error parsing '{name}' flag '{rest}'")
+        raise MigrationError(f"error parsing '{name}' flag '{rest}'")
     value = rest if end < 0 else rest[:end]
     if value in ("", "=on"):
         return True
     if value == "=off":
         return False
-    raise QMPError(f"error parsing '{name}' flag '{rest}'")
+    raise MigrationError(f"error parsing '{name}' flag '{rest}'")
 
 
 def _inet_family(host: str, ipv4: bool | None, ipv6: bool | None) -> int:
     """QEMU's inet_ai_family_from_address."""
     if ipv4 is False and ipv6 is False:
-        raise QMPError("Cannot disable IPv4 and IPv6 at same time")
+        raise MigrationError("Cannot disable IPv4 and IPv6 at same time")
     if ipv4 and ipv6:
         return socket.AF_INET6 if not host else socket.AF_UNSPEC
     if ipv6 or ipv4 is False:
@@ -374,7 +377,7 @@ class Listener:
             sock.listen(16)
         except OSError as err:
             sock.close()
-            raise QMPError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 98)}") from None
+            raise MigrationError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 98)}") from None
         return sock
 
     @staticmethod
@@ -383,7 +386,7 @@ class Listener:
         try:
             infos = resolve(addr, passive=True)
         except ChannelError as err:
-            raise QMPError(str(err)) from None
+            raise MigrationError(str(err)) from None
         error = errno.EADDRINUSE
         for family, kind, proto, _, sockaddr in infos:
             first = sockaddr[1]
@@ -398,8 +401,8 @@ class Listener:
                     sock.close()
                     error = err.errno or error
                     if error != errno.EADDRINUSE:
-                        raise QMPError(f"Failed to bind socket: {os.strerror(error)}") from None
-        raise QMPError(f"Failed to bind socket: {os.strerror(error)}")
+                        raise MigrationError(f"Failed to bind socket: {os.strerror(error)}") from None
+        raise MigrationError(f"Failed to bind socket: {os.strerror(error)}")
 
     def _socket_address(self) -> dict:
         """The bound address as QMP's SocketAddress (port 0 resolved; the port is a string)."""
@@ -425,3 +428,83 @@ class Listener:
         self.sock.close()
         if self.addr.kind == "unix" and os.path.exists(self.addr.path):
             os.unlink(self.addr.path)
+
+
+# -- zero-copy sends (QEMU's io/channel-socket.c, QIO_CHANNEL_WRITE_FLAG_ZERO_COPY) --
+
+SO_ZEROCOPY = 60
+MSG_ZEROCOPY = 0x4000000
+SO_EE_ORIGIN_ZEROCOPY = 5
+SO_EE_CODE_ZEROCOPY_COPIED = 1
+_SOCK_EE = struct.Struct("=IBBBBII")
+
+
+#: Bound on each wait for zero-copy completions, so a stop request is seen.
+ZERO_COPY_POLL_SLICE = 0.5
+
+
+def sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> int:
+    """Write every buffer, resuming after partial writes; returns the sendmsg calls made."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    calls = 0
+    while views:
+        sent = sock.sendmsg(views, [], flags)
+        calls += 1
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]
+    return calls
+
+
+class ZeroCopySocket:
+    """MSG_ZEROCOPY bookkeeping of one socket (QEMU's zero_copy_queued/sent)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.queued = 0
+        self.done = 0
+
+    @staticmethod
+    def enable(sock: socket.socket) -> bool:
+        """SO_ZEROCOPY; False where the kernel or the socket type cannot do it (e.g. AF_UNIX)."""
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
+        except OSError:
+            return False
+        return True
+
+    def send(self, buffers: list) -> None:
+        try:
+            self.queued += sendmsg_all(self.sock, buffers, MSG_ZEROCOPY)
+        except OSError as err:
+            if err.errno == errno.ENOBUFS:
+                raise ChannelError("Process can't lock enough memory for using MSG_ZEROCOPY") from None
+            raise
+
+    def flush(self, stop: threading.Event) -> bool:
+        """Wait for every queued send's completion; True if all of them fell back to copying."""
+        if self.done == self.queued:
+            return False
+        copied_only = True
+        poller = select.poll()
+        poller.register(self.sock, select.POLLERR)
+        while self.done < self.queued:
+            if stop.is_set():
+                raise ChannelError("multifd channel stopped while flushing zero-copy sends")
+            try:
+                _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE)
+            except BlockingIOError:
+                poller.poll(int(ZERO_COPY_POLL_SLICE * 1000))
+                continue
+            for _level, _type, data in ancdata:
+                ee_errno, origin, _kind, code, _pad, info, last = _SOCK_EE.unpack_from(data)
+                if ee_errno:
+                    raise ChannelError(f"Error on socket: {os.strerror(ee_errno)}")
+                if origin != SO_EE_ORIGIN_ZEROCOPY:
+                    raise ChannelError("Error not from zero copy")
+                self.done += last - info + 1
+                if not code & SO_EE_CODE_ZEROCOPY_COPIED:
+                    copied_only = False
+        return copied_only

@@ -22,7 +22,6 @@ on with a record that is not compressed, as QEMU waits at every EOS.
 
 from __future__ import annotations
 
-import struct
 import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,6 @@ from vmigrate.migration.wire.errors import WireError
 #: Pages handed to a worker at a time (QEMU hands one; chunks amortise the hand-over).
 CHUNK_PAGES = 16
 WAIT_SLICE = 0.5
-_COMPRESSED_HEAD = struct.Struct(">QI")
 
 
 class CompressError(ChannelError):
@@ -63,15 +61,14 @@ def compress_chunk(block: RAMBlock, pages: np.ndarray, level: int) -> ChunkOutpu
     nonzero = wire_ram.nonzero_pages(snapshot, np.arange(len(pages)))
     parts: list[bytes] = []
     out = ChunkOutput()
+    channel = wire_ram.ChannelState(block.idstr)
     zero = pages[~nonzero]
     if zero.size:
-        parts.append(bytes(wire_ram.page_records(block.idstr, zero, None, wire_ram.ChannelState(block.idstr))))
+        parts.append(bytes(wire_ram.page_records(block.idstr, zero, None, channel)))
         out.zero_pages = int(zero.size)
-    flag = wire_ram.RAM_SAVE_FLAG_COMPRESS_PAGE | wire_ram.RAM_SAVE_FLAG_CONTINUE
     for page, row in zip(pages[nonzero].tolist(), snapshot[nonzero]):
         z = zlib.compress(row, level)
-        parts.append(_COMPRESSED_HEAD.pack((page << 12) | flag, len(z)))
-        parts.append(z)
+        parts.append(wire_ram.compressed_page(block.idstr, page * PAGE_SIZE, z, channel))
         out.compressed_size += 4 + len(z)
     out.compressed_pages = int(nonzero.sum())
     out.data = b"".join(parts)

@@ -1,43 +1,41 @@
-"""The incoming migration: QEMU's MigrationIncomingState and load loop.
+"""The incoming migration: QEMU's MigrationIncomingState, its transports and status.
 
 Unlike QEMU 7.2, which exits the whole process when a load fails, a
 vmigrate destination stays up in state ``failed`` with an ``error-desc``:
-a hostile or broken stream costs the migration, never the process.  The
-loader is the sans-IO :class:`~vmigrate.migration.wire.stream.StreamDecoder`
-fed from the channel; its events are applied to guest RAM and devices here.
+a hostile or broken stream costs the migration, never the process.  This
+module accepts the channels, answers the stream's commands (return path,
+ping) and decides the run state afterwards; the section loop itself is
+:class:`~vmigrate.migration.savevm.LoadVM`.  The configuration is taken
+when the main channel arrives, since a destination started with
+``--incoming URI`` gets its capabilities over QMP after it began to listen.
 """
 
 from __future__ import annotations
 
 import threading
 import uuid as uuidlib
-from typing import TYPE_CHECKING
 
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
-from vmigrate.migration.multifd import MultifdError, MultifdReceiver, recv_exact
+from vmigrate.migration.errors import MigrationError
+from vmigrate.migration.multifd import MultifdError, recv_exact
 from vmigrate.migration.options import MigrationOptions
-from vmigrate.migration.state import MigrationStateMachine
+from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileIn
-from vmigrate.migration.ram import RamLoader
-from vmigrate.migration.savevm import device_bodies
-from vmigrate.migration.wire import ram as wire_ram
+from vmigrate.migration.savevm import LoadContext, LoadError, LoadVM
+from vmigrate.migration.status import MigrationStatus, StatusMachine
 from vmigrate.migration.wire import multifd as wire_multifd
-from vmigrate.migration.wire import return_path, stream, vmstate
+from vmigrate.migration.wire import return_path, stream
 from vmigrate.migration.wire.errors import WireError
-from vmigrate.qmp.errors import QMPError
+from vmigrate.trace import trace
 
-if TYPE_CHECKING:
-    from vmigrate.qmp.protocol import MonitorProtocol
-    from vmigrate.vm import VM
+S = MigrationStatus
 
 
-class LoadError(Exception):
-    """A stream that is valid on the wire but not acceptable for this VM."""
-
-
-class IncomingMigration(MigrationStateMachine):
-    def __init__(self, vm: "VM", options: MigrationOptions) -> None:
-        super().__init__(vm, options)
+class IncomingMigration:
+    def __init__(self, host: MigrationHost, options: MigrationOptions) -> None:
+        self.host = host
+        self.options = options
+        self.status = StatusMachine(host.emit_event, lambda: options.cap("events"))
         self.started = False
         #: Once a single-channel transport (exec:, fd:) was used, multifd is refused.
         self.single_channel = False
@@ -50,13 +48,17 @@ class IncomingMigration(MigrationStateMachine):
         #: Multifd channels by id, once each has sent a valid initial packet.
         self._multifd_channels: list[Channel] = []
 
-    def start(self, uri: str, monitor: "MonitorProtocol | None" = None) -> None:
-        """``migrate-incoming`` / ``--incoming URI`` (states.md §9)."""
+    def start(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
+        """``migrate-incoming`` / ``--incoming URI`` (states.md §9).
+
+        *named_fds* are the monitor's ``getfd`` descriptors (none on the command line).
+        """
         if self.started:
-            raise QMPError("The incoming migration has already been started")
-        if self.vm.runstate.state != "inmigrate":
-            raise QMPError("'-incoming' was not specified on the command line")
-        self.vm.emit_event("MIGRATION", {"status": "setup"})
+            raise MigrationError("The incoming migration has already been started")
+        if self.host.runstate.state != "inmigrate":
+            raise MigrationError("'-incoming' was not specified on the command line")
+        # QEMU announces the setup whatever the events capability, without a status change.
+        self.host.emit_event("MIGRATION", {"status": S.SETUP.value})
         addr = parse_uri(uri, incoming=True)
         if addr.kind in ("tcp", "unix"):
             self.listener = Listener(addr)
@@ -65,9 +67,9 @@ class IncomingMigration(MigrationStateMachine):
             self.single_channel = True
             target = lambda: self._load(CommandChannel(addr.command, outgoing=False))  # noqa: E731
         else:
-            fd = monitor.named_fds.pop(addr.fdname, None) if monitor is not None else None
+            fd = named_fds.pop(addr.fdname, None) if named_fds is not None else None
             if fd is None:
-                raise QMPError(f"File descriptor named '{addr.fdname}' has not been found")
+                raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
             self.single_channel = True
             target = lambda: self._load(FdChannel(fd))  # noqa: E731
         self.started = True
@@ -79,11 +81,18 @@ class IncomingMigration(MigrationStateMachine):
         listener = self.listener
         if listener is not None:
             info["socket-address"] = [listener.address]
-        if self.state == "none":
+        status = self.status.status
+        if status == S.NONE:
             return
-        info["status"] = self.state
-        if self.state == "failed" and self.error_desc:
+        info["status"] = status.value
+        if status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+
+    @property
+    def yank_registered(self) -> bool:
+        """From ``migrate-incoming`` until the load ends."""
+        status = self.status.status
+        return status == S.ACTIVE or (self.started and status == S.NONE)
 
     def close(self) -> None:
         self._close_listener()
@@ -125,12 +134,12 @@ class IncomingMigration(MigrationStateMachine):
         self._multifd_channels = []
         self.error_desc = desc
         self._close_listener()
-        self.set_state("none", "failed")
+        self.status.transition(S.NONE, S.FAILED)
 
     def _accept_multifd(self, listener: Listener) -> None:
         """Accept the multifd channels and check their initial packets (multifd.md §2)."""
         count = self.options.param("multifd-channels")
-        uuid = self.vm.config.uuid
+        uuid = self.host.uuid
         local_uuid = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
         by_id: dict[int, Channel] = {}
         pending = self._multifd_channels
@@ -150,15 +159,26 @@ class IncomingMigration(MigrationStateMachine):
 
     def _load(self, channel: Channel) -> None:
         self._channel = channel
-        self.set_state("none", "active")
+        config = self.options.snapshot()
+        self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
+        host = self.host
         try:
-            self._run_decoder(channel)
+            host.global_state.runstate = None
+            ctx = LoadContext(config, self._multifd_channels)
+            loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid,
+                            lambda cmd: self._command(cmd, channel))
+            try:
+                trace("loadvm_state_setup")
+                loader.run(QEMUFileIn(channel))
+            finally:
+                self._multifd_channels = []
             self._finish_load()
             if self._rp is not None:
                 self._rp.write(return_path.shut(0))
         except (WireError, LoadError, ChannelError, OSError) as err:
             self.error_desc = f"load of migration failed: {err}"
+            trace("process_incoming_migration_co_end", error_desc=self.error_desc)
             if self._rp is not None:
                 try:
                     self._rp.write(return_path.shut(1))
@@ -168,7 +188,7 @@ class IncomingMigration(MigrationStateMachine):
                 except ChannelError:
                     pass
             self._close_listener()
-            self.set_state("active", "failed")
+            self.status.transition(S.ACTIVE, S.FAILED)
         finally:
             try:
                 channel.close()
@@ -182,79 +202,6 @@ class IncomingMigration(MigrationStateMachine):
         listener, self.listener = self.listener, None
         if listener is not None:
             listener.close()
-
-    def _run_decoder(self, channel: Channel) -> None:
-        """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
-        compress = self.options.cap("compress")
-        loader = RamLoader(self.vm.ram_blocks, self.options.param("decompress-threads") if compress else 0)
-        try:
-            self._run_loader(channel, loader, compress)
-        finally:
-            loader.close()
-            self._multifd_channels = []
-
-    def _run_loader(self, channel: Channel, loader: RamLoader, compress: bool) -> None:
-        if self.options.cap("multifd"):
-            if not self._multifd_channels:
-                raise LoadError("multifd is not supported by current protocol")
-            loader.multifd = MultifdReceiver(self._multifd_channels, self.options.param("multifd-compression"),
-                                             self.vm.ram_blocks, on_pages=loader.pages_written)
-        devices = {(d.idstr, d.instance_id): d for d in self.vm.devices}
-        decoder = stream.StreamDecoder({"ram": wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=compress,
-                                                                       variable_runs=True),
-                                        **device_bodies(devices)})
-        self.vm.global_state.runstate = None
-        fin = QEMUFileIn(channel)
-        seen_eof = False
-        while True:
-            chunk = fin.read_chunk()
-            if not chunk:
-                if seen_eof:
-                    return
-                raise LoadError("unexpected end of migration stream")
-            decoder.feed(chunk)
-            while (event := decoder.next_event()) is not stream.NEED_DATA:
-                if isinstance(event, stream.EOF):
-                    seen_eof = True
-                elif isinstance(event, stream.VMDescription):
-                    return
-                else:
-                    self._apply(event, loader, channel, devices)
-
-    def _apply(self, event, loader: RamLoader, channel: Channel, devices: dict) -> None:
-        if isinstance(event, wire_ram.RamPages):
-            loader.load_pages(event)
-        elif isinstance(event, wire_ram.RamZeroPages):
-            loader.load_zero_pages(event)
-        elif isinstance(event, wire_ram.RamXbzrleRun):
-            loader.load_xbzrle(event)
-        elif isinstance(event, wire_ram.RamCompressedRun):
-            loader.load_compressed(event)
-        elif isinstance(event, wire_ram.RamEOS):
-            loader.end_of_section()
-        elif isinstance(event, stream.Configuration):
-            self._check_configuration(event)
-        elif isinstance(event, vmstate.DeviceState):
-            devices[(event.idstr, event.instance_id)].load(event.values)
-        elif isinstance(event, stream.Command):
-            self._command(event, channel)
-
-    def _check_configuration(self, cfg: "stream.Configuration") -> None:
-        machine = self.vm.machine_type
-        if cfg.machine != machine:
-            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{machine}'")
-        local = self.options.cap("x-ignore-shared")
-        remote = "x-ignore-shared" in cfg.capabilities
-        if local != remote:
-            raise LoadError(
-                f"Capability x-ignore-shared is {'on' if local else 'off'}, "
-                f"but received capability is {'on' if remote else 'off'}"
-            )
-        local_uuid = self.vm.config.uuid
-        if cfg.uuid is not None and local_uuid is not None:
-            received = str(uuidlib.UUID(bytes=bytes(cfg.uuid)))
-            if received != local_uuid:
-                raise LoadError(f"UUID received is {received} and local is {local_uuid}")
 
     def _command(self, cmd: "stream.Command", channel: Channel) -> None:
         if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
@@ -272,8 +219,8 @@ class IncomingMigration(MigrationStateMachine):
 
     def _finish_load(self) -> None:
         """Run state after a successful load (states.md §9.1), then ``completed``."""
-        runstate = self.vm.runstate
-        received = self.vm.global_state.runstate
+        runstate = self.host.runstate
+        received = self.host.global_state.runstate
         if received is None or received == "running":
             if runstate.autostart:
                 runstate.start()
@@ -282,4 +229,4 @@ class IncomingMigration(MigrationStateMachine):
         else:
             runstate.set(received)
         self._close_listener()
-        self.set_state("active", "completed")
+        self.status.transition(S.ACTIVE, S.COMPLETED)

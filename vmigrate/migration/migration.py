@@ -1,41 +1,47 @@
-"""The outgoing migration: QEMU's MigrationState, its state machine and thread.
+"""The outgoing migration (QEMU's migration/migration.c): a QMP-facing facade, one session per attempt.
 
-State changes are the compare-and-swaps of :mod:`vmigrate.migration.state`.
-The thread follows QEMU's migration_thread: setup, iterate under the rate
-limiter until the remaining dirty memory fits the downtime limit, stop the
-guest, send the rest and the device state, finish.
+:class:`MigrationManager` lives as long as the VM: it holds the options, the
+counters QEMU keeps for the life of the process (XBZRLE's), the incoming
+side and the last outgoing attempt, and answers the QMP commands.  Each
+``migrate`` creates an :class:`OutgoingSession` with its own frozen
+:class:`~vmigrate.migration.config.MigrationConfig`, channels, file, return
+path, counters, timing and rate limiter.  The session's thread follows
+QEMU's migration_thread: setup, iterate under the rate limiter until what
+is pending fits the downtime limit, stop the guest, send the rest and the
+device state, finish.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import threading
 import time
 import uuid as uuidlib
-from typing import TYPE_CHECKING
+from typing import Callable
 
-from vmigrate.migration import savevm
-from vmigrate.migration.channel import (Channel, ChannelError, CommandChannel, FdChannel, MigrationAddress,
-                                        INVALID_PROTOCOL, connect, parse_uri)
-from vmigrate.migration.multifd import MultifdSender, ZeroCopySocket, open_channels
+from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError, CommandChannel, FdChannel,
+                                        MigrationAddress, ZeroCopySocket, connect, parse_uri)
+from vmigrate.migration.config import MigrationConfig
+from vmigrate.migration.errors import MigrationError
+from vmigrate.migration.incoming import IncomingMigration
+from vmigrate.migration.multifd import MultifdSender, open_channels
 from vmigrate.migration.options import MigrationOptions
-from vmigrate.migration.state import MigrationStateMachine
+from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileOut
-from vmigrate.migration.ram import RamSaver
+from vmigrate.migration.rate_limit import WINDOW_SECONDS, RateLimiter
+from vmigrate.migration.savevm import SaveContext, SaveVM
 from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
+from vmigrate.migration.status import MigrationStatus, StatusMachine
 from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path
-from vmigrate.qmp.errors import QMPError
+from vmigrate.trace import trace
 
-if TYPE_CHECKING:
-    from vmigrate.qmp.protocol import MonitorProtocol
-    from vmigrate.vm import VM
+log = logging.getLogger(__name__)
+S = MigrationStatus
 
-RUNNING = frozenset({
-    "setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
-    "pre-switchover", "device", "wait-unplug", "cancelling",
-})
-WINDOW_SECONDS = 0.1
+#: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
+UNIMPLEMENTED_CAPABILITIES = ("postcopy-ram", "x-colo", "block", "dirty-bitmaps", "background-snapshot",
+                              "postcopy-preempt", "x-ignore-shared")
 
 
 def now_ms() -> float:
@@ -43,19 +49,84 @@ def now_ms() -> float:
 
 
 class MigrationManager:
-    """Both directions of one VM process plus the options they share."""
+    """Both directions of one VM process, the options they share, and the QMP-facing calls."""
 
-    def __init__(self, vm: "VM") -> None:
-        from vmigrate.migration.incoming import IncomingMigration
-
-        self.vm = vm
+    def __init__(self, host: MigrationHost) -> None:
+        self.host = host
         self.options = MigrationOptions()
-        self.outgoing = OutgoingMigration(vm, self.options)
-        self.incoming = IncomingMigration(vm, self.options)
+        #: QEMU 7.2 keeps the XBZRLE counters for the life of the process (never reset by migrate).
+        self.xbzrle_stats = XbzrleStats()
+        #: The current or last outgoing attempt.
+        self.outgoing: OutgoingSession | None = None
+        self.incoming = IncomingMigration(host, self.options)
+
+    @property
+    def outgoing_status(self) -> MigrationStatus:
+        return self.outgoing.status.status if self.outgoing is not None else S.NONE
+
+    @property
+    def outgoing_running(self) -> bool:
+        return self.outgoing_status.is_running
+
+    def migrate(self, uri: str, args: dict, named_fds: dict[str, int]) -> None:
+        """``migrate``: the synchronous checks in QEMU's order, then the attempt's thread (states.md §2.5).
+
+        *named_fds* are the monitor's ``getfd`` descriptors; an ``fd:`` URI takes its own.
+        """
+        options = self.options
+        if args.get("resume"):
+            if self.outgoing_status != S.POSTCOPY_PAUSED:
+                raise MigrationError("Cannot resume if there is no paused migration")
+            raise MigrationError("vmigrate does not implement postcopy recovery yet")
+        if self.outgoing_running:
+            raise MigrationError("There's a migration process in progress")
+        runstate = self.host.runstate.state
+        if runstate == "inmigrate":
+            raise MigrationError("Guest is waiting for an incoming migration")
+        if runstate == "postmigrate":
+            raise MigrationError("Can't migrate the vm that was paused due to previous migration")
+        if args.get("blk") or args.get("inc"):
+            if options.cap("x-colo"):
+                raise MigrationError("No disk migration is required in COLO mode")
+            if options.cap("block") or options.param("block-incremental"):
+                raise MigrationError("Command options are incompatible with current migration capabilities")
+            raise MigrationError("vmigrate does not implement block migration (blk/inc) yet")
+        for cap in UNIMPLEMENTED_CAPABILITIES:
+            if options.cap(cap):
+                raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
+        if options.param("tls-creds"):
+            raise MigrationError("vmigrate does not implement TLS migration yet")
+        session = self.outgoing = OutgoingSession(self.host, options.snapshot(), self.xbzrle_stats)
+        session.start(uri, named_fds)
+
+    def set_parameters(self, args: dict) -> None:
+        """``migrate-set-parameters``; a running attempt gets the parameters QEMU applies live."""
+        changed = self.options.set_parameters(args)
+        if self.outgoing is not None and changed:
+            self.outgoing.set_parameters(self.options.snapshot(), bandwidth_changed="max-bandwidth" in changed)
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: always succeeds; only acts on a running attempt."""
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+
+    def continue_(self, expected: str) -> None:
+        if self.outgoing_status != expected:
+            raise MigrationError(f"Migration not in expected state: {self.outgoing_status}")
+        if self.outgoing is not None:
+            self.outgoing.continue_()
+
+    def query(self) -> dict:
+        """``query-migrate``: the destination's members, then the source's (states.md §3)."""
+        info: dict = {}
+        self.incoming.query(info)
+        if self.outgoing is not None:
+            self.outgoing.query(info, self.options.snapshot())
+        return info
 
     def thread_list(self) -> list[dict]:
         """``query-migrationthreads`` (QEMU 8.0 semantics: the live source threads)."""
-        t = self.outgoing._thread
+        t = self.outgoing.thread if self.outgoing is not None else None
         if t is None or not t.is_alive() or t.native_id is None:
             return []
         return [{"name": t.name, "thread-id": t.native_id}]
@@ -63,19 +134,18 @@ class MigrationManager:
     @property
     def yank_registered(self) -> bool:
         """QEMU registers a ``migration`` yank instance while either direction is set up."""
-        return self.outgoing.running or self.incoming.state == "active" or (
-            self.incoming.started and self.incoming.state == "none")
+        return self.outgoing_running or self.incoming.yank_registered
 
     def yank(self) -> None:
         """Force-close every migration channel, as a network failure would."""
-        f = self.outgoing.file
-        if f is not None:
-            f.shutdown()
+        if self.outgoing is not None:
+            self.outgoing.shutdown_channel()
         self.incoming.close()
 
     def shutdown(self) -> None:
-        self.outgoing.cancel()
-        self.outgoing.join(timeout=10)
+        if self.outgoing is not None:
+            self.outgoing.cancel()
+            self.outgoing.join(timeout=10)
         self.incoming.close()
 
 
@@ -84,26 +154,27 @@ class MigrationCancelled(Exception):
 
 
 class MultifdSetupError(Exception):
-    """QEMU 7.2 fails such a migration without an ``error-desc`` (the text goes to stderr)."""
+    """QEMU 7.2 fails such a migration without an ``error-desc`` (the text goes to the log)."""
 
 
-class OutgoingMigration(MigrationStateMachine):
-    def __init__(self, vm: "VM", options: MigrationOptions) -> None:
-        super().__init__(vm, options)
-        self._thread: threading.Thread | None = None
+class OutgoingSession:
+    """One outgoing attempt: its config, channels, file, return path, counters and thread."""
+
+    def __init__(self, host: MigrationHost, config: MigrationConfig, xbzrle_stats: XbzrleStats) -> None:
+        self.host = host
+        self.config = config
+        self.status = StatusMachine(host.emit_event, lambda: config.caps.events)
+        self.thread: threading.Thread | None = None
         self.error_desc: str | None = None
         self.stats = RamStats()
-        #: QEMU 7.2 keeps the XBZRLE counters for the life of the process (never reset by migrate).
-        self.xbzrle_stats = XbzrleStats()
+        self.xbzrle_stats = xbzrle_stats
         self.compression_stats = CompressionStats()
+        self.limiter = RateLimiter(config.params.max_bandwidth)
         self.file: QEMUFileOut | None = None
-        self._multifd: MultifdSender | None = None
+        self.multifd: MultifdSender | None = None
         self._continue = threading.Semaphore(0)
-        self.auto_converge = AutoConverge(options, vm.vcpus)
-        self._reset_timing()
-        self.total_ram = sum(b.size for b in vm.ram_blocks)
-
-    def _reset_timing(self) -> None:
+        self.auto_converge = AutoConverge(host.vcpus)
+        self.total_ram = sum(b.size for b in host.ram_blocks)
         self.start_ms = now_ms()
         self.setup_time = 0
         self.total_time = 0
@@ -113,113 +184,80 @@ class OutgoingMigration(MigrationStateMachine):
         self.pages_per_second = 0
         self.threshold_size = 0
 
-    # -- state ------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        return self.state in RUNNING
-
     # -- QMP --------------------------------------------------------------
 
-    def start(self, uri: str, monitor: "MonitorProtocol", args: dict) -> None:
-        """``migrate``: the synchronous checks, then the thread (states.md §2.5)."""
-        if args.get("resume"):
-            if self.state != "postcopy-paused":
-                raise QMPError("Cannot resume if there is no paused migration")
-            raise QMPError("vmigrate does not implement postcopy recovery yet")
-        if self.running:
-            raise QMPError("There's a migration process in progress")
-        runstate = self.vm.runstate.state
-        if runstate == "inmigrate":
-            raise QMPError("Guest is waiting for an incoming migration")
-        if runstate == "postmigrate":
-            raise QMPError("Can't migrate the vm that was paused due to previous migration")
-        if args.get("blk") or args.get("inc"):
-            if self.options.cap("x-colo"):
-                raise QMPError("No disk migration is required in COLO mode")
-            if self.options.cap("block") or self.options.param("block-incremental"):
-                raise QMPError("Command options are incompatible with current migration capabilities")
-            raise QMPError("vmigrate does not implement block migration (blk/inc) yet")
-        self._check_unimplemented()
-        with self._lock:
-            self.state = "none"
-        self.set_state("none", "setup")
-        self.stats = RamStats()
-        self.compression_stats = CompressionStats()
-        self.error_desc = None
-        self._reset_timing()
+    def start(self, uri: str, named_fds: dict[str, int]) -> None:
+        self.status.transition(S.NONE, S.SETUP)
         try:
             addr = parse_uri(uri)
             fd = None
             if addr.kind == "fd":
-                fd = monitor.named_fds.pop(addr.fdname, None)
+                fd = named_fds.pop(addr.fdname, None)
                 if fd is None:
-                    raise QMPError(f"File descriptor named '{addr.fdname}' has not been found")
-        except QMPError as err:
+                    raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
+        except MigrationError as err:
             if err.desc != INVALID_PROTOCOL:
                 self.error_desc = err.desc
-            self.set_state("setup", "failed")
+            self.status.transition(S.SETUP, S.FAILED)
             raise
+        channel_factory: Callable[[], Channel]
         if addr.kind == "exec":
             channel_factory = lambda: CommandChannel(addr.command, outgoing=True)  # noqa: E731
         elif addr.kind == "fd":
             channel_factory = lambda: FdChannel(fd)  # noqa: E731
         else:
             channel_factory = lambda: connect(addr)  # noqa: E731
-        self._thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
-                                        daemon=True)
-        self._thread.start()
-
-    def _check_unimplemented(self) -> None:
-        """Refuse capabilities whose stream features are not built yet (never a silent success)."""
-        for cap in ("postcopy-ram", "x-colo", "block", "dirty-bitmaps",
-                    "background-snapshot", "postcopy-preempt", "x-ignore-shared"):
-            if self.options.cap(cap):
-                raise QMPError(f"vmigrate does not implement the '{cap}' capability yet")
-        if self.options.param("tls-creds"):
-            raise QMPError("vmigrate does not implement TLS migration yet")
+        self.thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
+                                       daemon=True)
+        self.thread.start()
 
     def cancel(self) -> None:
-        """``migrate_cancel``: always succeeds; only acts on a running migration."""
+        trace("migrate_fd_cancel")
         while True:
-            state = self.state
-            if state not in RUNNING:
+            status = self.status.status
+            if not status.is_running:
                 return
-            if state == "pre-switchover":
+            if status == S.PRE_SWITCHOVER:
                 self._continue.release()
-            if self.set_state(state, "cancelling") or self.state == "cancelling":
+            if status == S.CANCELLING or self.status.transition(status, S.CANCELLING):
                 break
-        f = self.file
-        if f is not None:
-            f.shutdown()
-        multifd = self._multifd
+        self.shutdown_channel()
+        multifd = self.multifd
         if multifd is not None:
             multifd.fail("Channel shut down")
 
-    def continue_(self, expected: str) -> None:
-        if self.state != expected:
-            raise QMPError(f"Migration not in expected state: {self.state}")
+    def shutdown_channel(self) -> None:
+        f = self.file
+        if f is not None:
+            f.shutdown()
+
+    def continue_(self) -> None:
         self._continue.release()
 
-    def set_max_bandwidth(self, value: int) -> None:
-        f = self.file
-        if f is not None and self.state in ("active", "setup"):
-            f.budget = value // 10
+    def set_parameters(self, config: MigrationConfig, bandwidth_changed: bool) -> None:
+        """New parameters for the running attempt; ``max-bandwidth`` re-arms the limiter."""
+        self.config = config
+        if bandwidth_changed and self.status.status in (S.SETUP, S.ACTIVE):
+            self.limiter.set_rate(config.params.max_bandwidth)
 
     def join(self, timeout: float) -> None:
-        t = self._thread
+        t = self.thread
         if t is not None:
             t.join(timeout)
 
-    def query(self, info: dict) -> None:
-        """The source pass of ``query-migrate`` (states.md §3)."""
-        state = self.state
-        if state == "none":
+    def query(self, info: dict, current: MigrationConfig) -> None:
+        """The source members of ``query-migrate`` (states.md §3).
+
+        Which optional members appear follows the *current* capabilities, as
+        in QEMU, not the ones this attempt started with.
+        """
+        status = self.status.status
+        if status == S.NONE:
             return
-        info["status"] = state
-        if state in ("active", "cancelling", "postcopy-active", "postcopy-paused", "postcopy-recover",
-                     "pre-switchover", "device", "completed"):
-            completed = state == "completed"
+        info["status"] = status.value
+        if status in (S.ACTIVE, S.CANCELLING, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER,
+                      S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED):
+            completed = status == S.COMPLETED
             info["setup-time"] = self.setup_time
             info["total-time"] = self.total_time if completed else int(now_ms() - self.start_ms)
             if completed:
@@ -227,65 +265,63 @@ class OutgoingMigration(MigrationStateMachine):
             else:
                 info["expected-downtime"] = self.expected_downtime
             info["ram"] = self.stats.to_qmp(self.total_ram, self.mbps, self.pages_per_second, completed)
-            if self.options.cap("xbzrle"):
-                info["xbzrle-cache"] = self.xbzrle_stats.to_qmp(self.options.param("xbzrle-cache-size"))
-            if self.options.cap("compress"):
+            if current.caps.xbzrle:
+                info["xbzrle-cache"] = self.xbzrle_stats.to_qmp(current.params.xbzrle_cache_size)
+            if current.caps.compress:
                 info["compression"] = self.compression_stats.to_qmp()
             if self.auto_converge.percentage:
                 info["cpu-throttle-percentage"] = self.auto_converge.percentage
-        elif state == "failed" and self.error_desc:
+        elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
 
     # -- the migration thread ---------------------------------------------
 
     def _phase(self) -> str:
-        return "precopy" if self.vm.runstate.running else "downtime"
+        return "precopy" if self.host.runstate.running else "downtime"
 
-    def _run(self, channel_factory, addr: MigrationAddress) -> None:
-        vm = self.vm
+    def _run(self, channel_factory: Callable[[], Channel], addr: MigrationAddress) -> None:
+        runstate = self.host.runstate
         channel: Channel | None = None
         rp: ReturnPathReader | None = None
-        ram: RamSaver | None = None
-        was_running = vm.runstate.running
+        saver: SaveVM | None = None
+        was_running = runstate.running
         stopped = False
         try:
             channel = channel_factory()
-            self.file = f = QEMUFileOut(channel)
-            if self.state == "cancelling":
+            self.file = f = QEMUFileOut(channel, self.limiter)
+            if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
-            self.expected_downtime = self.options.param("downtime-limit")
-            f.budget = self.options.param("max-bandwidth") // 10
+            self.expected_downtime = self.config.params.downtime_limit
             thread_start = now_ms()
             window = _Window(self, f)
-            self._multifd = self._open_multifd(addr, channel, f)
-            ram = RamSaver(vm.ram_blocks, self.stats, self._phase, self._pass_event, vm.vcpus,
-                           options=self.options, xbzrle_stats=self.xbzrle_stats,
-                           compression_stats=self.compression_stats, multifd=self._multifd)
-            ram.on_period = self.auto_converge.period_end
-            saver = savevm.SaveVM(vm, ram, f, self.options)
-            rp = self._open_return_path(channel, saver) if self.options.cap("return-path") else None
+            self.multifd = self._open_multifd(addr, channel)
+            ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
+                              self.multifd, self._phase, self._pass_event, self._period_end)
+            saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
+            rp = self._open_return_path(channel, saver) if self.config.caps.return_path else None
             saver.setup()
-            self.set_state("setup", "active")
+            self.status.transition(S.SETUP, S.ACTIVE)
             self.setup_time = int(now_ms() - thread_start)
-            while self.state == "active":
+            trace("migration_thread_setup_complete")
+            while self.status.status == S.ACTIVE:
                 if not f.rate_limited():
-                    if self._iteration(ram, saver):
+                    if self._iteration(saver):
                         stopped = True
-                        was_running = self._complete(ram, saver, f, rp) or was_running
+                        was_running = self._complete(saver, f, rp) or was_running
                         break
-                if self.state == "cancelling":
+                if self.status.status == S.CANCELLING:
                     raise MigrationCancelled()
                 if f.error:
                     raise ChannelError(f.error)
                 if rp is not None and rp.error:
                     raise ChannelError(rp.error)
                 window.step()
-            if self.state == "cancelling":
+            if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
         except MigrationCancelled:
             pass
         except MultifdSetupError as err:
-            print(f"vmigrate: {err}", file=sys.stderr, flush=True)
+            log.error("%s", err)
             self._fail(None)
         except (ChannelError, OSError, ValueError) as err:
             if rp is not None:
@@ -294,11 +330,11 @@ class OutgoingMigration(MigrationStateMachine):
             self._fail(rp.error if rp is not None and rp.error else str(err))
         finally:
             self._finish(was_running, stopped)
-            if ram is not None:
-                ram.cleanup()
-            elif self._multifd is not None:
-                self._multifd.close()
-            self._multifd = None
+            if saver is not None:
+                saver.cleanup()
+            if self.multifd is not None:
+                self.multifd.close()
+            self.multifd = None
             if channel is not None:
                 if rp is not None:
                     channel.shutdown()
@@ -309,33 +345,32 @@ class OutgoingMigration(MigrationStateMachine):
                     pass
             self.file = None
             # QEMU's cleanup bottom half.
-            self.set_state("cancelling", "cancelled")
+            self.status.transition(S.CANCELLING, S.CANCELLED)
 
-    def _open_multifd(self, addr: MigrationAddress, channel: Channel, f: QEMUFileOut) -> MultifdSender | None:
+    def _open_multifd(self, addr: MigrationAddress, channel: Channel) -> MultifdSender | None:
         """Zero-copy check on the main channel, then the multifd channels (multifd.md §1, §8)."""
-        zero_copy = self.options.cap("zero-copy-send")
+        caps, params = self.config.caps, self.config.params
+        zero_copy = caps.zero_copy_send
         if zero_copy and addr.multi_channel and not ZeroCopySocket.enable(channel.sock):
             raise ChannelError("Zero copy send feature not detected in host kernel")
-        if not self.options.cap("multifd"):
+        if not caps.multifd:
             return None
         if not addr.multi_channel:
             raise MultifdSetupError("multifd is not supported by current protocol")
-        uuid = self.vm.config.uuid
-        channels = open_channels(addr, self.options.param("multifd-channels"), zero_copy)
-        method = self.options.param("multifd-compression")
-        level = self.options.param(f"multifd-{method}-level") if method != "none" else 0
-
-        def account(nbytes: int) -> None:
-            f.used += nbytes
-
-        return MultifdSender(channels, method, level, zero_copy,
-                             uuidlib.UUID(uuid).bytes if uuid else bytes(16), self.stats, account)
+        uuid = self.host.uuid
+        channels = open_channels(addr, params.multifd_channels, zero_copy)
+        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy,
+                             uuidlib.UUID(uuid).bytes if uuid else bytes(16), self.stats, self.limiter.account)
 
     def _pass_event(self, count: int) -> None:
-        if self.options.cap("events"):
-            self.vm.emit_event("MIGRATION_PASS", {"pass": count})
+        if self.config.caps.events:
+            self.host.emit_event("MIGRATION_PASS", {"pass": count})
 
-    def _iteration(self, ram: RamSaver, saver: "savevm.SaveVM") -> bool:
+    def _period_end(self, dirty_bytes: int, transferred_bytes: int) -> None:
+        if self.config.caps.auto_converge:
+            self.auto_converge.period_end(dirty_bytes, transferred_bytes, self.config.params)
+
+    def _iteration(self, saver: SaveVM) -> bool:
         """One loop turn (QEMU's migration_iteration_run); True when it is time to complete.
 
         One change from QEMU 7.2: never before the first copy of RAM is out.
@@ -345,19 +380,19 @@ class OutgoingMigration(MigrationStateMachine):
         downtime at 4 GiB).  Those pages are not dirt: sending them live
         costs the same time and leaves only what the guest re-dirtied.
         """
-        pending = ram.remaining_bytes()
-        if pending and not ram.bulk_done:
+        pending = saver.pending_estimate()
+        trace("migrate_pending_estimate", size=pending, threshold=self.threshold_size)
+        if pending and not saver.first_copy_done:
             saver.iterate()
             return False
         if pending < self.threshold_size:
-            ram.sync()
-            pending = ram.remaining_bytes()
+            pending = saver.pending_exact()
         if pending == 0 or pending < self.threshold_size:
             return True
         saver.iterate()
         return False
 
-    def _open_return_path(self, channel: Channel, saver: "savevm.SaveVM") -> "ReturnPathReader":
+    def _open_return_path(self, channel: Channel, saver: SaveVM) -> "ReturnPathReader":
         """Ask the destination to talk back (OPEN_RETURN_PATH, PING 1) and start listening."""
         if not channel.bidirectional:
             raise ChannelError("Unable to open return-path for postcopy")
@@ -366,31 +401,31 @@ class OutgoingMigration(MigrationStateMachine):
         reader.start()
         return reader
 
-    def _complete(self, ram: RamSaver, saver: "savevm.SaveVM", f: QEMUFileOut,
-                  rp: "ReturnPathReader | None") -> bool:
+    def _complete(self, saver: SaveVM, f: QEMUFileOut, rp: "ReturnPathReader | None") -> bool:
         """Stop-and-copy; returns whether the guest had been running."""
-        vm = self.vm
+        host = self.host
         downtime_start = now_ms()
-        vm.global_state.runstate = vm.runstate.state
-        was_running = vm.runstate.force_stop("finish-migrate")
-        if self.options.cap("pause-before-switchover"):
+        host.global_state.runstate = host.runstate.state
+        was_running = host.runstate.force_stop("finish-migrate")
+        trace("migration_completion_vm_stop", was_running=was_running)
+        if self.config.caps.pause_before_switchover:
             while self._continue.acquire(blocking=False):
                 pass
-            if self.set_state("active", "pre-switchover"):
+            if self.status.transition(S.ACTIVE, S.PRE_SWITCHOVER):
                 self._continue.acquire()
-                if not self.set_state("pre-switchover", "device"):
+                if not self.status.transition(S.PRE_SWITCHOVER, S.DEVICE):
                     raise MigrationCancelled()
-        if self.state == "cancelling":
+        if self.status.status == S.CANCELLING:
             raise MigrationCancelled()
-        f.budget = 0
+        self.limiter.set_rate(0)
         saver.complete()
         if rp is not None:
             rp.join()
             if rp.error:
                 raise ChannelError(rp.error)
         end = now_ms()
-        state = self.state
-        if state not in ("active", "device") or not self.set_state(state, "completed"):
+        status = self.status.status
+        if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, S.COMPLETED):
             raise MigrationCancelled()
         self.total_time = int(end - self.start_ms)
         self.downtime = int(end - downtime_start)
@@ -401,9 +436,8 @@ class OutgoingMigration(MigrationStateMachine):
 
     def _fail(self, desc: str | None) -> None:
         self.error_desc = desc
-        for state in ("setup", "active", "pre-switchover", "device"):
-            if self.set_state(state, "failed"):
-                break
+        trace("migrate_fd_error", error_desc=desc)
+        self.status.fail()
 
     def _finish(self, was_running: bool, stopped: bool) -> None:
         """QEMU's migration_iteration_finish: the run state, before any cleanup.
@@ -412,15 +446,15 @@ class OutgoingMigration(MigrationStateMachine):
         ``postmigrate`` (or a restarted guest), so this runs before channels
         are closed, which may take a while.
         """
-        vm = self.vm
+        runstate = self.host.runstate
         self.auto_converge.stop()
-        if self.state == "completed":
-            vm.runstate.set("postmigrate")
-        elif stopped or vm.runstate.state == "finish-migrate":
+        if self.status.status == S.COMPLETED:
+            runstate.set("postmigrate")
+        elif stopped or runstate.state == "finish-migrate":
             if was_running:
-                vm.runstate.start()
-            elif vm.runstate.state == "finish-migrate":
-                vm.runstate.set("postmigrate")
+                runstate.start()
+            elif runstate.state == "finish-migrate":
+                runstate.set("postmigrate")
 
 
 class ReturnPathReader(threading.Thread):
@@ -448,10 +482,12 @@ class ReturnPathReader(threading.Thread):
                 decoder.feed(data)
                 while (event := decoder.next_event()) is not NEED_DATA:
                     if isinstance(event, return_path.RpShut):
+                        trace("source_return_path_thread_shut", value=event.value)
                         if event.value:
                             self.error = f"RP: Sibling indicated error {event.value}"
                         return
                     if isinstance(event, return_path.RpPong):
+                        trace("source_return_path_thread_pong", value=event.value)
                         self.pongs.append(event.value)
                     else:
                         raise WireError(f"RP: unexpected {type(event).__name__} in precopy")
@@ -462,16 +498,16 @@ class ReturnPathReader(threading.Thread):
 class _Window:
     """The 100 ms bandwidth window: rate limit, mbps, threshold, expected downtime."""
 
-    def __init__(self, mig: OutgoingMigration, f: QEMUFileOut) -> None:
-        self.mig = mig
+    def __init__(self, session: OutgoingSession, f: QEMUFileOut) -> None:
+        self.session = session
         self.f = f
         self.start = now_ms()
         self.bytes0 = self.total_bytes()
-        self.pages0 = mig.stats.pages_sent
+        self.pages0 = session.stats.pages_sent
 
     def total_bytes(self) -> int:
         """Main channel bytes plus multifd-bytes (QEMU's migration_total_bytes)."""
-        return self.f.transferred + self.mig.stats.multifd_bytes
+        return self.f.transferred + self.session.stats.multifd_bytes
 
     def step(self) -> None:
         now = now_ms()
@@ -485,16 +521,19 @@ class _Window:
     def update(self, now: float) -> None:
         if now < self.start + WINDOW_SECONDS * 1000:
             return
-        mig, f = self.mig, self.f
+        session = self.session
+        stats = session.stats
         xfer = self.total_bytes() - self.bytes0
         dt = now - self.start
         bw = xfer / dt
-        mig.threshold_size = int(bw * mig.options.param("downtime-limit"))
-        mig.mbps = xfer * 8 / (dt / 1000) / 1e6
-        mig.pages_per_second = int((mig.stats.pages_sent - self.pages0) / (dt / 1000))
-        if mig.stats.dirty_pages_rate and xfer > 10000:
-            mig.expected_downtime = int(mig.stats.remaining_pages * 4096 / bw)
-        f.used = 0
+        session.threshold_size = int(bw * session.config.params.downtime_limit)
+        session.mbps = xfer * 8 / (dt / 1000) / 1e6
+        session.pages_per_second = int((stats.pages_sent - self.pages0) / (dt / 1000))
+        if stats.dirty_pages_rate and xfer > 10000:
+            session.expected_downtime = int(stats.remaining_pages * 4096 / bw)
+        trace("migrate_transferred", transferred=xfer, time_spent=int(dt), bandwidth=int(bw),
+              threshold_size=session.threshold_size)
+        session.limiter.new_window()
         self.start = now_ms()
         self.bytes0 = self.total_bytes()
-        self.pages0 = mig.stats.pages_sent
+        self.pages0 = stats.pages_sent

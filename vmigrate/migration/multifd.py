@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import errno
 import os
-import select
-import socket
-import struct
 import threading
 from collections import deque
 from typing import Callable
@@ -37,17 +34,14 @@ from typing import Callable
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
-from vmigrate.migration.channel import ChannelError, MigrationAddress, SocketChannel, connect
+from vmigrate.migration.channel import (ChannelError, MigrationAddress, SocketChannel, ZeroCopySocket, connect,
+                                        sendmsg_all)
 from vmigrate.migration.compress import write_pages
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
+from vmigrate.trace import trace
 
-SO_ZEROCOPY = 60
-MSG_ZEROCOPY = 0x4000000
-SO_EE_ORIGIN_ZEROCOPY = 5
-SO_EE_CODE_ZEROCOPY_COPIED = 1
-_SOCK_EE = struct.Struct("=IBBBBII")
 #: Page runs sent as separate iovecs before gathering the packet into one buffer is cheaper.
 MAX_IOVEC_RUNS = 16
 #: Bound on every wait, so a stuck peer never hangs a thread forever (errors are re-checked).
@@ -64,73 +58,6 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     firsts = np.concatenate(([0], breaks))
     counts = np.diff(np.concatenate((firsts, [len(pages)])))
     return list(zip(pages[firsts].tolist(), counts.tolist()))
-
-
-def sendmsg_all(sock: socket.socket, buffers: list, flags: int = 0) -> int:
-    """Write every buffer, resuming after partial writes; returns the sendmsg calls made."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    calls = 0
-    while views:
-        sent = sock.sendmsg(views, [], flags)
-        calls += 1
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
-    return calls
-
-
-class ZeroCopySocket:
-    """MSG_ZEROCOPY bookkeeping of one socket (QEMU's zero_copy_queued/sent)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.queued = 0
-        self.done = 0
-
-    @staticmethod
-    def enable(sock: socket.socket) -> bool:
-        """SO_ZEROCOPY; False where the kernel or the socket type cannot do it (e.g. AF_UNIX)."""
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_ZEROCOPY, 1)
-        except OSError:
-            return False
-        return True
-
-    def send(self, buffers: list) -> None:
-        try:
-            self.queued += sendmsg_all(self.sock, buffers, MSG_ZEROCOPY)
-        except OSError as err:
-            if err.errno == errno.ENOBUFS:
-                raise MultifdError("Process can't lock enough memory for using MSG_ZEROCOPY") from None
-            raise
-
-    def flush(self, stop: threading.Event) -> bool:
-        """Wait for every queued send's completion; True if all of them fell back to copying."""
-        if self.done == self.queued:
-            return False
-        copied_only = True
-        poller = select.poll()
-        poller.register(self.sock, select.POLLERR)
-        while self.done < self.queued:
-            if stop.is_set():
-                raise MultifdError("multifd channel stopped while flushing zero-copy sends")
-            try:
-                _, ancdata, _, _ = self.sock.recvmsg(0, 256, socket.MSG_ERRQUEUE)
-            except BlockingIOError:
-                poller.poll(int(WAIT_SLICE * 1000))
-                continue
-            for _level, _type, data in ancdata:
-                ee_errno, origin, _kind, code, _pad, info, last = _SOCK_EE.unpack_from(data)
-                if ee_errno:
-                    raise MultifdError(f"Error on socket: {os.strerror(ee_errno)}")
-                if origin != SO_EE_ORIGIN_ZEROCOPY:
-                    raise MultifdError("Error not from zero copy")
-                self.done += last - info + 1
-                if not code & SO_EE_CODE_ZEROCOPY_COPIED:
-                    copied_only = False
-        return copied_only
 
 
 def open_channels(addr: MigrationAddress, count: int, zero_copy: bool) -> list[SocketChannel]:
@@ -314,6 +241,7 @@ class MultifdSender:
 
     def sync(self) -> None:
         """Before a RAM EOS: pending pages out, then a SYNC packet written on every channel."""
+        trace("multifd_send_sync_main", packet_num=self._packet_num)
         if self._pending_count:
             self._send_pending()
         with self.cond:
@@ -408,6 +336,7 @@ class MultifdReceiver:
 
     def sync_main(self) -> None:
         """At a RAM EOS on the main channel: wait for one SYNC per channel, then release them."""
+        trace("multifd_recv_sync_main", channels=len(self.channels))
         with self._cond:
             while self._waiting < len(self.channels):
                 if self.error is not None:

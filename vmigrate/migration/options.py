@@ -9,7 +9,7 @@ shipped QAPI schema (``MigrationCapability``, ``MigrationParameters``,
 ``query-qmp-schema`` announces; the defaults and the validation rules are
 behaviour and live here as data keyed by the QMP (dashed) names.
 
-What callers can rely on (see /work/shared/spec/params.md):
+What callers can rely on (see docs/qemu/params.md):
 
 * Capabilities: refused while a migration is running; the request is applied
   to a copy (last entry wins), the copy is validated with QEMU's rules in
@@ -49,8 +49,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from vmigrate.migration.config import Capabilities, MigrationConfig, Parameters
 from vmigrate.qapi import schema
-from vmigrate.qmp.errors import QMPError
+from vmigrate.migration.errors import MigrationError
 
 TARGET_PAGE_SIZE = 4096
 
@@ -237,7 +238,7 @@ def check_bitmap_mapping(mapping: list[dict]) -> None:
     for name_to_alias in (True, False):
         detail = _bitmap_mapping_error(mapping, name_to_alias)
         if detail is not None:
-            raise QMPError(f"Invalid mapping given for block-bitmap-mapping: {detail}")
+            raise MigrationError(f"Invalid mapping given for block-bitmap-mapping: {detail}")
 
 
 class MigrationOptions:
@@ -285,7 +286,7 @@ class MigrationOptions:
         ``-incoming``) used a transport that cannot carry multifd channels.
         """
         if migration_running:
-            raise QMPError(MIGRATION_ACTIVE)
+            raise MigrationError(MIGRATION_ACTIVE)
         new = dict(self._caps)
         for entry in caps:
             new[entry["capability"]] = entry["state"]
@@ -303,32 +304,40 @@ class MigrationOptions:
                             ram_wp_compatible: Callable[[], bool]) -> None:
         if c["postcopy-ram"]:
             if not old_postcopy and runstate == "inmigrate" and not postcopy_supported():
-                raise QMPError("Postcopy is not supported")
+                raise MigrationError("Postcopy is not supported")
             if c["x-ignore-shared"]:
-                raise QMPError("Postcopy is not compatible with ignore-shared")
+                raise MigrationError("Postcopy is not compatible with ignore-shared")
         if c["background-snapshot"]:
             if not uffd_wp_supported():
-                raise QMPError("Background-snapshot is not supported by host kernel")
+                raise MigrationError("Background-snapshot is not supported by host kernel")
             if not ram_wp_compatible():
-                raise QMPError("Background-snapshot is not compatible with guest memory configuration")
+                raise MigrationError("Background-snapshot is not compatible with guest memory configuration")
             for other in BACKGROUND_SNAPSHOT_INCOMPATIBLE:
                 if c[other]:
-                    raise QMPError(f"Background-snapshot is not compatible with {other}")
+                    raise MigrationError(f"Background-snapshot is not compatible with {other}")
         if c["zero-copy-send"]:
             if not self._linux:
-                raise QMPError(ZERO_COPY_NOT_LINUX)
+                raise MigrationError(ZERO_COPY_NOT_LINUX)
             if (not c["multifd"] or c["compress"] or c["xbzrle"]
                     or self._params["multifd-compression"] != "none" or self._params["tls-creds"]):
-                raise QMPError(ZERO_COPY_UNAVAILABLE)
+                raise MigrationError(ZERO_COPY_UNAVAILABLE)
         if runstate == "inmigrate" and incoming_single_channel and c["multifd"]:
-            raise QMPError("multifd is not supported by current protocol")
+            raise MigrationError("multifd is not supported by current protocol")
         if c["postcopy-preempt"]:
             if not c["postcopy-ram"]:
-                raise QMPError("Postcopy preempt requires postcopy-ram")
+                raise MigrationError("Postcopy preempt requires postcopy-ram")
             if c["compress"]:
-                raise QMPError("Postcopy preempt not compatible with compress")
+                raise MigrationError("Postcopy preempt not compatible with compress")
         if c["multifd"] and c["compress"]:
-            raise QMPError("Multifd is not compatible with compress")
+            raise MigrationError("Multifd is not compatible with compress")
+
+    def snapshot(self) -> MigrationConfig:
+        """The typed, frozen view a migration attempt runs with (:mod:`.config`)."""
+        caps = Capabilities(**{f.replace("-", "_"): self._caps[f] for f in self._caps})
+        params = {name.replace("-", "_"): self.param(name) for name in self._params}
+        if params["block_bitmap_mapping"] is not None:
+            params["block_bitmap_mapping"] = tuple(params["block_bitmap_mapping"])
+        return MigrationConfig(caps, Parameters(**params))
 
     # -- parameters --------------------------------------------------------
 
@@ -365,7 +374,7 @@ class MigrationOptions:
         checkpoint) fire on presence, not on change.
         """
         if not self._zstd and params.get("multifd-compression") == "zstd":
-            raise QMPError("Parameter 'multifd-compression' does not accept value 'zstd'")
+            raise MigrationError("Parameter 'multifd-compression' does not accept value 'zstd'")
         request = {
             name: ("" if value is None and name in _NULL_MEANS_EMPTY else value)
             for name, value in params.items()
@@ -381,8 +390,8 @@ class MigrationOptions:
     def _check_parameters(self, p: dict[str, Any]) -> None:
         for rule in _PARAM_RULES:
             if rule.invalid(p):
-                raise QMPError(rule.message())
+                raise MigrationError(rule.message())
         if p["block-bitmap-mapping"] is not None:
             check_bitmap_mapping(p["block-bitmap-mapping"])
         if self._caps["zero-copy-send"] and (p["multifd-compression"] != "none" or p["tls-creds"]):
-            raise QMPError(ZERO_COPY_UNAVAILABLE)
+            raise MigrationError(ZERO_COPY_UNAVAILABLE)

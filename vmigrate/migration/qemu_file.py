@@ -2,8 +2,8 @@
 
 QEMU's QEMUFile: small writes (headers, device fields) are gathered in a
 buffer, large ones (page batches) go straight to the channel after a flush,
-so a batch of pages costs one system call and no extra copy.  The byte
-budget per 100 ms window is the ``max-bandwidth`` rate limiter
+so a batch of pages costs one system call and no extra copy.  Every byte
+put is accounted in the attempt's :class:`~.rate_limit.RateLimiter`
 (convergence.md §2).
 """
 
@@ -12,27 +12,25 @@ from __future__ import annotations
 import threading
 
 from vmigrate.migration.channel import Channel, ChannelError
+from vmigrate.migration.rate_limit import RateLimiter
 
 BUFFER_SIZE = 32 * 1024
 READ_CHUNK = 4 * 1024 * 1024
 
 
 class QEMUFileOut:
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, limiter: RateLimiter) -> None:
         self.channel = channel
+        self.limiter = limiter
         self._buf = bytearray()
         #: Bytes handed to the channel (QEMU's qemu_file_transferred).
         self.transferred = 0
-        #: Bytes written in the current rate-limit window.
-        self.used = 0
-        #: Bytes allowed per window; 0 = unlimited.
-        self.budget = 0
         self.error: str | None = None
         self._shut = threading.Event()
 
     def put(self, data) -> None:
         size = len(data) if not hasattr(data, "nbytes") else data.nbytes
-        self.used += size
+        self.limiter.account(size)
         if size >= BUFFER_SIZE:
             self.flush()
             self._write(data, size)
@@ -58,7 +56,7 @@ class QEMUFileOut:
         self.transferred += size
 
     def rate_limited(self) -> bool:
-        return self.error is not None or self._shut.is_set() or (self.budget > 0 and self.used > self.budget)
+        return self.error is not None or self._shut.is_set() or self.limiter.exceeded()
 
     def shutdown(self) -> None:
         """Fail blocked and future writes at once (cancel)."""

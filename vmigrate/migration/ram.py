@@ -13,20 +13,21 @@ records; the destination applies whole runs of each kind.
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
 
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool
-from vmigrate.migration.multifd import MultifdReceiver, MultifdSender
-from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.multifd import MultifdReceiver
 from vmigrate.migration.qemu_file import QEMUFileOut
-from vmigrate.migration.stats import CompressionStats, PeriodRates, RamStats, XbzrleStats
+from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
+from vmigrate.migration.stats import PeriodRates
 from vmigrate.migration.wire import ram as wire_ram
 from vmigrate.migration.wire import xbzrle as wire_xbzrle
 from vmigrate.migration.wire.errors import WireError
 from vmigrate.migration.xbzrle import XbzrleSender
+from vmigrate.trace import trace
 
 #: Pages per encoded batch: big enough to amortise Python, small enough for the rate limiter.
 BATCH_PAGES = 1024
@@ -38,37 +39,19 @@ EOS_SIZE = 8
 DIRTY_CLIENT = "migration"
 
 
-class DirtyLogSource(Protocol):
-    """The vCPU backend's dirty logging (KVM needs it switched on and pulled into the log)."""
-
-    def dirty_log_start(self) -> None: ...
-
-    def dirty_log_sync(self) -> None: ...
-
-    def dirty_log_stop(self) -> None: ...
-
-
 class RamSaver:
-    def __init__(
-        self,
-        blocks: list[RAMBlock],
-        stats: RamStats,
-        phase: Callable[[], str],
-        on_sync: Callable[[int], None],
-        accel: "DirtyLogSource",
-        options: MigrationOptions | None = None,
-        xbzrle_stats: XbzrleStats | None = None,
-        compression_stats: CompressionStats | None = None,
-        multifd: MultifdSender | None = None,
-    ) -> None:
-        """``options`` switch on XBZRLE and compression (their counters are the
-        ``*_stats`` objects, which outlive this saver); ``multifd`` routes
-        non-zero pages to the multifd channels."""
+    """The source side of one attempt (QEMU's RAMState): migration bitmaps, cursor, page senders."""
+
+    def __init__(self, blocks: list[RAMBlock], dirty_log: VcpuBackend, ctx: SaveContext) -> None:
+        """``ctx.config`` switches on XBZRLE and compression (their counters are the
+        context's ``*_stats`` objects, which outlive this saver); ``ctx.multifd``
+        routes non-zero pages to the multifd channels."""
         self.blocks = blocks
-        self.options = options
-        self.xbzrle_stats = xbzrle_stats or XbzrleStats()
-        self.compression_stats = compression_stats or CompressionStats()
-        self.multifd = multifd
+        self.ctx = ctx
+        self.config = ctx.config
+        self.xbzrle_stats = ctx.xbzrle_stats
+        self.compression_stats = ctx.compression_stats
+        self.multifd = ctx.multifd
         self.xbzrle: XbzrleSender | None = None
         #: Set when the first full round is done (the XBZRLE start rule of ram.md §4).
         self.xbzrle_active = False
@@ -81,11 +64,9 @@ class RamSaver:
         self._wrapped = False
         #: The first copy of RAM is out: every page was sent once (the cursor went round, or none was left).
         self.bulk_done = False
-        self._f: QEMUFileOut | None = None
-        self.accel = accel
-        self.stats = stats
-        self._phase = phase
-        self._on_sync = on_sync
+        self.dirty_log = dirty_log
+        self.stats = ctx.stats
+        self._phase = ctx.phase
         self.bitmaps = [np.zeros(b.npages, dtype=np.bool_) for b in blocks]
         self._cursor_block = 0
         self._cursor_page = 0
@@ -93,8 +74,6 @@ class RamSaver:
         self._period_start = 0.0
         self._period_dirty = 0
         self._period_xfer = 0
-        #: Hook for auto-converge, called at each ≥1 s period end with (dirty bytes, transferred bytes).
-        self.on_period: Callable[[int, int], None] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -103,15 +82,15 @@ class RamSaver:
     def remaining_bytes(self) -> int:
         return self.stats.remaining_pages * PAGE_SIZE
 
-    def setup(self, f: QEMUFileOut) -> None:
+    def setup(self) -> None:
         """START body: the block list; then every page dirty and the first sync (pass 1)."""
-        self._f = f
-        options = self.options
-        if options is not None and options.cap("xbzrle"):
-            self.xbzrle = XbzrleSender(options.param("xbzrle-cache-size"), self.xbzrle_stats, self.blocks)
-        if options is not None and options.cap("compress"):
-            self.compress = CompressSender(options.param("compress-threads"), options.param("compress-level"),
-                                           options.param("compress-wait-thread"), self.compression_stats,
+        f = self.ctx.file
+        caps, params = self.config.caps, self.config.params
+        if caps.xbzrle:
+            self.xbzrle = XbzrleSender(params.xbzrle_cache_size, self.xbzrle_stats, self.blocks)
+        if caps.compress:
+            self.compress = CompressSender(params.compress_threads, params.compress_level,
+                                           params.compress_wait_thread, self.compression_stats,
                                            self._write_compressed)
         f.put(wire_ram.mem_size([(b.idstr, b.size) for b in self.blocks]))
         for block, bitmap in zip(self.blocks, self.bitmaps):
@@ -119,7 +98,7 @@ class RamSaver:
         self.stats.remaining_pages = sum(b.npages for b in self.blocks)
         for block in self.blocks:
             block.dirty.start(DIRTY_CLIENT)
-        self.accel.dirty_log_start()
+        self.dirty_log.dirty_log_start()
         self._period_start = time.monotonic()
         self.sync()
         if self.multifd is not None:
@@ -128,7 +107,7 @@ class RamSaver:
 
     def sync(self) -> None:
         """Pull the dirty log into the migration bitmap (one 'pass')."""
-        self.accel.dirty_log_sync()
+        self.dirty_log.dirty_log_sync()
         fresh = 0
         for block, bitmap in zip(self.blocks, self.bitmaps):
             fresh += block.dirty.collect_into(DIRTY_CLIENT, bitmap)
@@ -138,25 +117,26 @@ class RamSaver:
         now = time.monotonic()
         if now > self._period_start + 1.0:
             elapsed_ms = (now - self._period_start) * 1000
-            if self.on_period is not None:
-                self.on_period(self._period_dirty * PAGE_SIZE, self.stats.transferred - self._period_xfer)
+            self.ctx.on_period(self._period_dirty * PAGE_SIZE, self.stats.transferred - self._period_xfer)
             self.stats.dirty_pages_rate = int(self._period_dirty * 1000 // elapsed_ms)
             self._rates.update(self.target_pages, self.xbzrle_stats if self.xbzrle is not None else None,
                                self.compression_stats if self.compress is not None else None)
             self._period_start = now
             self._period_dirty = 0
             self._period_xfer = self.stats.transferred
-        self._on_sync(self.stats.dirty_sync_count)
+        trace("migration_bitmap_sync_end", dirty_pages=fresh)
+        self.ctx.on_sync(self.stats.dirty_sync_count)
 
-    def iterate(self, f: QEMUFileOut) -> bool:
+    def iterate(self) -> bool:
         """One PART body: send dirty pages until rate-limited, 50 ms, or none left.
 
         Returns True when nothing was left to send.
         """
+        f = self.ctx.file
         deadline = time.monotonic() + ITERATION_MAX_SECONDS
         done = False
         while not f.rate_limited():
-            if not self._send_batch(f, self._batch_within_budget(f)):
+            if not self._send_batch(f, self.ctx.limiter.pages_left(PAGE_SIZE, BATCH_PAGES)):
                 done = True
                 break
             if time.monotonic() > deadline:
@@ -167,8 +147,9 @@ class RamSaver:
         self.stats.account(EOS_SIZE, self._phase())
         return done
 
-    def complete(self, f: QEMUFileOut) -> None:
+    def complete(self) -> None:
         """END body with the VM stopped: final sync, every remaining page, EOS."""
+        f = self.ctx.file
         self.last_stage = True
         self.sync()
         while self._send_batch(f):
@@ -180,25 +161,14 @@ class RamSaver:
         f.put(wire_ram.eos())
 
     def cleanup(self) -> None:
-        """Migration over (any outcome): dirty logging is no longer needed, nor the page senders."""
+        """Migration over (any outcome): dirty logging is no longer needed, nor the compression threads.
+
+        The multifd channels belong to the attempt, which closes them."""
         if self.compress is not None:
             self.compress.close()
-        if self.multifd is not None:
-            self.multifd.close()
         for block in self.blocks:
             block.dirty.stop(DIRTY_CLIENT)
-        self.accel.dirty_log_stop()
-
-    @staticmethod
-    def _batch_within_budget(f: QEMUFileOut) -> int:
-        """Pages for the next batch: no more than the rate limiter's window has left (one page over at most).
-
-        QEMU checks the limit after every page; a whole batch past the budget
-        would overshoot ``max-bandwidth`` by up to 4 MiB per 100 ms window.
-        """
-        if f.budget <= 0:
-            return BATCH_PAGES
-        return min(max((f.budget - f.used) // PAGE_SIZE + 1, 1), BATCH_PAGES)
+        self.dirty_log.dirty_log_stop()
 
     def _send_batch(self, f: QEMUFileOut, max_pages: int = BATCH_PAGES) -> bool:
         """Send the next batch of dirty pages, choosing their encoding as QEMU's ram_save_target_page.
@@ -279,7 +249,7 @@ class RamSaver:
 
     def _write_compressed(self, output: ChunkOutput) -> None:
         """A compression worker's records reach the main channel (QEMU counts them now)."""
-        self._f.put(output.data)
+        self.ctx.file.put(output.data)
         stats = self.stats
         stats.account(len(output.data), self._phase())
         stats.duplicate += output.zero_pages
@@ -379,3 +349,82 @@ class RamLoader:
         else:
             block.pages[pages[~known[pages]]] = 0
             known[pages] = True
+
+
+class RamSection:
+    """The ``ram`` entry of the section registry (QEMU's savevm_ram_handlers).
+
+    Long-lived, like the registration; each attempt gets a fresh
+    :class:`RamSaver` or :class:`RamLoader` in its setup, dropped in its
+    cleanup.
+    """
+
+    idstr = "ram"
+    instance_id = 0
+    section_id = 2
+    version_id = 4
+
+    def __init__(self, blocks: list[RAMBlock], vcpus: VcpuBackend) -> None:
+        self.blocks = blocks
+        self.vcpus = vcpus
+        self._saver: RamSaver | None = None
+        self._loader: RamLoader | None = None
+
+    # -- save -------------------------------------------------------------------------
+
+    def save_setup(self, ctx: SaveContext) -> None:
+        self._saver = RamSaver(self.blocks, self.vcpus, ctx)
+        self._saver.setup()
+
+    def save_iterate(self, ctx: SaveContext) -> bool:
+        return self._saver.iterate()
+
+    def pending_estimate(self) -> int:
+        return self._saver.remaining_bytes()
+
+    def pending_exact(self) -> int:
+        """QEMU's ram_save_pending below the threshold: sync the dirty log first."""
+        self._saver.sync()
+        return self._saver.remaining_bytes()
+
+    @property
+    def first_copy_done(self) -> bool:
+        return self._saver.bulk_done
+
+    def save_complete(self, ctx: SaveContext) -> None:
+        self._saver.complete()
+
+    def save_cleanup(self) -> None:
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.cleanup()
+
+    # -- load -------------------------------------------------------------------------
+
+    def load_setup(self, ctx: LoadContext) -> wire_ram.RamBodyDecoder:
+        caps, params = ctx.config.caps, ctx.config.params
+        loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0)
+        if caps.multifd:
+            if not ctx.multifd_channels:
+                raise LoadError("multifd is not supported by current protocol")
+            loader.multifd = MultifdReceiver(ctx.multifd_channels, params.multifd_compression, self.blocks,
+                                             on_pages=loader.pages_written)
+        return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True)
+
+    def load_state(self, event: object) -> None:
+        loader = self._loader
+        if isinstance(event, wire_ram.RamPages):
+            loader.load_pages(event)
+        elif isinstance(event, wire_ram.RamZeroPages):
+            loader.load_zero_pages(event)
+        elif isinstance(event, wire_ram.RamXbzrleRun):
+            loader.load_xbzrle(event)
+        elif isinstance(event, wire_ram.RamCompressedRun):
+            loader.load_compressed(event)
+        elif isinstance(event, wire_ram.RamEOS):
+            loader.end_of_section()
+
+    def load_cleanup(self) -> None:
+        loader, self._loader = self._loader, None
+        if loader is not None:
+            loader.close()

@@ -1,54 +1,176 @@
-"""Section order of a whole stream, source side (QEMU's savevm.c).
+"""The section registry and both directions of the section loop (QEMU's migration/savevm.c).
 
-A vmigrate VM registers the same handlers as ``qemu-system-x86_64 -M none``
+A VM registers what it migrates in one :class:`SectionRegistry`, in stream
+order: live sections (:class:`SaveVMHandlers`, QEMU's ``SaveVMHandlers``:
+RAM today; block, dirty bitmaps and postcopy discards tomorrow) and device
+models saved whole in the downtime (QEMU's vmstate registrations).  A
+``-M none`` vmigrate VM registers what ``qemu-system-x86_64 -M none`` does
 with the same section ids, so its stream is what a QEMU 7.2 destination of
-that machine expects: ``timer`` (id 0), ``ram`` (id 2, live), ``globalstate``
-(id 4).  Device sections come from the VM's device models
-(:mod:`vmigrate.machine.devices`).
+that machine expects: ``timer`` (id 0), ``ram`` (id 2, live),
+``globalstate`` (id 4).
+
+:class:`SaveVM` writes one outgoing attempt's stream (docs/qemu/stream.md
+§6 order: header, configuration, START sections, PART sections, END
+sections, FULL sections, EOF, vmdesc); :class:`LoadVM` reads an incoming
+stream and hands each section's records to the section that owns them.
 """
 
 from __future__ import annotations
 
 import uuid as uuidlib
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Protocol
 
-from vmigrate.migration.options import MigrationOptions
-from vmigrate.migration.qemu_file import QEMUFileOut
-from vmigrate.migration.ram import RamSaver
+from vmigrate.migration.channel import Channel
+from vmigrate.migration.config import MigrationConfig
+from vmigrate.migration.qemu_file import QEMUFileIn, QEMUFileOut
+from vmigrate.migration.rate_limit import RateLimiter
+from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
 from vmigrate.migration.wire import WireError, stream, vmstate
+from vmigrate.trace import trace
 
 if TYPE_CHECKING:
-    from vmigrate.vm import VM
+    from vmigrate.machine.devices import DeviceModel
+    from vmigrate.migration.multifd import MultifdSender
 
-RAM_SECTION = (2, "ram", 0, 4)
+
+class LoadError(Exception):
+    """A stream that is valid on the wire but not acceptable for this VM."""
+
+
+@dataclass
+class SaveContext:
+    """What one outgoing attempt lends its live sections (QEMU hands them the MigrationState)."""
+
+    config: MigrationConfig
+    file: QEMUFileOut
+    limiter: RateLimiter
+    stats: RamStats
+    xbzrle_stats: XbzrleStats
+    compression_stats: CompressionStats
+    multifd: "MultifdSender | None"
+    #: 'precopy', 'downtime' or 'postcopy': which byte counter the bytes sent now go to.
+    phase: Callable[[], str]
+    #: A dirty-log sync ended a pass (``MIGRATION_PASS``); gets the sync count.
+    on_sync: Callable[[int], None]
+    #: A ≥1 s dirty-rate period ended (auto-converge); gets (dirty bytes, transferred bytes).
+    on_period: Callable[[int, int], None]
+
+
+@dataclass
+class LoadContext:
+    """What one incoming attempt lends its sections."""
+
+    config: MigrationConfig
+    #: The multifd channels, in channel-id order (empty without multifd).
+    multifd_channels: list[Channel] = field(default_factory=list)
+
+
+class SaveVMHandlers(Protocol):
+    """A live section: sent in START/PART/END pieces while the guest runs, loaded piece by piece."""
+
+    idstr: str
+    instance_id: int
+    section_id: int
+    version_id: int
+
+    def save_setup(self, ctx: SaveContext) -> None: ...  # the START body
+
+    def save_iterate(self, ctx: SaveContext) -> bool: ...  # a PART body; True when nothing was left
+
+    def pending_estimate(self) -> int: ...  # bytes still to send, cheaply
+
+    def pending_exact(self) -> int: ...  # bytes still to send, after syncing the dirty log
+
+    @property
+    def first_copy_done(self) -> bool: ...  # every byte went out once
+
+    def save_complete(self, ctx: SaveContext) -> None: ...  # the END body, guest stopped
+
+    def save_cleanup(self) -> None: ...  # any outcome
+
+    def load_setup(self, ctx: LoadContext) -> stream.BodyDecoder: ...
+
+    def load_state(self, event: object) -> None: ...  # one record of this section's body
+
+    def load_cleanup(self) -> None: ...  # any outcome
+
+
+class SectionRegistry:
+    """QEMU's ``savevm_state.handlers``: everything that migrates, in stream order."""
+
+    def __init__(self) -> None:
+        self.live: list[SaveVMHandlers] = []
+        self.devices: list[DeviceModel] = []
+
+    def register_live(self, handlers: SaveVMHandlers) -> None:
+        self.live.append(handlers)
+
+    def register_device(self, device: "DeviceModel") -> None:
+        self.devices.append(device)
+
+    def device_sections(self) -> list[vmstate.DeviceSection]:
+        """Every device's FULL section, its state read now."""
+        return [vmstate.DeviceSection(d.section_id, d.idstr, d.instance_id, d.description, d.save())
+                for d in self.devices]
+
+    def device_bodies(self) -> dict[str, vmstate.VMStateBodyDecoder]:
+        """Body decoders for the device sections, keyed by idstr (one per idstr, all its instances)."""
+        instances: dict[str, set[int]] = {}
+        descriptions: dict[str, vmstate.Description] = {}
+        for d in self.devices:
+            instances.setdefault(d.idstr, set()).add(d.instance_id)
+            descriptions[d.idstr] = d.description
+        return {idstr: vmstate.VMStateBodyDecoder(descriptions[idstr], frozenset(ids))
+                for idstr, ids in instances.items()}
+
+    def load_device(self, event: vmstate.DeviceState) -> None:
+        for d in self.devices:
+            if d.idstr == event.idstr and d.instance_id == event.instance_id:
+                d.load(event.values)
+                return
+        raise LoadError(f"Unknown savevm section or instance '{event.idstr}' {event.instance_id}")
+
+    # -- device-only streams (xen-save-devices-state, misc.md §5) ---------------------
+
+    def device_state_stream(self) -> bytes:
+        """Header, FULL sections, EOF: no configuration section and no RAM (Xen moves the memory)."""
+        return b"".join([stream.header(), *(s.encode() for s in self.device_sections()), stream.eof()])
+
+    def load_device_state(self, data: bytes) -> None:
+        """Apply a device-only stream (``xen-load-devices-state``); raises WireError or LoadError."""
+        decoder = stream.StreamDecoder(self.device_bodies(), require_configuration=False)
+        decoder.feed(data)
+        decoder.close()
+        while (event := decoder.next_event()) is not stream.NEED_DATA:
+            if isinstance(event, vmstate.DeviceState):
+                self.load_device(event)
+            elif isinstance(event, stream.EOF):
+                return
+        raise WireError("device state stream ends before EOF")
 
 
 class SaveVM:
-    def __init__(self, vm: "VM", ram: RamSaver, f: QEMUFileOut, options: MigrationOptions) -> None:
-        self.vm = vm
-        self.ram = ram
-        self.f = f
-        self.options = options
+    """The outgoing section loop of one attempt (QEMU's qemu_savevm_state_*)."""
+
+    def __init__(self, registry: SectionRegistry, ctx: SaveContext, machine_type: str, uuid: str | None) -> None:
+        self.registry = registry
+        self.ctx = ctx
+        self.f = ctx.file
+        self.machine_type = machine_type
+        self.uuid = uuid
         self._header_sent = False
+        self._set_up: list[SaveVMHandlers] = []
 
     def _header(self) -> None:
         if self._header_sent:
             return
         self._header_sent = True
-        caps = ["x-ignore-shared"] if self.options.cap("x-ignore-shared") else []
-        uuid = self.vm.config.uuid
-        send_uuid = uuidlib.UUID(uuid).bytes if uuid and self.options.cap("validate-uuid") else None
+        caps = self.ctx.config.caps
+        send_uuid = uuidlib.UUID(self.uuid).bytes if self.uuid and caps.validate_uuid else None
         self.f.put(stream.header())
-        self.f.put(stream.configuration(self.vm.machine_type, caps=caps, uuid=send_uuid))
-
-    def setup(self) -> None:
-        """Header (unless already sent) and the START sections."""
-        f = self.f
-        self._header()
-        f.put(stream.section_start(*RAM_SECTION))
-        self.ram.setup(f)
-        f.put(stream.footer(RAM_SECTION[0]))
-        f.flush()
+        self.f.put(stream.configuration(self.machine_type, caps=["x-ignore-shared"] if caps.x_ignore_shared else [],
+                                        uuid=send_uuid))
 
     def open_return_path(self) -> None:
         """Header, configuration, then OPEN_RETURN_PATH and PING(1), as QEMU orders them."""
@@ -57,58 +179,131 @@ class SaveVM:
         self.f.put(stream.ping(1))
         self.f.flush()
 
-    def iterate(self) -> bool:
+    def setup(self) -> None:
+        """Header (unless already sent) and every live section's START."""
         f = self.f
-        f.put(stream.section_part(RAM_SECTION[0]))
-        done = self.ram.iterate(f)
-        f.put(stream.footer(RAM_SECTION[0]))
+        trace("savevm_state_setup")
+        self._header()
+        for s in self.registry.live:
+            trace("savevm_section_start", id=s.idstr, section_id=s.section_id)
+            f.put(stream.section_start(s.section_id, s.idstr, s.instance_id, s.version_id))
+            self._set_up.append(s)
+            s.save_setup(self.ctx)
+            f.put(stream.footer(s.section_id))
+        f.flush()
+
+    def iterate(self) -> bool:
+        """One PART per live section until the rate limit stops it; True when all were done."""
+        f = self.f
+        done = True
+        for s in self.registry.live:
+            if f.rate_limited():
+                return False
+            f.put(stream.section_part(s.section_id))
+            done = s.save_iterate(self.ctx) and done
+            f.put(stream.footer(s.section_id))
         f.flush()
         return done
 
+    def pending_estimate(self) -> int:
+        return sum(s.pending_estimate() for s in self.registry.live)
+
+    def pending_exact(self) -> int:
+        return sum(s.pending_exact() for s in self.registry.live)
+
+    @property
+    def first_copy_done(self) -> bool:
+        return all(s.first_copy_done for s in self.registry.live)
+
     def complete(self) -> None:
-        """END of ram, the device sections, EOF and the VM description."""
+        """Every live section's END, the device sections, EOF and the VM description."""
+        trace("savevm_state_complete_precopy")
         f = self.f
-        f.put(stream.section_end(RAM_SECTION[0]))
-        self.ram.complete(f)
-        f.put(stream.footer(RAM_SECTION[0]))
-        devices = [vmstate.DeviceSection(d.section_id, d.idstr, d.instance_id, d.description, d.save())
-                   for d in self.vm.devices]
+        for s in self.registry.live:
+            f.put(stream.section_end(s.section_id))
+            s.save_complete(self.ctx)
+            f.put(stream.footer(s.section_id))
+        devices = self.registry.device_sections()
         for device in devices:
             f.put(device.encode())
         f.put(stream.eof())
         f.put(stream.vmdesc(vmstate.vmdesc_json(devices)))
         f.flush()
 
-
-def device_state_stream(vm: "VM") -> bytes:
-    """The device-only stream of ``xen-save-devices-state``: header, FULL sections, EOF.
-
-    No configuration section and no RAM: Xen's toolstack moves the memory.
-    """
-    out = [stream.header()]
-    out += [vmstate.DeviceSection(d.section_id, d.idstr, d.instance_id, d.description, d.save()).encode()
-            for d in vm.devices]
-    out.append(stream.eof())
-    return b"".join(out)
+    def cleanup(self) -> None:
+        for s in self._set_up:
+            s.save_cleanup()
+        self._set_up = []
 
 
-def load_device_state(vm: "VM", data: bytes) -> None:
-    """Apply a device-only stream (``xen-load-devices-state``); raises WireError."""
-    devices = {(d.idstr, d.instance_id): d for d in vm.devices}
-    decoder = stream.StreamDecoder(device_bodies(devices), require_configuration=False)
-    decoder.feed(data)
-    decoder.close()
-    while (event := decoder.next_event()) is not stream.NEED_DATA:
-        if isinstance(event, vmstate.DeviceState):
-            devices[(event.idstr, event.instance_id)].load(event.values)
-        elif isinstance(event, stream.EOF):
-            return
-    raise WireError("device state stream ends before EOF")
+class LoadVM:
+    """The incoming section loop (QEMU's qemu_loadvm_state): records to the sections that own them."""
 
+    def __init__(self, registry: SectionRegistry, ctx: LoadContext, machine_type: str, uuid: str | None,
+                 on_command: Callable[[stream.Command], None]) -> None:
+        self.registry = registry
+        self.ctx = ctx
+        self.machine_type = machine_type
+        self.uuid = uuid
+        self.on_command = on_command
 
-def device_bodies(devices: dict) -> dict:
-    """Body decoders for the device models, keyed by idstr, from ``{(idstr, instance): model}``."""
-    return {
-        idstr: vmstate.VMStateBodyDecoder(d.description, frozenset(i for s, i in devices if s == idstr))
-        for (idstr, _), d in devices.items()
-    }
+    def run(self, fin: QEMUFileIn) -> None:
+        """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
+        live = {s.idstr: s for s in self.registry.live}
+        set_up: list[SaveVMHandlers] = []
+        try:
+            bodies: dict[str, stream.BodyDecoder] = {}
+            for s in self.registry.live:
+                set_up.append(s)
+                bodies[s.idstr] = s.load_setup(self.ctx)
+            bodies.update(self.registry.device_bodies())
+            self._read(fin, stream.StreamDecoder(bodies), live)
+        finally:
+            for s in set_up:
+                s.load_cleanup()
+
+    def _read(self, fin: QEMUFileIn, decoder: stream.StreamDecoder, live: dict[str, SaveVMHandlers]) -> None:
+        section: SaveVMHandlers | None = None
+        seen_eof = False
+        while True:
+            chunk = fin.read_chunk()
+            if not chunk:
+                if seen_eof:
+                    return
+                raise LoadError("unexpected end of migration stream")
+            decoder.feed(chunk)
+            while (event := decoder.next_event()) is not stream.NEED_DATA:
+                if isinstance(event, (stream.SectionStart, stream.SectionFull, stream.SectionPart,
+                                      stream.SectionEnd)):
+                    trace("qemu_loadvm_state_section", type=type(event).__name__, id=event.idstr)
+                    section = live.get(event.idstr)
+                elif isinstance(event, stream.SectionFooter):
+                    section = None
+                elif isinstance(event, vmstate.DeviceState):
+                    self.registry.load_device(event)
+                elif isinstance(event, stream.Configuration):
+                    self._check_configuration(event)
+                elif isinstance(event, stream.Command):
+                    trace("loadvm_process_command", cmd=event.name, len=len(event.payload))
+                    self.on_command(event)
+                elif isinstance(event, stream.EOF):
+                    seen_eof = True
+                elif isinstance(event, stream.VMDescription):
+                    return
+                elif section is not None:
+                    section.load_state(event)
+
+    def _check_configuration(self, cfg: stream.Configuration) -> None:
+        if cfg.machine != self.machine_type:
+            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{self.machine_type}'")
+        local = self.ctx.config.caps.x_ignore_shared
+        remote = "x-ignore-shared" in cfg.capabilities
+        if local != remote:
+            raise LoadError(
+                f"Capability x-ignore-shared is {'on' if local else 'off'}, "
+                f"but received capability is {'on' if remote else 'off'}"
+            )
+        if cfg.uuid is not None and self.uuid is not None:
+            received = str(uuidlib.UUID(bytes=bytes(cfg.uuid)))
+            if received != self.uuid:
+                raise LoadError(f"UUID received is {received} and local is {self.uuid}")

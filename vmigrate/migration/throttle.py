@@ -11,48 +11,45 @@ fraction of wall time spent asleep.
 
 from __future__ import annotations
 
-from typing import Protocol
-
-from vmigrate.migration.options import MigrationOptions
-
-
-class Throttleable(Protocol):
-    throttle: float  # fraction of time each vCPU sleeps, 0..0.99
+from vmigrate.machine.vcpus import VcpuBackend
+from vmigrate.migration.config import Parameters
+from vmigrate.trace import trace
 
 
 class AutoConverge:
-    def __init__(self, options: MigrationOptions, vcpus: Throttleable) -> None:
-        self.options = options
+    def __init__(self, vcpus: VcpuBackend) -> None:
         self.vcpus = vcpus
         self.percentage = 0
         self._high_count = 0
 
-    def period_end(self, dirty_bytes: int, transferred_bytes: int) -> None:
-        """One ≥1 s period of the dirty-rate statistics has ended."""
-        if not self.options.cap("auto-converge"):
-            return
-        threshold = transferred_bytes * self.options.param("throttle-trigger-threshold") // 100
+    def period_end(self, dirty_bytes: int, transferred_bytes: int, params: Parameters) -> None:
+        """One ≥1 s period of the dirty-rate statistics has ended (auto-converge is on).
+
+        *params* are the current ones: QEMU reads the throttle parameters
+        anew at every period, so a change during the migration applies.
+        """
+        threshold = transferred_bytes * params.throttle_trigger_threshold // 100
         if dirty_bytes > threshold:
             self._high_count += 1
             if self._high_count >= 2:
                 self._high_count = 0
-                self._throttle_down(dirty_bytes, threshold)
+                self._throttle_down(dirty_bytes, threshold, params)
 
-    def _throttle_down(self, dirty: int, threshold: int) -> None:
-        opts = self.options
+    def _throttle_down(self, dirty: int, threshold: int, params: Parameters) -> None:
         if self.percentage == 0:
-            self._set(opts.param("cpu-throttle-initial"))
+            self._set(params.cpu_throttle_initial)
             return
         now = self.percentage
-        increment = opts.param("cpu-throttle-increment")
-        if opts.param("cpu-throttle-tailslow"):
+        increment = params.cpu_throttle_increment
+        if params.cpu_throttle_tailslow:
             cpu_now = 100 - now
             cpu_ideal = int(cpu_now * (threshold / dirty))
             increment = min(cpu_now - cpu_ideal, increment)
-        self._set(min(now + increment, opts.param("max-cpu-throttle")))
+        self._set(min(now + increment, params.max_cpu_throttle))
 
     def _set(self, percentage: int) -> None:
         self.percentage = max(1, min(percentage, 99))
+        trace("cpu_throttle_set", new_throttle_pct=self.percentage)
         self.vcpus.throttle = self.percentage / 100
 
     def stop(self) -> None:

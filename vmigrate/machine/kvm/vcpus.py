@@ -20,8 +20,8 @@ them up.
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -39,6 +39,8 @@ from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.vcpus import VcpuGroup
 from vmigrate.machine.x86guest import boot, build
 from vmigrate.machine.x86guest.programs import program_for
+
+log = logging.getLogger(__name__)
 
 #: The signal that interrupts KVM_RUN (QEMU uses SIGUSR1 for the same purpose).
 SIG_KICK = signal.SIGUSR1
@@ -159,7 +161,7 @@ class KvmVcpus(VcpuGroup):
 
     def __init__(self, ram: RAMBlock, count: int, guest: GuestSpec, serial: str | None = None,
                  dirty_ring_size: int = 0, on_error: Callable[[str], None] | None = None) -> None:
-        self.on_error = on_error or (lambda message: print(message, file=sys.stderr))
+        self.on_error = on_error or log.error
         if threading.current_thread() is threading.main_thread():
             signal.signal(SIG_KICK, _kick_handler)
         elif signal.getsignal(SIG_KICK) in (signal.SIG_DFL, None):
@@ -180,7 +182,7 @@ class KvmVcpus(VcpuGroup):
         self.uart = Uart16550(self.sink, next(sid))
         self._uart_lock = threading.Lock()
 
-        super().__init__()
+        super().__init__(count)
         self._throttle = 0.0
         self._throttle_start = 0.0
         self._ticker: threading.Thread | None = None
@@ -188,8 +190,6 @@ class KvmVcpus(VcpuGroup):
         self._dirty_users_lock = threading.Lock()
         #: Harvest statistics: calls, pages reported, seconds spent.
         self.harvests = Counter()
-        #: The dirty-limit service's sleep per full dirty ring, per vCPU (µs; 0: none).
-        self.ring_full_sleep_us = [0] * count
         self.threads = [KvmVcpuThread(cpu, self) for cpu in self.cpus]
         for t in self.threads:
             t.start()
@@ -243,10 +243,6 @@ class KvmVcpus(VcpuGroup):
         self.sink.close()
 
     @property
-    def dirty_ring_enabled(self) -> bool:
-        return bool(self.vm.dirty_ring_entries)
-
-    @property
     def dirty_ring_entries(self) -> int:
         return self.vm.dirty_ring_entries
 
@@ -257,7 +253,7 @@ class KvmVcpus(VcpuGroup):
                 self.vm.set_dirty_logging(True)
 
     def dirty_log_sync(self) -> None:
-        if self.dirty_ring_enabled:
+        if self.dirty_ring_entries:
             self.harvest_rings()
             return
         started = time.perf_counter()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any, Callable, Iterable, Mapping
 
 from vmigrate.migration.wire.buffer import Reader, decode_name
@@ -207,87 +206,6 @@ class DeviceSection:
     def encode(self) -> bytes:
         return section_full(self.section_id, self.idstr, self.instance_id,
                             self.description.version_id, self.body())
-
-
-# -- the -M none devices ---------------------------------------------------------
-
-@lru_cache(maxsize=1)
-def runstate_names() -> frozenset[str]:
-    """QAPI RunState names, from the schema vmigrate serves."""
-    from vmigrate.qapi.schema import load
-    return frozenset(load().enum_values("RunState"))
-
-
-RUNSTATE_SIZE = 100
-
-
-def _check_globalstate(values: dict) -> None:
-    raw = values["runstate"][:RUNSTATE_SIZE - 1]
-    name = raw.split(b"\0", 1)[0].decode("ascii", "replace")
-    if name not in runstate_names():
-        raise WireError(f"invalid parameter value: {name}")
-
-
-def runstate_buffer(name: str) -> bytes:
-    raw = name.encode("ascii")
-    if len(raw) >= RUNSTATE_SIZE:
-        raise ValueError("runstate name too long")
-    return raw.ljust(RUNSTATE_SIZE, b"\0")
-
-
-def globalstate_runstate(values: Mapping[str, Any]) -> str:
-    """The run state name carried by decoded globalstate values."""
-    return values["runstate"][:RUNSTATE_SIZE - 1].split(b"\0", 1)[0].decode("ascii")
-
-
-TIMER_ICOUNT = Description(
-    "timer/icount", 1,
-    (Field("qemu_icount_bias", "int64", 8), Field("qemu_icount", "int64", 8)),
-    subsections=(
-        Description("timer/icount/warp_timer", 1,
-                    (Field("vm_clock_warp_start", "int64", 8),
-                     Field("icount_warp_timer", "timer", 8)), minimum_version_id=1),
-        Description("timer/icount/timers", 1,
-                    (Field("icount_rt_timer", "timer", 8),
-                     Field("icount_vm_timer", "timer", 8)), minimum_version_id=1),
-        Description("timer/icount/shift", 2,
-                    (Field("icount_time_shift", "int16", 2),
-                     Field("last_delta", "int64", 8)), minimum_version_id=2),
-    ),
-    minimum_version_id=1,
-)
-
-TIMER = Description(
-    "timer", 2,
-    (Field("cpu_ticks_offset", "int64", 8),
-     Field("unused", "unused_buffer", 8),
-     Field("cpu_clock_offset", "int64", 8, version_id=2)),
-    subsections=(TIMER_ICOUNT,),
-    minimum_version_id=1,
-)
-
-GLOBALSTATE = Description(
-    "globalstate", 1,
-    (Field("size", "uint32", 4), Field("runstate", "buffer", RUNSTATE_SIZE)),
-    minimum_version_id=1,
-    check=_check_globalstate,
-)
-
-
-def timer_values(cpu_ticks_offset: int = 0, cpu_clock_offset: int = 0) -> dict:
-    return {"cpu_ticks_offset": cpu_ticks_offset, "cpu_clock_offset": cpu_clock_offset}
-
-
-def globalstate_values(runstate: str) -> dict:
-    """Values as QEMU's pre_save sets them: size = strlen + 1."""
-    if runstate not in runstate_names():
-        raise ValueError(f"not a RunState: {runstate}")
-    return {"size": len(runstate) + 1, "runstate": runstate_buffer(runstate)}
-
-
-def none_machine_bodies() -> dict[str, VMStateBodyDecoder]:
-    """Body decoders for the device sections of ``-M none`` (timer, globalstate)."""
-    return {"timer": VMStateBodyDecoder(TIMER), "globalstate": VMStateBodyDecoder(GLOBALSTATE)}
 
 
 # -- vmdesc --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""``calc-dirty-rate`` / ``query-dirty-rate``: how fast the guest dirties memory (dirtyrate.md).
+"""``calc-dirty-rate`` / ``query-dirty-rate``: how fast the guest dirties memory (docs/qemu/dirtyrate.md).
 
 Independent of migration.  Page sampling hashes random pages before and
 after the period; dirty-bitmap mode counts pages the vCPU backend marked
@@ -14,15 +14,11 @@ import random
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from vmigrate.machine.memory import PAGE_SIZE
-from vmigrate.qmp.errors import QMPError
-
-if TYPE_CHECKING:
-    from vmigrate.vm import VM
+from vmigrate.errors import VMError
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.vcpus import VcpuBackend
 
 MIN_BLOCK = 128 << 10
 DEFAULT_SAMPLE_PAGES = 512
@@ -35,8 +31,9 @@ def monotonic_seconds() -> int:
 
 
 class DirtyRateMeasurement:
-    def __init__(self, vm: "VM") -> None:
-        self.vm = vm
+    def __init__(self, ram_blocks: list[RAMBlock], vcpus: VcpuBackend) -> None:
+        self.ram_blocks = ram_blocks
+        self.vcpus = vcpus
         self.status = "unstarted"
         self.mode = "page-sampling"
         self.start_time = 0
@@ -50,19 +47,19 @@ class DirtyRateMeasurement:
         """The checks of calc-dirty-rate in QEMU's order, then the measuring thread."""
         mode = mode or "page-sampling"
         if self.status == "measuring":
-            raise QMPError("the dirty rate is already being measured.")
+            raise VMError("the dirty rate is already being measured.")
         if not 1 <= calc_time <= 60:
-            raise QMPError("calc-time is out of range[1, 60].")
+            raise VMError("calc-time is out of range[1, 60].")
         if sample_pages is not None:
             if mode == "dirty-ring":
-                raise QMPError("either sample-pages or dirty-ring can be specified.")
+                raise VMError("either sample-pages or dirty-ring can be specified.")
             if not 128 <= sample_pages <= 16384:
-                raise QMPError("sample-pages is out of range[128, 16384].")
-        ring = getattr(self.vm.vcpus, "dirty_ring_enabled", False)
+                raise VMError("sample-pages is out of range[128, 16384].")
+        ring = self.vcpus.dirty_ring_entries > 0
         if mode == "dirty-ring" and not ring:
-            raise QMPError("mode dirty-ring is not enabled, use other method instead.")
+            raise VMError("mode dirty-ring is not enabled, use other method instead.")
         if mode == "dirty-bitmap" and ring:
-            raise QMPError("mode dirty-bitmap is not enabled, use other method instead.")
+            raise VMError("mode dirty-bitmap is not enabled, use other method instead.")
         self.status = "unstarted"
         self.vcpu_rates = None
         self.mode = mode
@@ -105,7 +102,7 @@ class DirtyRateMeasurement:
         started = time.monotonic()
         self.start_time = monotonic_seconds()
         samples = []
-        for block in self.vm.ram_blocks:
+        for block in self.ram_blocks:
             if block.size < MIN_BLOCK:
                 continue
             count = (block.size * self.sample_pages) >> 30
@@ -122,8 +119,8 @@ class DirtyRateMeasurement:
             self.dirty_rate = dirty * block_mib * 1000 // (sample_count * msec)
 
     def _dirty_bitmap(self) -> None:
-        blocks = self.vm.ram_blocks
-        vcpus = self.vm.vcpus
+        blocks = self.ram_blocks
+        vcpus = self.vcpus
         for block in blocks:
             block.dirty.start(DIRTY_CLIENT)
         vcpus.dirty_log_start()
@@ -144,7 +141,7 @@ class DirtyRateMeasurement:
         self.dirty_rate = ((dirty * PAGE_SIZE) >> 20) * 1000 // msec
 
     def _dirty_ring(self) -> None:
-        vcpus = self.vm.vcpus
+        vcpus = self.vcpus
         vcpus.dirty_log_start()
         try:
             started = time.monotonic()

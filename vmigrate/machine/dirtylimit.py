@@ -11,13 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING
-
+from vmigrate.errors import VMError
 from vmigrate.machine.memory import PAGE_SIZE
-from vmigrate.qmp.errors import QMPError
-
-if TYPE_CHECKING:
-    from vmigrate.vm import VM
+from vmigrate.machine.vcpus import VcpuBackend
 
 NEEDS_RING = "dirty page limit feature requires KVM with accelerator property 'dirty-ring-size' set'"
 PERIOD_S = 1.0
@@ -45,8 +41,8 @@ def throttle_step(quota: int, current: int, sleep_us: int, ring_mib: int) -> int
 
 
 class DirtyLimitService:
-    def __init__(self, vm: "VM") -> None:
-        self.vm = vm
+    def __init__(self, vcpus: VcpuBackend) -> None:
+        self.vcpus = vcpus
         self.quota: dict[int, int] = {}
         self.current: dict[int, int] = {}
         self._thread: threading.Thread | None = None
@@ -55,12 +51,12 @@ class DirtyLimitService:
 
     def _check(self, index: int | None, ring_required: bool = True) -> bool:
         """QEMU's checks; False when the command is a silent no-op (cancel without a ring)."""
-        if not getattr(self.vm.vcpus, "dirty_ring_enabled", False):
+        if not self.vcpus.dirty_ring_entries:
             if ring_required:
-                raise QMPError(NEEDS_RING)
+                raise VMError(NEEDS_RING)
             return False
-        if index is not None and not 0 <= index < self.vm.config.smp:
-            raise QMPError("incorrect cpu index specified")
+        if index is not None and not 0 <= index < self.vcpus.count:
+            raise VMError("incorrect cpu index specified")
         return True
 
     def set_limit(self, index: int | None, rate: int) -> None:
@@ -79,7 +75,7 @@ class DirtyLimitService:
         with self._lock:
             for i in self._indices(index):
                 self.quota.pop(i, None)
-                self.vm.vcpus.ring_full_sleep_us[i] = 0
+                self.vcpus.ring_full_sleep_us[i] = 0
             idle = not self.quota
         if idle:
             self._stop.set()
@@ -92,7 +88,7 @@ class DirtyLimitService:
                     for i, q in sorted(self.quota.items())]
 
     def _indices(self, index: int | None) -> range:
-        return range(self.vm.config.smp) if index is None else range(index, index + 1)
+        return range(self.vcpus.count) if index is None else range(index, index + 1)
 
     def _start(self) -> None:
         if self._thread is not None:
@@ -102,7 +98,7 @@ class DirtyLimitService:
         self._thread.start()
 
     def _run(self) -> None:
-        vcpus = self.vm.vcpus
+        vcpus = self.vcpus
         ring_mib = (vcpus.dirty_ring_entries * PAGE_SIZE) >> 20
         vcpus.dirty_log_start()
         try:

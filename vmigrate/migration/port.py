@@ -1,0 +1,36 @@
+"""The migration engine's view of its VM: a narrow port, not the VM object.
+
+QEMU's migration code reaches the rest of the process through globals
+(``current_machine``, ``runstate``, ``qemu_uuid``, ``savevm_state``); here
+``vmigrate.vm`` builds one :class:`MigrationHost` with exactly what the
+engine may use, and nothing under ``vmigrate/migration`` imports the VM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from vmigrate.machine.devices import GlobalState
+from vmigrate.machine.memory import RAMBlock
+from vmigrate.machine.runstate import RunState
+from vmigrate.machine.vcpus import VcpuBackend
+from vmigrate.migration.savevm import SectionRegistry
+
+
+@dataclass(frozen=True)
+class MigrationHost:
+    ram_blocks: list[RAMBlock]
+    #: Everything that migrates, in stream order.
+    sections: SectionRegistry
+    runstate: RunState
+    #: The run state that travels at switchover (QEMU's globalstate section).
+    global_state: GlobalState
+    #: For auto-converge's throttle; the RAM section holds its own reference for the dirty log.
+    vcpus: VcpuBackend
+    #: ``--uuid``; None when unset (QEMU's qemu_uuid_set false).
+    uuid: str | None
+    #: The configuration section's machine name.
+    machine_type: str
+    #: Sends a QMP event from any thread.
+    emit_event: Callable[[str, dict | None], None]
