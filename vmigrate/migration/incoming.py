@@ -16,6 +16,7 @@ import threading
 import uuid as uuidlib
 
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
+from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.multifd import MultifdError, recv_exact
 from vmigrate.migration.options import MigrationOptions
@@ -65,13 +66,14 @@ class IncomingMigration:
             target = self._accept
         elif addr.kind == "exec":
             self.single_channel = True
-            target = lambda: self._load(CommandChannel(addr.command, outgoing=False))  # noqa: E731
+            target = lambda: self._load(CommandChannel(addr.command, outgoing=False),  # noqa: E731
+                                        self.options.snapshot())
         else:
             fd = named_fds.pop(addr.fdname, None) if named_fds is not None else None
             if fd is None:
                 raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
             self.single_channel = True
-            target = lambda: self._load(FdChannel(fd))  # noqa: E731
+            target = lambda: self._load(FdChannel(fd), self.options.snapshot())  # noqa: E731
         self.started = True
         self._thread = threading.Thread(target=target, name="incoming", daemon=True)
         self._thread.start()
@@ -114,9 +116,10 @@ class IncomingMigration:
             channel = listener.accept()
         except ChannelError:
             return
-        if self.options.cap("multifd"):
+        config = self.options.snapshot()
+        if config.caps.multifd:
             try:
-                self._accept_multifd(listener)
+                self._accept_multifd(listener, config.params.multifd_channels)
             except (WireError, MultifdError) as err:
                 channel.close()
                 self._fail_setup(str(err))
@@ -124,7 +127,7 @@ class IncomingMigration:
             except ChannelError:
                 channel.close()
                 return
-        self._load(channel)
+        self._load(channel, config)
 
     def _fail_setup(self, desc: str) -> None:
         """A multifd channel was refused: QEMU 7.2 only prints this and keeps waiting
@@ -136,9 +139,8 @@ class IncomingMigration:
         self._close_listener()
         self.status.transition(S.NONE, S.FAILED)
 
-    def _accept_multifd(self, listener: Listener) -> None:
+    def _accept_multifd(self, listener: Listener, count: int) -> None:
         """Accept the multifd channels and check their initial packets (multifd.md §2)."""
-        count = self.options.param("multifd-channels")
         uuid = self.host.uuid
         local_uuid = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
         by_id: dict[int, Channel] = {}
@@ -157,9 +159,8 @@ class IncomingMigration:
             by_id[channel_id] = channel
         self._multifd_channels = [by_id[i] for i in range(count)]
 
-    def _load(self, channel: Channel) -> None:
+    def _load(self, channel: Channel, config: MigrationConfig) -> None:
         self._channel = channel
-        config = self.options.snapshot()
         self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
         host = self.host

@@ -73,7 +73,8 @@ class MigrationManager:
 
         *named_fds* are the monitor's ``getfd`` descriptors; an ``fd:`` URI takes its own.
         """
-        options = self.options
+        config = self.options.snapshot()
+        caps = config.caps
         if args.get("resume"):
             if self.outgoing_status != S.POSTCOPY_PAUSED:
                 raise MigrationError("Cannot resume if there is no paused migration")
@@ -86,17 +87,17 @@ class MigrationManager:
         if runstate == "postmigrate":
             raise MigrationError("Can't migrate the vm that was paused due to previous migration")
         if args.get("blk") or args.get("inc"):
-            if options.cap("x-colo"):
+            if caps.x_colo:
                 raise MigrationError("No disk migration is required in COLO mode")
-            if options.cap("block") or options.param("block-incremental"):
+            if caps.block or config.params.block_incremental:
                 raise MigrationError("Command options are incompatible with current migration capabilities")
             raise MigrationError("vmigrate does not implement block migration (blk/inc) yet")
         for cap in UNIMPLEMENTED_CAPABILITIES:
-            if options.cap(cap):
+            if getattr(caps, cap.replace("-", "_")):
                 raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
-        if options.param("tls-creds"):
+        if config.params.tls_creds:
             raise MigrationError("vmigrate does not implement TLS migration yet")
-        session = self.outgoing = OutgoingSession(self.host, options.snapshot(), self.xbzrle_stats)
+        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats)
         session.start(uri, named_fds)
 
     def set_parameters(self, args: dict) -> None:
