@@ -4,5 +4,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
+python=${PYTHON:-.venv/bin/python}
 size=${SIZE:-1G}
-python -m vmigrate bench matrix --size "$size" --dirty-rates 0,64,256 --wss 256M --out "$out/matrix-$size" "$@"
+"$python" -m vmigrate bench matrix --size "$size" --dirty-rates 0,64,256 --wss 256M --out "$out/matrix-$size" "$@"

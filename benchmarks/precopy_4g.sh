@@ -6,5 +6,6 @@
 set -eu
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results}
-python -m vmigrate bench precopy --size 4G --repeat 2 --out "$out/precopy-4g-random" "$@"
-python -m vmigrate bench precopy --size 4G --zero-fraction 0.9 --repeat 2 --out "$out/precopy-4g-zero90" "$@"
+python=${PYTHON:-.venv/bin/python}
+"$python" -m vmigrate bench precopy --size 4G --repeat 2 --out "$out/precopy-4g-random" "$@"
+"$python" -m vmigrate bench precopy --size 4G --zero-fraction 0.9 --repeat 2 --out "$out/precopy-4g-zero90" "$@"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: install vmigrate, then migrate a running
-# guest live between two VM processes with a progress view and a summary.
+# The main job on a fresh machine: install vmigrate into the project's virtual environment
+# (.venv/, see venv.sh), then migrate a running guest live between two VM processes with a
+# progress view and a summary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "Running pip as the 'root' user" || true
-exec python3 -m vmigrate demo "$@"
+. scripts/venv.sh
+venv_install .
+exec "$VENV/bin/python" -m vmigrate demo "$@"

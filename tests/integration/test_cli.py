@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +23,10 @@ def run_cli(*args: str, timeout: float = 120, stdin: str | None = None) -> subpr
 
 def test_qmp_shell_talks_to_a_vm(spawn, tmp_path):
     vm = spawn("vmigrate", "-m", "256M", "--guest", "ab")
-    shell = shutil.which("qmp-shell")
+    # The scripts run pytest with the venv's interpreter without activating the venv: its
+    # console scripts sit next to that interpreter, not necessarily on PATH.
+    scripts = Path(sys.executable).parent
+    shell = shutil.which("qmp-shell", path=f"{scripts}{os.pathsep}{os.environ.get('PATH', os.defpath)}")
     assert shell, "qmp-shell comes with the qemu.qmp package"
     out = subprocess.run([shell, str(vm.sock)], input="query-status\nmigrate-set-parameters downtime-limit=500\n"
                          "query-migrate-parameters\n", capture_output=True, text=True, timeout=30).stdout

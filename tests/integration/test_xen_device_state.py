@@ -1,4 +1,4 @@
-"""xen-save-devices-state / xen-load-devices-state: device-only streams (misc.md §5)."""
+"""xen-save-devices-state / xen-load-devices-state: device-only streams (docs/qemu/misc.md §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""set-vcpu-dirty-limit on a KVM guest with a dirty ring (dirtyrate.md §7)."""
+"""set-vcpu-dirty-limit on a KVM guest with a dirty ring (docs/qemu/dirtyrate.md §7)."""
 
 from __future__ import annotations
 

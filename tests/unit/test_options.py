@@ -227,7 +227,7 @@ def test_background_snapshot_incompatible(opts, other):
 
 
 @pytest.mark.parametrize("first, second",
-                         zip(QEMU_BACKGROUND_SNAPSHOT_ORDER, QEMU_BACKGROUND_SNAPSHOT_ORDER[1:]))
+                         list(zip(QEMU_BACKGROUND_SNAPSHOT_ORDER, QEMU_BACKGROUND_SNAPSHOT_ORDER[1:])))
 def test_background_snapshot_neighbours_report_the_earlier(opts, first, second):
     assert caps_error(opts, second, first, "background-snapshot") == \
         f"Background-snapshot is not compatible with {first}"

@@ -162,7 +162,7 @@ def test_runs_around_the_struct_numpy_threshold(n):
 
 
 def test_preempt_channel_capture_from_spec():
-    """postcopy.md §6: bare records on the preempt channel, 8221 bytes."""
+    """docs/qemu/postcopy.md §6: bare records on the preempt channel, 8221 bytes."""
     p1, p2 = bytes([1]) * PAGE, bytes([2]) * PAGE
     wire = (bytes.fromhex("0000000003000008") + b"\x04ram0" + p1
             + bytes.fromhex("0000000003001028") + p2 + bytes.fromhex("0000000000000010"))

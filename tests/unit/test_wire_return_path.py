@@ -25,7 +25,7 @@ def decode(data: bytes, chunk: int | None = None, **kw) -> list:
 
 
 def test_message_bytes():
-    assert RP.shut(0) == bytes.fromhex("0001000400000000")          # stream.md §10
+    assert RP.shut(0) == bytes.fromhex("0001000400000000")          # docs/qemu/stream.md §10
     assert RP.pong(7) == bytes.fromhex("0002000400000007")
     assert RP.req_pages_id("ram0", 0x5000, 0x1000) == bytes.fromhex(
         "00030011" "0000000000005000" "00001000" "0472616D30")

@@ -383,7 +383,7 @@ def test_failed_decoder_stays_failed():
 
 def test_truncation_at_every_offset():
     data = vector("small8k")
-    after_eof = 0x1135                  # stream.md §12: a missing vmdesc is accepted
+    after_eof = 0x1135                  # docs/qemu/stream.md §12: a missing vmdesc is accepted
     assert data[after_eof - 1] == S.QEMU_VM_EOF and data[after_eof] == S.QEMU_VM_VMDESCRIPTION
     for cut in range(len(data)):
         dec = decoder({"ram0": 8192})

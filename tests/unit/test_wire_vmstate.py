@@ -15,7 +15,7 @@ from vmigrate.migration.wire.buffer import Reader
 
 VECTORS = Path(__file__).parent / "vectors"
 
-# stream.md §9, as emitted by qemu-system-x86_64 -M none.
+# docs/qemu/stream.md §9, as emitted by qemu-system-x86_64 -M none.
 SPEC_VMDESC = (
     b'{"page_size": 4096, "devices": [{"name": "timer", "instance_id": 0, "vmsd_name": "timer", '
     b'"version": 2, "fields": [{"name": "cpu_ticks_offset", "type": "int64", "size": 8}, '

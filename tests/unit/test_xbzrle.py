@@ -12,7 +12,7 @@ PAGE = 4096
 
 
 def reference_encode(old: bytes, new: bytes, dlen: int = PAGE) -> bytes | None:
-    """ram.md §5.2 literally, one byte at a time: b"" unchanged, None overflow."""
+    """docs/qemu/ram.md §5.2 literally, one byte at a time: b"" unchanged, None overflow."""
     i = d = 0
     out = bytearray()
     while i < PAGE:
@@ -79,7 +79,7 @@ def test_uleb128_small():
 
 
 def test_example_captured_from_qemu():
-    """ram.md §5.2: bytes 0 and 2048 changed to 0x76."""
+    """docs/qemu/ram.md §5.2: bytes 0 and 2048 changed to 0x76."""
     old = bytes(PAGE)
     new = bytearray(old)
     new[0] = new[2048] = 0x76
@@ -176,10 +176,10 @@ def test_decoder_accepts_empty_encoding_and_rejects_overlong():
         X.decode_into(np.zeros(PAGE, np.uint8), np.array([0]), bytes(5000), np.array([0]), np.array([4097]))
 
 
-# -- the source's cache and per-page rules (ram.md §4) ------------------------------------
+# -- the source's cache and per-page rules (docs/qemu/ram.md §4) ------------------------------------
 
 class ReferenceSource:
-    """ram.md §4 one page at a time, as QEMU's save_xbzrle_page / cache_insert do it."""
+    """docs/qemu/ram.md §4 one page at a time, as QEMU's save_xbzrle_page / cache_insert do it."""
 
     def __init__(self, slots: int) -> None:
         self.slots = slots

@@ -6,6 +6,7 @@ import argparse
 import uuid as uuidlib
 
 from vmigrate.cli.main import CLIError
+from vmigrate.trace import setup_logging, trace
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--incoming", help="wait for an incoming migration: 'defer' or a URI")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
+    p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
+                   help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
+                   "names from QEMU's migration/trace-events, globs, comma-separated (repeatable)")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="also log info (-v) and debug (-vv) messages")
     p.set_defaults(func=run)
 
 
@@ -89,7 +94,13 @@ def run(args: argparse.Namespace) -> int:
     from vmigrate.machine.x86guest.build import GuestBuildError
     from vmigrate.vm import run_vm
 
+    setup_logging(args.verbose, args.trace)
     config = config_from_args(args)
+    # vmigrate's own point (QEMU's command line says all this): the settled configuration,
+    # notably which vCPU backend the default picked.
+    trace("run_vm", memory=config.memory, smp=config.smp, accel=config.accel,
+          dirty_ring_size=config.dirty_ring_size, guest=args.guest, incoming=config.incoming,
+          start_paused=config.start_paused)
     try:
         return run_vm(config)
     except (OSError, ValueError, KvmUnavailable, GuestBuildError) as err:
