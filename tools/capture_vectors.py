@@ -64,7 +64,7 @@ class Scenario:
 
 
 SCENARIOS = [
-    Scenario("small8k", "stream.md §12: page 0 zero, page 1 all 0x5A, running VM",
+    Scenario("small8k", "docs/qemu/stream.md §12: page 0 zero, page 1 all 0x5A, running VM",
              image=bytes(PAGE) + b"\x5a" * PAGE),
     Scenario("mixed64k", "16 pages mixing zero, patterned and almost-zero pages",
              image=mixed_image(16)),

@@ -169,7 +169,7 @@ def announce_self(vm, args, monitor):
 
 @command("xen-save-devices-state")
 def xen_save_devices_state(vm, args, monitor):
-    """Device-only stream to a file, the guest stopped meanwhile (misc.md §5)."""
+    """Device-only stream to a file, the guest stopped meanwhile (docs/qemu/misc.md §5)."""
     filename = args["filename"]
     was_running = vm.runstate.stop("save-vm")
     vm.global_state.runstate = "running"

@@ -1,4 +1,4 @@
-"""Per-vCPU dirty page rate limits (``set-vcpu-dirty-limit``; dirtyrate.md §7).
+"""Per-vCPU dirty page rate limits (``set-vcpu-dirty-limit``; docs/qemu/dirtyrate.md §7).
 
 A service thread measures every vCPU's dirty rate once a second from its
 dirty ring and adjusts, per limited vCPU, how long that vCPU sleeps each

@@ -1,4 +1,4 @@
-"""Page compression threads (the ``compress`` capability, ram.md §6).
+"""Page compression threads (the ``compress`` capability, docs/qemu/ram.md §6).
 
 Every compressed page is an independent zlib stream (``zlib.compress``
 output; QEMU resets its deflate stream per page), so this is the one place

@@ -50,7 +50,7 @@ class IncomingMigration:
         self._multifd_channels: list[Channel] = []
 
     def start(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
-        """``migrate-incoming`` / ``--incoming URI`` (states.md §9).
+        """``migrate-incoming`` / ``--incoming URI`` (docs/qemu/states.md §9).
 
         *named_fds* are the monitor's ``getfd`` descriptors (none on the command line).
         """
@@ -140,7 +140,7 @@ class IncomingMigration:
         self.status.transition(S.NONE, S.FAILED)
 
     def _accept_multifd(self, listener: Listener, count: int) -> None:
-        """Accept the multifd channels and check their initial packets (multifd.md §2)."""
+        """Accept the multifd channels and check their initial packets (docs/qemu/multifd.md §2)."""
         uuid = self.host.uuid
         local_uuid = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
         by_id: dict[int, Channel] = {}
@@ -219,7 +219,7 @@ class IncomingMigration:
             raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
 
     def _finish_load(self) -> None:
-        """Run state after a successful load (states.md §9.1), then ``completed``."""
+        """Run state after a successful load (docs/qemu/states.md §9.1), then ``completed``."""
         runstate = self.host.runstate
         received = self.host.global_state.runstate
         if received is None or received == "running":

@@ -69,7 +69,7 @@ class MigrationManager:
         return self.outgoing_status.is_running
 
     def migrate(self, uri: str, args: dict, named_fds: dict[str, int]) -> None:
-        """``migrate``: the synchronous checks in QEMU's order, then the attempt's thread (states.md §2.5).
+        """``migrate``: the synchronous checks in QEMU's order, then the attempt's thread (docs/qemu/states.md §2.5).
 
         *named_fds* are the monitor's ``getfd`` descriptors; an ``fd:`` URI takes its own.
         """
@@ -118,7 +118,7 @@ class MigrationManager:
             self.outgoing.continue_()
 
     def query(self) -> dict:
-        """``query-migrate``: the destination's members, then the source's (states.md §3)."""
+        """``query-migrate``: the destination's members, then the source's (docs/qemu/states.md §3)."""
         info: dict = {}
         self.incoming.query(info)
         if self.outgoing is not None:
@@ -247,7 +247,7 @@ class OutgoingSession:
             t.join(timeout)
 
     def query(self, info: dict, current: MigrationConfig) -> None:
-        """The source members of ``query-migrate`` (states.md §3).
+        """The source members of ``query-migrate`` (docs/qemu/states.md §3).
 
         Which optional members appear follows the *current* capabilities, as
         in QEMU, not the ones this attempt started with.
@@ -349,7 +349,7 @@ class OutgoingSession:
             self.status.transition(S.CANCELLING, S.CANCELLED)
 
     def _open_multifd(self, addr: MigrationAddress, channel: Channel) -> MultifdSender | None:
-        """Zero-copy check on the main channel, then the multifd channels (multifd.md §1, §8)."""
+        """Zero-copy check on the main channel, then the multifd channels (docs/qemu/multifd.md §1, §8)."""
         caps, params = self.config.caps, self.config.params
         zero_copy = caps.zero_copy_send
         if zero_copy and addr.multi_channel and not ZeroCopySocket.enable(channel.sock):

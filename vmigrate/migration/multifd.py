@@ -1,4 +1,4 @@
-"""Multifd: page data on N extra connections, one thread per channel (multifd.md).
+"""Multifd: page data on N extra connections, one thread per channel (docs/qemu/multifd.md).
 
 Source: the migration thread zero-tests pages itself (zero pages stay on the
 main channel) and queues the others here in packets of up to 128 pages of
@@ -153,7 +153,7 @@ class _SendChannel:
 
 
 class MultifdSender:
-    """The source side: packet batching, channel choice, sync, accounting (ram.md §7).
+    """The source side: packet batching, channel choice, sync, accounting (docs/qemu/ram.md §7).
 
     ``account`` adds bytes to the main stream's rate-limit window: multifd
     traffic counts against the same ``max-bandwidth`` budget.

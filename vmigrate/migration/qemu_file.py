@@ -4,7 +4,7 @@ QEMU's QEMUFile: small writes (headers, device fields) are gathered in a
 buffer, large ones (page batches) go straight to the channel after a flush,
 so a batch of pages costs one system call and no extra copy.  Every byte
 put is accounted in the attempt's :class:`~.rate_limit.RateLimiter`
-(convergence.md §2).
+(docs/qemu/convergence.md §2).
 """
 
 from __future__ import annotations

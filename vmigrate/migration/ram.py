@@ -53,7 +53,7 @@ class RamSaver:
         self.compression_stats = ctx.compression_stats
         self.multifd = ctx.multifd
         self.xbzrle: XbzrleSender | None = None
-        #: Set when the first full round is done (the XBZRLE start rule of ram.md §4).
+        #: Set when the first full round is done (the XBZRLE start rule of docs/qemu/ram.md §4).
         self.xbzrle_active = False
         self.compress: CompressSender | None = None
         #: Completion with the VM stopped: the XBZRLE cache is no longer updated.
@@ -283,7 +283,7 @@ class RamSaver:
 
     def on_round_complete(self) -> None:
         """The scan wrapped past the last block: compression is flushed and XBZRLE
-        enabled before the next page is sent (ram.md §3.1)."""
+        enabled before the next page is sent (docs/qemu/ram.md §3.1)."""
         self._wrapped = True
         self.bulk_done = True
 

@@ -131,7 +131,7 @@ class SectionRegistry:
                 return
         raise LoadError(f"Unknown savevm section or instance '{event.idstr}' {event.instance_id}")
 
-    # -- device-only streams (xen-save-devices-state, misc.md §5) ---------------------
+    # -- device-only streams (xen-save-devices-state, docs/qemu/misc.md §5) ---------------------
 
     def device_state_stream(self) -> bytes:
         """Header, FULL sections, EOF: no configuration section and no RAM (Xen moves the memory)."""

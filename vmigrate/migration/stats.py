@@ -1,8 +1,8 @@
 """Counters behind ``query-migrate``'s ``ram`` member, with QEMU 7.2's meanings.
 
 Each RAM byte accounted is attributed to exactly one of precopy, downtime
-and postcopy bytes according to the VM state at that moment (ram.md §7);
-the rates are computed by the migration loop (convergence.md §2, §4).
+and postcopy bytes according to the VM state at that moment (docs/qemu/ram.md §7);
+the rates are computed by the migration loop (docs/qemu/convergence.md §2, §4).
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ class RamStats:
 
 @dataclass
 class XbzrleStats:
-    """``xbzrle-cache`` of query-migrate (ram.md §4, §7).
+    """``xbzrle-cache`` of query-migrate (docs/qemu/ram.md §4, §7).
 
     QEMU 7.2 never resets these counters between migrations (only the RAM
     and compression counters are cleared by ``migrate``), so one instance

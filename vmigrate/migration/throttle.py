@@ -1,6 +1,6 @@
 """Auto-converge: slow the vCPUs down when the guest dirties memory faster than we send it.
 
-QEMU 7.2's rules (convergence.md §6): at each ≥1 s period end, if the bytes
+QEMU 7.2's rules (docs/qemu/convergence.md §6): at each ≥1 s period end, if the bytes
 dirtied in the period exceed ``throttle-trigger-threshold`` % of the bytes
 sent, a "high" period is counted; every second high period (not
 necessarily consecutive) throttles down: start at ``cpu-throttle-initial``,

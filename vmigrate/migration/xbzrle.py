@@ -1,4 +1,4 @@
-"""The source's XBZRLE page cache and its per-page decisions (ram.md §4).
+"""The source's XBZRLE page cache and its per-page decisions (docs/qemu/ram.md §4).
 
 The destination has no cache: XBZRLE deltas apply to whatever its page
 holds.  So the source's cache must hold exactly what the destination got
@@ -73,7 +73,7 @@ class PageCache:
 
 @dataclass(slots=True)
 class XbzrleSendCounts:
-    """What one batch added to the RAM counters (ram.md §7)."""
+    """What one batch added to the RAM counters (docs/qemu/ram.md §7)."""
 
     zero_pages: int = 0
     normal_pages: int = 0

@@ -1,4 +1,4 @@
-"""Multifd channel packets (spec: multifd.md §2-§5), pure code over bytes.
+"""Multifd channel packets (spec: docs/qemu/multifd.md §2-§5), pure code over bytes.
 
 A multifd channel starts with a 64-byte initial packet naming its id, then
 carries packets: a 1344-byte header (the full 128-entry offset array is

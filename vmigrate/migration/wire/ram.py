@@ -1,4 +1,4 @@
-"""Records of the ``ram`` section (spec: ram.md §1-§2, counted bytes §7).
+"""Records of the ``ram`` section (spec: docs/qemu/ram.md §1-§2, counted bytes §7).
 
 Source side: :func:`mem_size` and :func:`eos` write the setup records, and
 :func:`encode_pages` turns a batch of dirty page indices of one RAMBlock into
@@ -110,7 +110,7 @@ def eos() -> bytes:
 
 @dataclass(slots=True)
 class ChannelState:
-    """The sender's "last block named on this channel" (ram.md §1.2).
+    """The sender's "last block named on this channel" (docs/qemu/ram.md §1.2).
 
     Call :meth:`reset` whenever QEMU would (migration start, postcopy start
     after discards, resume, channel switch) so the next record names its block.
@@ -124,7 +124,7 @@ class ChannelState:
 
 @dataclass(slots=True)
 class RamSendCounts:
-    """Statistics of one encoded batch; bytes as QEMU counts them (ram.md §7)."""
+    """Statistics of one encoded batch; bytes as QEMU counts them (docs/qemu/ram.md §7)."""
 
     zero_pages: int = 0
     normal_pages: int = 0
@@ -363,7 +363,7 @@ class RamZeroPages:
 
 @dataclass(frozen=True, slots=True)
 class RamXbzrlePage:
-    """A delta to apply onto the destination's current page (ram.md §5.3)."""
+    """A delta to apply onto the destination's current page (docs/qemu/ram.md §5.3)."""
 
     block: str
     offset: int
@@ -372,7 +372,7 @@ class RamXbzrlePage:
 
 @dataclass(frozen=True, slots=True)
 class RamCompressedPage:
-    """One independent zlib stream inflating to the page (ram.md §6)."""
+    """One independent zlib stream inflating to the page (docs/qemu/ram.md §6)."""
 
     block: str
     offset: int

@@ -1,4 +1,4 @@
-"""Return-path messages, destination -> source (spec: stream.md §10, postcopy.md §7).
+"""Return-path messages, destination -> source (spec: docs/qemu/stream.md §10, docs/qemu/postcopy.md §7).
 
 The destination writes them with the encoders below (``shut(0)`` at the end
 of every migration that opened a return path).  The source's reader thread

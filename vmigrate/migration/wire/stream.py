@@ -1,7 +1,7 @@
-"""Top-level framing of the QEMU 7.2 migration stream (spec: stream.md).
+"""Top-level framing of the QEMU 7.2 migration stream (spec: docs/qemu/stream.md).
 
 Encoders are plain functions returning ``bytes``; a source concatenates them
-in the order of stream.md §6 (header, configuration, START sections, PART
+in the order of docs/qemu/stream.md §6 (header, configuration, START sections, PART
 sections, END sections, FULL sections, EOF, vmdesc)::
 
     out = header() + configuration("none")

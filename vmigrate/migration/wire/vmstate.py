@@ -1,4 +1,4 @@
-"""VMState device sections as data (spec: stream.md §7 and §9).
+"""VMState device sections as data (spec: docs/qemu/stream.md §7 and §9).
 
 A device section is described by a :class:`Description` - a small list of
 :class:`Field` (name, VMStateInfo type, size) plus optional subsections -

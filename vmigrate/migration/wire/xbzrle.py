@@ -1,4 +1,4 @@
-"""XBZRLE page deltas (spec: ram.md §5), encoded and decoded a batch of pages at a time.
+"""XBZRLE page deltas (spec: docs/qemu/ram.md §5), encoded and decoded a batch of pages at a time.
 
 An encoded page is a sequence of ``zrun nzrun`` pairs: the ULEB128 length of
 a run of bytes equal to the old page, then the ULEB128 length of a run of
