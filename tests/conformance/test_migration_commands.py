@@ -108,6 +108,7 @@ def test_dirty_rate(fresh_pair):
         p.same("calc-dirty-rate", arguments)
     p.same("query-dirty-rate")
     p.same("calc-dirty-rate", {"calc-time": 1, "sample-pages": 128, "mode": "page-sampling"})
+    _wait_until_measuring(p)
     p.same("calc-dirty-rate", {"calc-time": 1})
     masked = _masked_dirty_rate(p)
     assert masked["status"] == "measuring"
@@ -123,6 +124,18 @@ def test_dirty_rate(fresh_pair):
                                ("query-vcpu-dirty-limit", None)):
         p.same(command, arguments)
     assert p.same_events() == []
+
+
+def _wait_until_measuring(p: Pair) -> None:
+    """QEMU 7.2 marks a measurement as running only once its worker thread runs
+    (dirtyrate.c), so a second calc-dirty-rate sent sooner is accepted: wait for both."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        replies = p.send({"execute": "query-dirty-rate"})
+        if all(r["return"]["status"] == "measuring" for r in replies):
+            return
+        time.sleep(0.01)
+    raise AssertionError("a measurement did not start within 5 s")
 
 
 def _masked_dirty_rate(p: Pair) -> dict:
