@@ -9,6 +9,7 @@ with QEMU's class and text; this layer alone turns it into a QMP error.  A schem
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 from vmigrate.errors import VMError
@@ -18,6 +19,8 @@ from vmigrate.qmp.errors import NotYetImplemented, QMPError
 if TYPE_CHECKING:
     from vmigrate.qmp.protocol import MonitorProtocol
     from vmigrate.vm import VM
+
+log = logging.getLogger(__name__)
 
 Handler = Callable[["VM", dict, "MonitorProtocol"], Any]
 
@@ -53,8 +56,14 @@ class CommandDispatcher:
             raise NotYetImplemented(f"the command {name}")
         try:
             return handler(self.vm, args, monitor)
+        except QMPError:
+            raise
         except VMError as err:
             raise QMPError(err.desc, err.error_class) from None
+        except Exception as err:
+            # A bug must cost one command, not the monitor: the client gets an answer, the log the trace.
+            log.exception("command %s failed", name)
+            raise QMPError(f"vmigrate internal error in {name}: {err}") from None
 
 
 def _load_handlers() -> None:
