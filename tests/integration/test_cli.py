@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from procs import wait_for
+from vmigrate.harness.waiting import wait_for
 
 VMIGRATE = [sys.executable, "-m", "vmigrate"]
 

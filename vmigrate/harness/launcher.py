@@ -37,7 +37,7 @@ def vmigrate_argv(qmp: Path, *extra: str) -> list[str]:
 
 
 def qemu_argv(qmp: Path, *extra: str, memory: str = "64M", mem_path: Path | None = None,
-              backend: str = "ram", pc: bool = False) -> list[str]:
+              backend: str = "ram", pc: bool = False, binary: str = QEMU) -> list[str]:
     """QEMU 7.2 with a ``-M none`` machine of *memory* RAM, no default devices, no display.
 
     With *mem_path*, the RAM is that file, shared (``memory-backend-file``):
@@ -45,6 +45,7 @@ def qemu_argv(qmp: Path, *extra: str, memory: str = "64M", mem_path: Path | None
     names the RAM block; the default ``ram`` is the name plain ``-M none -m``
     and vmigrate give theirs.  With *pc*, a KVM PC booting the guest program
     that :func:`vmigrate.machine.x86guest.pc.prepare` put into *mem_path*.
+    *binary* is the QEMU executable.
     """
     if pc:
         if mem_path is None:
@@ -56,7 +57,7 @@ def qemu_argv(qmp: Path, *extra: str, memory: str = "64M", mem_path: Path | None
                    "-m", memory]
     else:
         machine = ["-nodefaults", "-display", "none", "-M", "none", "-m", memory]
-    return [QEMU, *qmp_monitor(qmp), *machine, *extra]
+    return [binary, *qmp_monitor(qmp), *machine, *extra]
 
 
 def qmp_monitor(sock: Path) -> list[str]:
@@ -77,7 +78,7 @@ class VMProcess:
 
     def __init__(self, argv: list[str], sock: Path, log_path: Path, *, env: dict[str, str] | None = None,
                  start_timeout: float = START_TIMEOUT, qmp_timeout: float = 30.0,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 qmp_capabilities: tuple[str, ...] = (), stop_timeout: float = STOP_TIMEOUT) -> None:
         self.argv = argv
         self.sock = sock
         self.log_path = log_path
@@ -89,7 +90,8 @@ class VMProcess:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         try:
-            self._qmp = wait_for(lambda: self._connect(qmp_timeout), start_timeout, f"QMP on {sock}")
+            self._qmp = wait_for(lambda: self._connect(qmp_timeout, qmp_capabilities), start_timeout,
+                                 f"QMP on {sock}")
         except TimeoutError:
             self.close()
             raise VMStartError(f"{argv[0]}: no QMP on {sock} within {start_timeout}s:\n{self.log()[-LOG_TAIL:]}",
@@ -99,8 +101,8 @@ class VMProcess:
             raise
         log.info("%s started (pid %d), QMP on %s", Path(argv[0]).name, self.proc.pid, sock)
 
-    def _connect(self, timeout: float) -> QMPClient | None:
-        client = try_connect(str(self.sock), timeout)
+    def _connect(self, timeout: float, capabilities: tuple[str, ...]) -> QMPClient | None:
+        client = try_connect(str(self.sock), timeout, capabilities=capabilities)
         if client is None and self.proc.poll() is not None:
             raise VMStartError(f"{self.argv[0]} exited with status {self.proc.returncode}:\n"
                                f"{self.log()[-LOG_TAIL:]}", self.log_path)
@@ -124,8 +126,7 @@ class VMProcess:
         return self.proc.pid
 
     def log(self) -> str:
-        """Everything the process wrote so far (stdout and stderr)."""
-        self._log.flush()
+        """Everything the process wrote so far (stdout and stderr; the process writes the file itself)."""
         return self.log_path.read_text(errors="replace")
 
     # -- QMP shorthands ------------------------------------------------------

@@ -52,9 +52,14 @@ def _open(address: str, timeout: float) -> socket.socket:
 
 
 class QMPClient:
-    """One QMP session: greeting read, capabilities negotiated unless *negotiate* is false."""
+    """One QMP session: greeting read, then capabilities negotiated unless *negotiate* is false.
 
-    def __init__(self, address: str, timeout: float = 30.0, negotiate: bool = True) -> None:
+    *capabilities* are enabled in the negotiation (``oob``, as the
+    ``qemu.qmp`` library enables it whenever the server offers it).
+    """
+
+    def __init__(self, address: str, timeout: float = 30.0, negotiate: bool = True,
+                 capabilities: tuple[str, ...] = ()) -> None:
         self.address = address
         self.timeout = timeout
         self.sock = _open(address, timeout)
@@ -66,7 +71,7 @@ class QMPClient:
             if "QMP" not in self.greeting:
                 raise QMPClientError("GenericError", f"{address} did not greet like a QMP server")
             if negotiate:
-                self.execute("qmp_capabilities")
+                self.execute("qmp_capabilities", {"enable": list(capabilities)} if capabilities else None)
         except BaseException:
             self.sock.close()
             raise
@@ -157,13 +162,14 @@ class QMPClient:
         self.sock.close()
 
 
-def try_connect(address: str, timeout: float = 30.0, negotiate: bool = True) -> QMPClient | None:
+def try_connect(address: str, timeout: float = 30.0, negotiate: bool = True,
+                capabilities: tuple[str, ...] = ()) -> QMPClient | None:
     """A client, or None while nothing accepts on *address* yet.
 
     QEMU creates its socket file at bind() and accepts only after listen(),
     so a connect in between is refused: callers retry (bounded).
     """
     try:
-        return QMPClient(address, timeout, negotiate)
+        return QMPClient(address, timeout, negotiate, capabilities)
     except (FileNotFoundError, ConnectionRefusedError):
         return None
