@@ -21,11 +21,13 @@ class SpawnedVM(VMProcess):
     """A VM process plus :attr:`tool_sock`, a monitor free for a second client (``vmigrate migrate``)."""
 
     def __init__(self, kind: str, directory: Path, n: int, *args: str, **qemu: object) -> None:
-        """``kind`` ``vmigrate``: *args* for ``vmigrate run`` (the software vCPU unless ``--accel`` is given);
-        ``qemu``: *args* and *qemu* keywords for :func:`~vmigrate.harness.launcher.qemu_argv`.
+        """VM number *n* of a test, its socket and log in *directory*.
 
-        The software vCPU is what every machine has, so the scenarios tested
-        with it hold everywhere; tests/kvm repeats the essential ones with KVM.
+        *kind* ``vmigrate`` takes *args* for ``vmigrate run``, with the software
+        vCPU unless ``--accel`` is given; ``qemu`` takes *args* and *qemu*
+        keywords for :func:`~vmigrate.harness.launcher.qemu_argv`.  The software
+        vCPU is what every machine has, so the scenarios tested with it hold
+        everywhere; tests/kvm repeats the essential ones with KVM.
         """
         sock = directory / f"{kind}{n}.sock"
         if kind == "vmigrate":

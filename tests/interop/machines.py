@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from vmigrate.machine.memory import parse_size
-
 from vmigrate.harness.launcher import VMProcess
 from vmigrate.harness.waiting import wait_for
+from vmigrate.machine.memory import parse_size
 
 #: Final states of a migration on either side.
 FINAL = frozenset({"completed", "failed", "cancelled"})
