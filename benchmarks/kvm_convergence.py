@@ -24,65 +24,45 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from vmigrate.harness.launcher import VMProcess, qemu_argv, vmigrate_argv
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.x86guest import pc
-from vmigrate.qmp.client import QMPClient
 
 MIB = 1 << 20
 
 
-class VM:
-    """A vmigrate VM (*args* for ``vmigrate run``), or QEMU with ``qemu=True`` (*args* for QEMU)."""
+def start_vm(workdir: Path, name: str, *args: str) -> VMProcess:
+    """A vmigrate VM; *args* for ``vmigrate run``."""
+    sock = workdir / f"{name}.sock"
+    return VMProcess(vmigrate_argv(sock, *args), sock, workdir / f"{name}.log")
 
-    def __init__(self, workdir: Path, name: str, *args: str, qemu: bool = False) -> None:
-        self.sock = workdir / f"{name}.sock"
-        self.log = open(workdir / f"{name}.log", "wb")
-        argv = (["qemu-system-x86_64", "-qmp", f"unix:{self.sock},server=on,wait=off"] if qemu
-                else [sys.executable, "-m", "vmigrate", "run", "--qmp", f"unix:{self.sock}"])
-        self.proc = subprocess.Popen([*argv, *args], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"{name} did not start; see {self.log.name}")
-            time.sleep(0.05)
-        self.qmp = QMPClient(str(self.sock))
 
-    def wait(self, predicate, timeout: float, interval: float = 0.1):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            time.sleep(interval)
-        raise SystemExit("timed out")
-
-    def close(self) -> None:
-        try:
-            self.qmp.execute("quit")
-        except Exception:
-            pass
-        self.proc.wait(timeout=20)
-        self.log.close()
+def start_qemu_pc(workdir: Path, name: str, ram: Path, size: int, *args: str) -> VMProcess:
+    """QEMU 7.2 on a KVM PC booting the guest program :func:`pc.prepare` put into *ram*."""
+    sock = workdir / f"{name}.sock"
+    return VMProcess(qemu_argv(sock, *args, memory=f"{size >> 20}M", mem_path=ram, pc=True), sock,
+                     workdir / f"{name}.log")
 
 
 def dirty_rate_estimates(workdir: Path) -> list[dict]:
     rows = []
     for rate in (64, 128, 256):
         for accel, modes in (("kvm", ("page-sampling", "dirty-bitmap")), ("kvm,dirty-ring-size=65536", ("dirty-ring",))):
-            vm = VM(workdir, f"rate{rate}", "--accel", accel, "-m", "1G", "--guest", f"stress:rate={rate},wss=512M")
+            vm = start_vm(workdir, f"rate{rate}", "--accel", accel, "-m", "1G",
+                          "--guest", f"stress:rate={rate},wss=512M")
             time.sleep(1.0)
             for mode in modes:
                 args = {"calc-time": 2, "mode": mode} | ({"sample-pages": 4096} if mode == "page-sampling" else {})
                 vm.qmp.execute("calc-dirty-rate", args)
-                info = vm.wait(lambda: (i := vm.qmp.execute("query-dirty-rate"))["status"] == "measured" and i, 15)
+                info = wait_for(lambda: (i := vm.qmp.execute("query-dirty-rate"))["status"] == "measured" and i, 15,
+                                "a dirty rate", interval=0.1)
                 rows.append({"set_mib_s": rate, "mode": mode, "estimate_mib_s": info["dirty-rate"],
                              "error_pct": round(100 * (info["dirty-rate"] - rate) / rate, 1)})
             vm.close()
@@ -92,7 +72,7 @@ def dirty_rate_estimates(workdir: Path) -> list[dict]:
 def dirty_limits(workdir: Path) -> list[dict]:
     rows = []
     for quota in (50, 100):
-        vm = VM(workdir, f"limit{quota}", "--accel", "kvm,dirty-ring-size=4096", "-m", "256M",
+        vm = start_vm(workdir, f"limit{quota}", "--accel", "kvm,dirty-ring-size=4096", "-m", "256M",
                 "--guest", "stress:rate=200,wss=128M")
         vm.qmp.execute("set-vcpu-dirty-limit", {"dirty-rate": quota})
         # QEMU's rule moves in steps of a tenth of the ring-fill time when near the quota: let it settle.
@@ -111,14 +91,14 @@ def dirty_limits(workdir: Path) -> list[dict]:
 def convergence(workdir: Path) -> dict:
     bandwidth, rate = 256, 128
     guest = f"stress:rate={rate},wss=256M"
-    dst = VM(workdir, "conv-dst", "--accel", "kvm", "-m", "512M", "--guest", guest, "--incoming", "tcp:127.0.0.1:0")
-    src = VM(workdir, "conv-src", "--accel", "kvm", "-m", "512M", "--guest", guest)
+    dst = start_vm(workdir, "conv-dst", "--accel", "kvm", "-m", "512M", "--guest", guest,
+                   "--incoming", "tcp:127.0.0.1:0")
+    src = start_vm(workdir, "conv-src", "--accel", "kvm", "-m", "512M", "--guest", guest)
     port = dst.qmp.execute("query-migrate")["socket-address"][0]["port"]
     src.qmp.execute("migrate-set-parameters", {"max-bandwidth": bandwidth * MIB, "downtime-limit": 300})
     time.sleep(1.0)
     src.qmp.execute("migrate", {"uri": f"tcp:127.0.0.1:{port}"})
-    info = src.wait(lambda: (i := src.qmp.execute("query-migrate"))["status"] in ("completed", "failed") and i,
-                    120)
+    info = src.wait_migration({"completed", "failed"}, timeout=120)
     result = {"guest_mib_s": rate, "max_bandwidth_mib_s": bandwidth, "downtime_limit_ms": 300,
               "status": info["status"], "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
               "passes": info.get("ram", {}).get("dirty-sync-count")}
@@ -151,13 +131,12 @@ def side_by_side(workdir: Path, runs: int = 3) -> list[dict]:
                 if impl == "qemu":
                     pc.prepare(src_ram, size, guest)
                     pc.prepare(dst_ram, size, guest)
-                    src = VM(workdir, "sbs-src", *pc.qemu_argv(src_ram, size), qemu=True)
-                    dst = VM(workdir, "sbs-dst", *pc.qemu_argv(dst_ram, size), "-incoming", "tcp:127.0.0.1:0",
-                             qemu=True)
+                    src = start_qemu_pc(workdir, "sbs-src", src_ram, size)
+                    dst = start_qemu_pc(workdir, "sbs-dst", dst_ram, size, "-incoming", "tcp:127.0.0.1:0")
                 else:
                     common = ("--accel", "kvm", "-m", "512M", "--guest", text)
-                    src = VM(workdir, "sbs-src", *common, "--mem-path", str(src_ram))
-                    dst = VM(workdir, "sbs-dst", *common, "--mem-path", str(dst_ram),
+                    src = start_vm(workdir, "sbs-src", *common, "--mem-path", str(src_ram))
+                    dst = start_vm(workdir, "sbs-dst", *common, "--mem-path", str(dst_ram),
                              "--incoming", "tcp:127.0.0.1:0")
                 rows.append({"scenario": scenario, "impl": impl, "run": run,
                              **migrate_once(src, dst, spec, src_ram, dst_ram)})
@@ -168,7 +147,7 @@ def side_by_side(workdir: Path, runs: int = 3) -> list[dict]:
     return rows
 
 
-def migrate_once(src: VM, dst: VM, spec: dict, src_ram: Path, dst_ram: Path) -> dict:
+def migrate_once(src: VMProcess, dst: VMProcess, spec: dict, src_ram: Path, dst_ram: Path) -> dict:
     port = dst.qmp.execute("query-migrate")["socket-address"][0]["port"]
     if spec["caps"]:
         src.qmp.execute("migrate-set-capabilities",
@@ -184,7 +163,7 @@ def migrate_once(src: VM, dst: VM, spec: dict, src_ram: Path, dst_ram: Path) -> 
         throttle = max(throttle, info.get("cpu-throttle-percentage", 0))
         return info if info["status"] in ("completed", "failed") else None
 
-    info = src.wait(finished, 180)
+    info = wait_for(finished, 180, "the migration", interval=0.1)
     at_switchover = guest_counter(src_ram)
     time.sleep(0.5)
     return {"status": info["status"], "total_time_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),

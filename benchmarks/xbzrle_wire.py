@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from vmigrate.harness.launcher import VMProcess, qemu_argv, vmigrate_argv
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import Stress, Workload
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, parse_size
-from vmigrate.qmp.client import QMPClient
 
-QEMU = "qemu-system-x86_64"
 MIB = 1 << 20
 
 
@@ -78,100 +77,58 @@ def serve(args: argparse.Namespace) -> int:
     return run_vm(config)
 
 
-class Proc:
-    def __init__(self, argv: list[str], sock: Path, log: Path) -> None:
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[0]} did not start, see {log}")
-            time.sleep(0.05)
-        self.qmp = QMPClient(f"unix:{sock}")
-
-    def cmd(self, name: str, **args):
-        return self.qmp.execute(name, args or None)
-
-    def stop(self) -> None:
-        try:
-            self.cmd("quit")
-        except Exception:
-            pass
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def wait(pred, timeout: float, what: str, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(interval)
-
-
 def run_case(name: str, dst_kind: str, xbzrle: bool, args, work: Path) -> dict:
     size = parse_size(args.size)
     src_ram, dst_ram = work / "src.ram", work / "dst.ram"
     for path in (src_ram, dst_ram):
         path.unlink(missing_ok=True)
-    src = Proc([sys.executable, __file__, "--serve", "--qmp", str(work / "src.sock"), "--mem-path", str(src_ram),
-                "--size", args.size, "--wss", args.wss, "--rate", str(args.rate), "--fraction", str(args.fraction)],
-               work / "src.sock", work / f"{name}-src.log")
+    src_argv = [sys.executable, __file__, "--serve", "--qmp", str(work / "src.sock"), "--mem-path", str(src_ram),
+                "--size", args.size, "--wss", args.wss, "--rate", str(args.rate), "--fraction", str(args.fraction)]
     if dst_kind == "qemu":
-        argv = [QEMU, "-nic", "none", "-display", "none", "-M", "none,memory-backend=ram", "-object",
-                f"memory-backend-file,id=ram,size={size},mem-path={dst_ram},share=on", "-m", str(size >> 20),
-                "-qmp", f"unix:{work / 'dst.sock'},server=on,wait=off", "-S", "-incoming", "defer"]
+        dst_argv = qemu_argv(work / "dst.sock", "-S", "-incoming", "defer", memory=f"{size >> 20}M", mem_path=dst_ram)
     else:
-        argv = [sys.executable, "-m", "vmigrate", "run", "--accel", "soft", "-m", args.size, "--mem-path",
-                str(dst_ram), "--qmp", f"unix:{work / 'dst.sock'}", "-S", "--incoming", "defer"]
-    dst = Proc(argv, work / "dst.sock", work / f"{name}-dst.log")
+        dst_argv = vmigrate_argv(work / "dst.sock", "--accel", "soft", "-m", args.size, "--mem-path", str(dst_ram),
+                                 "-S", "--incoming", "defer")
     try:
-        wait(lambda: src_ram.exists() and src_ram.read_bytes()[:8] == b"VMIGRATE", 30, "guest start")
-        time.sleep(1.0)  # let the guest touch its whole working set once
-        if xbzrle:
-            src.cmd("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True}])
-            src.cmd("migrate-set-parameters", **{"xbzrle-cache-size": args.cache})
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": parse_size(args.bandwidth), "downtime-limit": 1})
-        dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
-        port = dst.cmd("query-migrate")["socket-address"][0]["port"]
-        t0 = time.monotonic()
-        src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        samples = {}
-        while len(samples) < 1 or max(samples) < args.passes:
-            if time.monotonic() - t0 > 600:
-                raise TimeoutError(f"{args.passes} passes")
-            info = src.cmd("query-migrate")
-            syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-            if syncs and syncs not in samples:
-                samples[syncs] = _sample(info)
-            time.sleep(0.02)
-        src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 600000})
-        final = wait(lambda: (i := src.cmd("query-migrate"))["status"] in ("completed", "failed") and i, 600,
-                     "completion")
-        wait(lambda: dst.cmd("query-migrate").get("status") in ("completed", "failed"), 60, "destination")
-        equal = final["status"] == "completed" and _equal(src_ram, dst_ram)
-        # Steady state: from the first sync after XBZRLE had a round to fill its cache (pass 3).
-        first = min(k for k in samples if k >= 3)
-        last = max(samples)
-        a, b = samples[first], samples[last]
-        pages = b["pages"] - a["pages"]
-        return {"case": name, "status": final["status"], "ram_equal": equal, "window_passes": [first, last],
-                "window_bytes": b["transferred"] - a["transferred"], "window_pages": pages,
-                "bytes_per_page": round((b["transferred"] - a["transferred"]) / pages, 1) if pages else None,
-                "window_xbzrle_pages": b["xbzrle_pages"] - a["xbzrle_pages"],
-                "window_xbzrle_bytes": b["xbzrle_bytes"] - a["xbzrle_bytes"],
-                "window_overflow": b["overflow"] - a["overflow"], "window_cache_miss": b["miss"] - a["miss"],
-                "total_time_ms": final.get("total-time"), "final_transferred": final["ram"]["transferred"]}
+        with VMProcess(src_argv, work / "src.sock", work / f"{name}-src.log") as src, \
+                VMProcess(dst_argv, work / "dst.sock", work / f"{name}-dst.log") as dst:
+            wait_for(lambda: src_ram.exists() and src_ram.read_bytes()[:8] == b"VMIGRATE", 30, "guest start",
+                     interval=0.1)
+            time.sleep(1.0)  # let the guest touch its whole working set once
+            if xbzrle:
+                src.cmd("migrate-set-capabilities", capabilities=[{"capability": "xbzrle", "state": True}])
+                src.cmd("migrate-set-parameters", **{"xbzrle-cache-size": args.cache})
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": parse_size(args.bandwidth), "downtime-limit": 1})
+            dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+            port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+            t0 = time.monotonic()
+            src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+            samples = {}
+            while len(samples) < 1 or max(samples) < args.passes:
+                if time.monotonic() - t0 > 600:
+                    raise TimeoutError(f"{args.passes} passes")
+                info = src.cmd("query-migrate")
+                syncs = info.get("ram", {}).get("dirty-sync-count", 0)
+                if syncs and syncs not in samples:
+                    samples[syncs] = _sample(info)
+                time.sleep(0.02)
+            src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 600000})
+            final = src.wait_migration({"completed", "failed"}, timeout=600)
+            dst.wait_migration({"completed", "failed"}, timeout=60)
+            equal = final["status"] == "completed" and _equal(src_ram, dst_ram)
+            # Steady state: from the first sync after XBZRLE had a round to fill its cache (pass 3).
+            first = min(k for k in samples if k >= 3)
+            last = max(samples)
+            a, b = samples[first], samples[last]
+            pages = b["pages"] - a["pages"]
+            return {"case": name, "status": final["status"], "ram_equal": equal, "window_passes": [first, last],
+                    "window_bytes": b["transferred"] - a["transferred"], "window_pages": pages,
+                    "bytes_per_page": round((b["transferred"] - a["transferred"]) / pages, 1) if pages else None,
+                    "window_xbzrle_pages": b["xbzrle_pages"] - a["xbzrle_pages"],
+                    "window_xbzrle_bytes": b["xbzrle_bytes"] - a["xbzrle_bytes"],
+                    "window_overflow": b["overflow"] - a["overflow"], "window_cache_miss": b["miss"] - a["miss"],
+                    "total_time_ms": final.get("total-time"), "final_transferred": final["ram"]["transferred"]}
     finally:
-        src.stop()
-        dst.stop()
         for path in (src_ram, dst_ram):
             path.unlink(missing_ok=True)
 

@@ -9,9 +9,8 @@ and the encoder's byte counts can be compared with QEMU's figures.
 
 Usage: ``tools/capture_vectors.py [--out DIR] [--qemu BINARY] [--only NAME]``
 
-The QMP driver is a deliberately tiny line-based client on a unix socket:
-the tool must not depend on vmigrate's own QMP code, whose behaviour the
-vectors are meant to check.
+QEMU is started and driven with :mod:`vmigrate.harness`; what the vectors
+check is vmigrate's reading of the stream, which no QMP code takes part in.
 """
 
 from __future__ import annotations
@@ -20,13 +19,13 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from vmigrate.harness.launcher import VMProcess, qemu_argv
 
 PAGE = 4096
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "tests" / "unit" / "vectors"
@@ -87,89 +86,26 @@ SCENARIOS = [
 ]
 
 
-class QMP:
-    """Minimal QMP client: one command at a time, events skipped."""
-
-    def __init__(self, path: str, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.settimeout(timeout)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw", encoding="utf-8")
-        greeting = json.loads(self.file.readline())
-        if "QMP" not in greeting:
-            raise RuntimeError(f"not a QMP greeting: {greeting}")
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments) -> object:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            line = self.file.readline()
-            if not line:
-                raise RuntimeError(f"QMP connection closed during {command}")
-            reply = json.loads(line)
-            if "event" in reply:
-                continue
-            if "error" in reply:
-                raise RuntimeError(f"{command}: {reply['error']}")
-            return reply["return"]
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 def capture(scenario: Scenario, qemu: str, out: Path, work: Path) -> None:
     sock = work / f"{scenario.name}.sock"
     stream = out / f"{scenario.name}.bin"
-    args = [qemu, "-nic", "none", "-display", "none", "-nodefaults",
-            "-qmp", f"unix:{sock},server=on,wait=off"]
     if scenario.image is not None:
         mem = work / f"{scenario.name}.img"
         mem.write_bytes(scenario.image)
-        size = len(scenario.image)
-        args += ["-M", "none,memory-backend=ram0",
-                 "-object", f"memory-backend-file,id=ram0,size={size},mem-path={mem},share=on",
-                 "-m", f"{size // 1024}K"]
+        args = qemu_argv(sock, *scenario.extra_args, memory=f"{len(scenario.image) // 1024}K", mem_path=mem,
+                         backend="ram0", binary=qemu)
     else:
-        args += ["-M", "none", "-m", scenario.ram_size]
-    args += scenario.extra_args
-    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        qmp = QMP(str(sock))
+        args = qemu_argv(sock, *scenario.extra_args, memory=scenario.ram_size, binary=qemu)
+    with VMProcess(args, sock, work / f"{scenario.name}.log") as vm:
         if scenario.capabilities:
-            qmp.execute("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in scenario.capabilities.items()])
+            vm.set_caps(**scenario.capabilities)
         for command in scenario.before_migrate:
-            qmp.execute(command)
-        status_before = qmp.execute("query-status")["status"]
-        qmp.execute("migrate", uri=f"exec:cat > {stream}")
-        deadline = time.monotonic() + 20
-        while True:
-            info = qmp.execute("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{scenario.name}: migration did not finish")
-            time.sleep(0.05)
-        if info["status"] != "completed":
-            raise RuntimeError(f"{scenario.name}: migration {info['status']}")
-        qmp.execute("quit")
-        qmp.close()
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+            vm.cmd(command)
+        status_before = vm.status()
+        vm.cmd("migrate", uri=f"exec:cat > {stream}")
+        info = vm.wait_migration({"completed", "failed", "cancelled"}, timeout=20)
+    if info["status"] != "completed":
+        raise RuntimeError(f"{scenario.name}: migration {info['status']}")
     ram = info["ram"]
     sidecar = {
         "doc": scenario.doc,

@@ -17,82 +17,51 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
-import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from vmigrate.harness.launcher import VMProcess, qemu_argv
+from vmigrate.harness.waiting import wait_for
 
 VECTORS = Path(__file__).resolve().parent.parent / "tests" / "unit" / "vectors"
 SCHEMA_VECTOR = VECTORS / "qemu72-qmp-schema.json.gz"
 ARGS_VECTOR = VECTORS / "qemu72-qmp-args.json"
 REPLIES_VECTOR = VECTORS / "qemu72-qmp-replies.json"
-QEMU = "qemu-system-x86_64"
 
 
-class QemuMonitor:
-    """A throwaway ``-M none`` QEMU with a negotiated QMP socket."""
+@contextmanager
+def qemu_monitor() -> Iterator[VMProcess]:
+    """A throwaway ``-M none`` QEMU with a negotiated QMP connection."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = Path(tmp) / "qmp.sock"
+        with VMProcess(qemu_argv(sock), sock, Path(tmp) / "qemu.log") as vm:
+            yield vm
 
-    def __init__(self) -> None:
-        self.dir = tempfile.TemporaryDirectory()
-        path = os.path.join(self.dir.name, "qmp.sock")
-        self.proc = subprocess.Popen(
-            [QEMU, "-M", "none", "-nic", "none", "-m", "64M", "-display", "none",
-             "-qmp", f"unix:{path},server=on,wait=off"],
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(30)
-        self.reader = self.sock.makefile("rb")
-        self.events: list[dict] = []
-        self.greeting = json.loads(self.reader.readline())
-        assert self.execute("qmp_capabilities") == {"return": {}}
 
-    def execute(self, command: str, arguments: dict | None = None) -> dict:
-        request: dict = {"execute": command}
-        if arguments is not None:
-            request["arguments"] = arguments
-        self.sock.sendall(json.dumps(request).encode() + b"\n")
-        while True:
-            reply = json.loads(self.reader.readline())
-            if "event" not in reply:
-                return reply
-            self.events.append(reply)
+def request(vm: VMProcess, command: str, arguments: dict | None = None) -> dict:
+    """QEMU's whole reply to *command*, sent without an id (as the vectors record it)."""
+    message: dict = {"execute": command}
+    if arguments is not None:
+        message["arguments"] = arguments
+    return vm.qmp.request(message)
 
-    def drain(self) -> None:
-        """Collect events until QEMU closes the connection."""
+
+def drain(vm: VMProcess) -> None:
+    """Queue the events QEMU sends until it closes the connection (after ``quit``)."""
+    while True:
         try:
-            for line in self.reader:
-                self.events.append(json.loads(line))
-        except ConnectionResetError:
-            pass
-
-    def close(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-        self.dir.cleanup()
+            vm.qmp.events.append(vm.qmp.read_message())
+        except (ConnectionError, TimeoutError):
+            return
 
 
 def record_schema() -> None:
-    qemu = QemuMonitor()
-    try:
-        reply = qemu.execute("query-qmp-schema")["return"]
-    finally:
-        qemu.close()
+    with qemu_monitor() as qemu:
+        reply = qemu.cmd("query-qmp-schema")
     data = json.dumps(reply, separators=(",", ":")).encode()
     with open(SCHEMA_VECTOR, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
         f.write(data)
@@ -282,20 +251,18 @@ def key_order_cases(count: int = 160, seed: int = 72) -> list[dict]:
 
 def record_args() -> None:
     cases = handwritten_cases() + key_order_cases()
-    qemu = QemuMonitor()
     out = []
-    try:
+    with qemu_monitor() as qemu:
         for case in cases:
-            reply = qemu.execute(case["execute"], case["arguments"])
+            reply = request(qemu, case["execute"], case["arguments"])
             entry = {**case, "reply": reply}
             if case["execute"] == "migrate-set-parameters" and "return" in reply:
-                stored = qemu.execute("query-migrate-parameters")["return"]
+                stored = qemu.cmd("query-migrate-parameters")
                 entry["stored"] = {k: stored[k] for k in case["arguments"] or {} if k in stored}
             out.append(entry)
             print(json.dumps(entry)[:200])
-    finally:
-        qemu.close()
-    doc = {"qemu": qemu.greeting["QMP"]["version"], "cases": out}
+        version = qemu.qmp.greeting["QMP"]["version"]
+    doc = {"qemu": version, "cases": out}
     with open(ARGS_VECTOR, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=0, ensure_ascii=False)
         f.write("\n")
@@ -314,40 +281,34 @@ def record_replies() -> None:
     """Real replies and events, to prove the reply checker accepts them: the
     queries on a fresh VM, then stop/cont, a migration to /dev/null with
     events on, a dirty-rate measurement, and quit."""
-    qemu = QemuMonitor()
     replies: dict[str, list] = {}
+    with qemu_monitor() as qemu:
 
-    def query(command: str) -> dict:
-        reply = qemu.execute(command)
-        replies.setdefault(command, []).append(reply["return"])
-        return reply["return"]
+        def query(command: str) -> dict:
+            reply = request(qemu, command)
+            replies.setdefault(command, []).append(reply["return"])
+            return reply["return"]
 
-    try:
         for command in QUERIES:
             query(command)
-        qemu.execute("stop")
-        qemu.execute("cont")
-        qemu.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
-        qemu.execute("migrate", {"uri": "exec:cat > /dev/null"})
-        deadline = time.monotonic() + 60
-        while query("query-migrate").get("status") not in ("completed", "failed"):
-            assert time.monotonic() < deadline, "migration did not finish"
-            time.sleep(0.2)
+        request(qemu, "stop")
+        request(qemu, "cont")
+        request(qemu, "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        request(qemu, "migrate", {"uri": "exec:cat > /dev/null"})
+        wait_for(lambda: query("query-migrate").get("status") in ("completed", "failed"), 60, "the migration",
+                 interval=0.2)
         query("query-status")
-        qemu.execute("calc-dirty-rate", {"calc-time": 1})
-        deadline = time.monotonic() + 10
-        while query("query-dirty-rate")["status"] != "measured":
-            assert time.monotonic() < deadline, "dirty rate not measured"
-            time.sleep(0.2)
-        qemu.execute("quit")
-        qemu.drain()
-    finally:
-        qemu.close()
-    doc = {"qemu": qemu.greeting["QMP"]["version"], "replies": replies, "events": qemu.events}
+        request(qemu, "calc-dirty-rate", {"calc-time": 1})
+        wait_for(lambda: query("query-dirty-rate")["status"] == "measured", 10, "the dirty rate", interval=0.2)
+        request(qemu, "quit")
+        drain(qemu)
+        version = qemu.qmp.greeting["QMP"]["version"]
+        events = list(qemu.qmp.events)
+    doc = {"qemu": version, "replies": replies, "events": events}
     with open(REPLIES_VECTOR, "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=0)
         f.write("\n")
-    print(f"{REPLIES_VECTOR}: {sum(map(len, replies.values()))} replies, {len(qemu.events)} events")
+    print(f"{REPLIES_VECTOR}: {sum(map(len, replies.values()))} replies, {len(events)} events")
 
 
 def main(argv: list[str]) -> int:

@@ -1,10 +1,11 @@
 """Side-by-side driver: the same QMP traffic to a real QEMU 7.2 and to vmigrate.
 
 A :class:`Pair` is one QEMU and one vmigrate process started with equivalent
-options.  Each has a negotiated ``qemu.qmp`` connection (the library a QEMU
-user would use) on its first monitor and a second monitor that tests reach
-with :class:`RawMonitor` for traffic the library refuses to produce
-(malformed JSON, non-string ids, an un-negotiated session).
+options.  Each has a connection on its first monitor negotiated the way the
+``qemu.qmp`` library (what a QEMU user would use) negotiates, OOB enabled,
+and a second monitor that tests reach with :class:`RawMonitor` for traffic
+no client library produces (malformed JSON, non-string ids, an
+un-negotiated session).
 
 Answers are compared after masking only what legitimately differs (the build
 string, the micro version, timestamps, ephemeral ports), and *exactly*
@@ -19,8 +20,6 @@ import copy
 import itertools
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -30,11 +29,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from procs import START_TIMEOUT, VMProcess, qemu_argv, test_env, vmigrate_argv, wait_for  # noqa: E402
-from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
-from qemu.qmp.protocol import ConnectError  # noqa: E402
-
+from vmigrate.harness.launcher import VMProcess, qemu_argv, qmp_monitor, vmigrate_argv  # noqa: E402
+from vmigrate.harness.waiting import wait_for  # noqa: E402
 from vmigrate.qapi.schema import load as load_schema  # noqa: E402
+from vmigrate.qmp.client import QMPClient, try_connect  # noqa: E402
 
 #: How many request/answer exchanges were compared, by test module.
 EXCHANGES: Counter[str] = Counter()
@@ -139,7 +137,7 @@ def _current_module() -> str:
 
 
 class RawMonitor:
-    """A bare socket on a QMP monitor: bytes in, parsed messages out.
+    """An un-negotiated session on a QMP monitor: bytes in, parsed messages out.
 
     Replies are read up to the answer to a marker request sent after the
     test's input, so no read ever waits for a timeout to expire.  Messages are
@@ -148,40 +146,21 @@ class RawMonitor:
 
     def __init__(self, path: Path, kind: str) -> None:
         self.kind = kind
-        self.sock = wait_for(lambda: self._connect(path), RAW_TIMEOUT, f"monitor socket {path}")
-        self._buf = b""
-        self.greeting = self.read_message()
-
-    @staticmethod
-    def _connect(path: Path) -> socket.socket | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(RAW_TIMEOUT)
-        try:
-            sock.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            sock.close()
-            return None
-        return sock
+        self.client: QMPClient = wait_for(lambda: try_connect(str(path), RAW_TIMEOUT, negotiate=False),
+                                          RAW_TIMEOUT, f"monitor socket {path}")
+        self.greeting = self.client.greeting
 
     def close(self) -> None:
-        self.sock.close()
+        self.client.close()
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def read_message(self) -> dict:
-        return json.loads(self.read_line())
+        self.client.send(data)
 
     def read_line(self) -> bytes:
-        while b"\n" not in self._buf:
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                raise TimeoutError(f"{self.kind}: no complete message in {RAW_TIMEOUT}s; have {self._buf!r}") from None
-            if not chunk:
-                raise EOFError(f"{self.kind}: monitor closed; unread: {self._buf!r}")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            line = self.client.read_line()
+        except TimeoutError:
+            raise TimeoutError(f"{self.kind}: no complete message in {RAW_TIMEOUT}s") from None
         assert line.endswith(b"\r"), line
         return line[:-1]
 
@@ -202,38 +181,6 @@ class RawMonitor:
 
 
 # -- processes ---------------------------------------------------------------------
-
-
-class ConformanceProcess(VMProcess):
-    """A VMProcess that waits for its monitor to *accept*, not just to exist.
-
-    QEMU creates the socket file at bind() and accepts only after listen(),
-    so a connect in between is refused; VMProcess's existence check loses
-    that race now and then.
-    """
-
-    def __init__(self, argv: list[str], sock: Path, log: Path) -> None:
-        self.sock = sock
-        self.log_path = log
-        self._log = open(log, "wb")
-        self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=test_env())
-        self.qmp = QEMUMonitorProtocol(str(sock))  # replaced per attempt; here so close() always works
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{argv[0]} exited with {self.proc.returncode}:\n{self.log()}")
-            if sock.exists():
-                self.qmp = QEMUMonitorProtocol(str(sock))
-                self.qmp.settimeout(30)
-                try:
-                    self.greeting = self.qmp.connect(negotiate=True)
-                    return
-                except ConnectError:
-                    self.qmp.close()
-            if time.monotonic() > deadline:
-                self.close()
-                raise TimeoutError(f"{argv[0]}: QMP socket {sock} not accepting after {START_TIMEOUT}s")
-            time.sleep(0.02)
 
 
 # -- the pair ---------------------------------------------------------------------
@@ -299,11 +246,11 @@ class Pair:
             sock = directory / f"{kind}{n}.sock"
             raw = directory / f"{kind}{n}-raw.sock"
             if kind == "qemu":
-                argv = qemu_argv(sock, "-qmp", f"unix:{raw},server=on,wait=off", *options.qemu())
+                argv = qemu_argv(sock, *qmp_monitor(raw), *options.qemu())
             else:
                 argv = vmigrate_argv(sock, "--qmp", f"unix:{raw}", *options.vmigrate())
             try:
-                proc = ConformanceProcess(argv, sock, directory / f"{kind}{n}.log")
+                proc = VMProcess(argv, sock, directory / f"{kind}{n}.log", qmp_capabilities=("oob",))
             except BaseException:
                 for side in sides.values():
                     side.proc.close()
@@ -318,7 +265,7 @@ class Pair:
         return pair
 
     def _greeting(self, kind: str) -> dict:
-        greeting = copy.deepcopy(getattr(self, kind).proc.greeting)
+        greeting = copy.deepcopy(getattr(self, kind).proc.qmp.greeting)
         greeting["QMP"]["version"] = mask_version(greeting["QMP"]["version"], kind)
         return greeting
 
@@ -336,7 +283,7 @@ class Pair:
         command = message.get("execute", message.get("exec-oob"))
         replies = []
         for side in self.sides():
-            reply = side.proc.qmp.cmd_obj(copy.deepcopy(message))
+            reply = side.proc.qmp.request(copy.deepcopy(message))
             if side.kind == "vmigrate":
                 check_vmigrate_reply(command, reply)
             replies.append(normalise(command, reply, side.kind))
@@ -386,10 +333,7 @@ class Pair:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"{side.kind}: events so far {events}")
-                try:
-                    events += side.proc.qmp.get_events(wait=min(left, 1.0))
-                except TimeoutError:
-                    pass
+                events += side.proc.qmp.poll_events(min(left, 1.0))
             if side.kind == "vmigrate":
                 for e in events:
                     check_vmigrate_event(e)

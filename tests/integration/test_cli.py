@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_for
+from vmigrate.harness.waiting import wait_for
 
 VMIGRATE = [sys.executable, "-m", "vmigrate"]
 

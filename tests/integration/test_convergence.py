@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from procs import QMPCommandError, wait_for
+from vmigrate.harness.waiting import wait_for
+from vmigrate.qmp.client import QMPClientError
 
 MIB = 1 << 20
 
@@ -30,7 +31,7 @@ def test_calc_dirty_rate_page_sampling_and_bitmap(spawn):
     assert vm.cmd("query-dirty-rate") == {"status": "unstarted", "sample-pages": 0, "mode": "page-sampling",
                                           "start-time": 0, "calc-time": 0}
     vm.cmd("calc-dirty-rate", **{"calc-time": 1, "sample-pages": 4096})
-    with pytest.raises(QMPCommandError, match="the dirty rate is already being measured."):
+    with pytest.raises(QMPClientError, match="the dirty rate is already being measured."):
         vm.cmd("calc-dirty-rate", **{"calc-time": 1})
     info = wait_for(lambda: (i := vm.cmd("query-dirty-rate"))["status"] == "measured" and i, 10, "measured")
     assert info["mode"] == "page-sampling" and info["calc-time"] == 1 and info["sample-pages"] == 4096
@@ -41,8 +42,8 @@ def test_calc_dirty_rate_page_sampling_and_bitmap(spawn):
     assert info["sample-pages"] == 0
     assert 48 <= info["dirty-rate"] <= 80, info
 
-    with pytest.raises(QMPCommandError, match="mode dirty-ring is not enabled, use other method instead."):
+    with pytest.raises(QMPClientError, match="mode dirty-ring is not enabled, use other method instead."):
         vm.cmd("calc-dirty-rate", **{"calc-time": 1, "mode": "dirty-ring"})
-    with pytest.raises(QMPCommandError, match="requires KVM with accelerator property 'dirty-ring-size' set'"):
+    with pytest.raises(QMPClientError, match="requires KVM with accelerator property 'dirty-ring-size' set'"):
         vm.cmd("set-vcpu-dirty-limit", **{"dirty-rate": 10})
     assert vm.cmd("query-vcpu-dirty-limit") == []

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import QMPCommandError, wait_for
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
+from vmigrate.qmp.client import QMPClientError
 
 MIB = 1 << 20
 AB = "ab:end=24M"
@@ -140,7 +141,7 @@ def test_paused_source_keeps_runstate(spawn, tmp_path):
     assert dst.status() == "paused"
     assert src.status() == "postmigrate"
     assert np.array_equal(ram(tmp_path / "s.ram"), ram(tmp_path / "d.ram"))
-    with pytest.raises(QMPCommandError, match="Can't migrate the vm that was paused due to previous migration"):
+    with pytest.raises(QMPClientError, match="Can't migrate the vm that was paused due to previous migration"):
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
 
 
@@ -161,9 +162,9 @@ def test_fd_transport(spawn, tmp_path):
     dst = spawn("vmigrate", "-m", "16M", "--mem-path", str(tmp_path / "d.ram"), "-S", "--incoming", "defer")
     wait_for(lambda: (tmp_path / "s.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
     a, b = socket.socketpair()
-    src.qmp.send_fd_scm(a.fileno())
+    src.qmp.send_fd(a.fileno())
     src.cmd("getfd", fdname="mig")
-    dst.qmp.send_fd_scm(b.fileno())
+    dst.qmp.send_fd(b.fileno())
     dst.cmd("getfd", fdname="mig")
     a.close()
     b.close()
@@ -225,9 +226,9 @@ def test_pause_before_switchover(pair, tmp_path):
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.migrate_status()["status"] == "pre-switchover", 30, "pre-switchover")
     assert src.status() == "finish-migrate"
-    with pytest.raises(QMPCommandError, match="Migration is not finalized yet"):
+    with pytest.raises(QMPClientError, match="Migration is not finalized yet"):
         src.cmd("cont")
-    with pytest.raises(QMPCommandError, match="Migration not in expected state: pre-switchover"):
+    with pytest.raises(QMPClientError, match="Migration not in expected state: pre-switchover"):
         src.cmd("migrate-continue", state="active")
     time.sleep(0.3)
     src.cmd("migrate-continue", state="pre-switchover")
@@ -295,7 +296,7 @@ def test_yank_fails_a_running_migration(pair, tmp_path):
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.migrate_status()["status"] == "active", 10, "active")
     assert src.cmd("query-yank") == [{"type": "chardev", "id": "compat_monitor0"}, {"type": "migration"}]
-    with pytest.raises(QMPCommandError, match="Instance not found"):
+    with pytest.raises(QMPClientError, match="Instance not found"):
         src.cmd("yank", instances=[{"type": "block-node", "node-name": "nosuch"}])
     src.cmd("yank", instances=[{"type": "migration"}])
     info = src.wait_migration({"failed", "completed", "cancelled"})

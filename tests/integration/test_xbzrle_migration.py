@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import migrate_in_passes, ram_files_equal, wait_for
+from procs import migrate_in_passes, ram_files_equal
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 
 pytestmark = pytest.mark.timeout(90)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from procs import QMPCommandError
 from vmigrate.machine import devices as D
 from vmigrate.migration.wire import stream, vmstate
+from vmigrate.qmp.client import QMPClientError
 
 
 def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
@@ -27,14 +27,14 @@ def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
     assert set(states) == {"timer", "globalstate"}
     assert D.globalstate_runstate(states["globalstate"]) == "running"
 
-    with pytest.raises(QMPCommandError, match="Cannot update device state while vm is running"):
+    with pytest.raises(QMPClientError, match="Cannot update device state while vm is running"):
         vm.cmd("xen-load-devices-state", filename=str(path))
     vm.cmd("stop")
     vm.cmd("xen-load-devices-state", filename=str(path))
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(QMPCommandError, match="An IO error has occurred"):
+    with pytest.raises(QMPClientError, match="An IO error has occurred"):
         vm.cmd("xen-load-devices-state", filename=str(path))
-    with pytest.raises(QMPCommandError, match="Unable to open /nonexistent/x: No such file or directory"):
+    with pytest.raises(QMPClientError, match="Unable to open /nonexistent/x: No such file or directory"):
         vm.cmd("xen-load-devices-state", filename="/nonexistent/x")
-    with pytest.raises(QMPCommandError, match="Unable to open /nonexistent/x: No such file or directory"):
+    with pytest.raises(QMPClientError, match="Unable to open /nonexistent/x: No such file or directory"):
         vm.cmd("xen-save-devices-state", filename="/nonexistent/x")

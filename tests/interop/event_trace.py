@@ -7,10 +7,9 @@ instead of silently encoding a wrong expectation.
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-from procs import VMProcess
+from vmigrate.harness.launcher import VMProcess
 
 WATCHED = ("MIGRATION", "MIGRATION_PASS", "STOP", "RESUME")
 
@@ -40,10 +39,7 @@ def collect(vm: VMProcess, until: str, timeout: float = 10.0) -> list[str]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"no {until!r} event within {timeout}s; got {trace}")
-        try:
-            event = vm.qmp.pull_event(wait=min(left, 0.2))
-        except asyncio.TimeoutError:
-            continue
+        event = vm.qmp.next_event(min(left, 0.2))
         if event is not None and event["event"] in WATCHED:
             trace.append(compact(event))
 

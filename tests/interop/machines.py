@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from vmigrate.harness.launcher import VMProcess
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.memory import parse_size
-
-from procs import VMProcess, wait_for
 
 #: Final states of a migration on either side.
 FINAL = frozenset({"completed", "failed", "cancelled"})
@@ -55,12 +55,7 @@ class Machines:
         ``ram`` gives the same block name as plain ``-M none -m`` and vmigrate.
         """
         ram = ram or self.ram_path("qemu")
-        vm = self._spawn(
-            "qemu",
-            "-object", f"memory-backend-file,id={backend},size={size},mem-path={ram},share=on",
-            "-machine", f"memory-backend={backend}",
-            *args, memory=size,
-        )
+        vm = self._spawn("qemu", *args, memory=size, mem_path=ram, backend=backend)
         vm.set_caps(events=True)
         return Machine("qemu", vm, ram, parse_size(size))
 

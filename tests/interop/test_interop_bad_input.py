@@ -18,12 +18,12 @@ from typing import Callable
 
 import pytest
 
-import event_trace as trace
 from capture import analyze
+import event_trace as trace
 from machines import Machine, Machines
-from procs import VMProcess, qemu_argv
 from ramfile import fill_pattern, first_difference
 from transport import Transport, migrate, settle
+from vmigrate.harness.launcher import VMProcess, qemu_argv
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,9 +88,7 @@ def reference(tmp_path_factory) -> tuple[bytes, dict, Path]:
     ramdir = Path(tempfile.mkdtemp(prefix="vmigrate-interop-", dir="/dev/shm" if Path("/dev/shm").is_dir() else work))
     ram = ramdir / "source.ram"
     fill_pattern(ram, 64 << 20, seed=3, random_pages=2048)
-    argv = qemu_argv(work / "qmp.sock", "-object", f"memory-backend-file,id=ram,size={SIZE},mem-path={ram},share=on",
-                     "-machine", "memory-backend=ram", memory=SIZE)
-    vm = VMProcess(argv, work / "qmp.sock", work / "qemu.log")
+    vm = VMProcess(qemu_argv(work / "qmp.sock", memory=SIZE, mem_path=ram), work / "qmp.sock", work / "qemu.log")
     try:
         vm.cmd("migrate-set-parameters", **{"max-bandwidth": 10 << 30})
         vm.cmd("migrate", uri=f"exec:cat > {work / 'stream.bin'}")

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from machines import Machine, Machines, converge_after_passes
-from procs import wait_for
 from ramfile import fill_garbage, fill_pattern, first_difference, pages
 from transport import Transport, migrate
+from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import pytest
 
-import event_trace as trace
 from capture import analyze, ram_accounting
+import event_trace as trace
 from machines import Machine, Machines, converge_after_passes
-from procs import wait_for
 from query_stats import check_completed
 from ramfile import PAGE_SIZE, ab_state, fill_garbage, first_difference, pages
 from transport import Transport, migrate
+from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from qemu.qmp import QMPError
-
 from machines import FINAL, Machine
+from vmigrate.qmp.client import QMPClientError
 
 NAMES = ("tcp", "unix", "exec")
 
@@ -84,7 +83,7 @@ def settle(machine: Machine, timeout: float) -> str | None:
     while machine.vm.proc.poll() is None:
         try:
             status = machine.vm.migrate_status().get("status")
-        except (QMPError, EOFError, OSError):
+        except (QMPClientError, OSError):
             # The monitor went away: only an exiting process does that.
             machine.vm.proc.wait(timeout=10)
             break

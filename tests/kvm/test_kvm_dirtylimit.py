@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from procs import QMPCommandError, wait_for
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.dirtylimit import throttle_step
+from vmigrate.qmp.client import QMPClientError
 
 RING = "kvm,dirty-ring-size=4096"  # 16 MiB of pages per ring: it fills, so the limit can bite
 
@@ -13,7 +14,7 @@ RING = "kvm,dirty-ring-size=4096"  # 16 MiB of pages per ring: it fills, so the 
 def test_dirty_limit_brings_a_vcpu_down_to_its_quota_and_cancel_releases_it(spawn):
     vm = spawn("vmigrate", "--accel", RING, "-m", "256M", "--guest", "stress:rate=200,wss=128M")
     assert vm.cmd("query-vcpu-dirty-limit") == []
-    with pytest.raises(QMPCommandError, match="incorrect cpu index specified"):
+    with pytest.raises(QMPClientError, match="incorrect cpu index specified"):
         vm.cmd("set-vcpu-dirty-limit", **{"cpu-index": 1, "dirty-rate": 50})
     vm.cmd("set-vcpu-dirty-limit", **{"cpu-index": 0, "dirty-rate": 50})
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_for
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.kvm import KvmVcpus
 from vmigrate.machine.memory import RAMBlock

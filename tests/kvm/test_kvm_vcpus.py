@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
-from procs import wait_for
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.kvm import KvmVcpus
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock

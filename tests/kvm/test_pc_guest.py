@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from procs import wait_for
 from test_kvm_migration import counter
+from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.x86guest import pc
 

@@ -10,36 +10,36 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmigrate.cli import bench
+from vmigrate.cli.bench import ceiling, images, memwatch, profile, report, runner
 from vmigrate.cli.main import CLIError, main
-from vmigrate.cli.migrate import bound_uri
+from vmigrate.harness.migrate import bound_uri
 
 PAGE = 4096
 
 
 def test_ram_image_has_exactly_the_requested_zero_pages(tmp_path: Path) -> None:
-    image = bench.fill_ram_image(tmp_path / "ram", 1 << 20, 0.75, seed=3, chunk=64 * PAGE)
+    image = images.fill_ram_image(tmp_path / "ram", 1 << 20, 0.75, seed=3, chunk=64 * PAGE)
     pages = np.fromfile(image.path, dtype=np.uint8).reshape(-1, PAGE)
     zero = ~pages.any(axis=1)
     assert image.zero_pages == int(zero.sum()) == 192
-    assert image.sha256 == bench.file_sha256(image.path)
+    assert image.sha256 == images.file_sha256(image.path)
     assert image.wire_bytes == 64 * (8 + PAGE) + 192 * (8 + 1)
-    again = bench.fill_ram_image(tmp_path / "ram2", 1 << 20, 0.75, seed=3)
+    again = images.fill_ram_image(tmp_path / "ram2", 1 << 20, 0.75, seed=3)
     assert again.sha256 == image.sha256
 
 
 def test_verify_reports_the_differing_pages(tmp_path: Path) -> None:
-    image = bench.fill_ram_image(tmp_path / "src", 64 * PAGE, 0.0, seed=1)
+    image = images.fill_ram_image(tmp_path / "src", 64 * PAGE, 0.0, seed=1)
     dst = tmp_path / "dst"
     shutil.copyfile(image.path, dst)
     rec: dict = {"note": ""}
-    bench.verify(rec, image.path, dst)
+    images.verify(rec, image.path, dst)
     assert rec["verified"] is True
     with open(dst, "r+b") as f:
         for page in (5, 40):
             f.seek(page * PAGE + 100)
             f.write(b"\x00\x01")
-    bench.verify(rec, image.path, dst)
+    images.verify(rec, image.path, dst)
     assert rec["verified"] is False
     assert rec["note"] == "destination RAM differs from source in 2 pages (first: page 5)"
 
@@ -47,31 +47,31 @@ def test_verify_reports_the_differing_pages(tmp_path: Path) -> None:
 def test_a_wrong_migration_fails_the_benchmark() -> None:
     runs = [{"impl": "vmigrate", "scenario": "precopy", "status": "completed", "verified": False, "note": "x"}]
     with pytest.raises(CLIError, match="differs from the source in 1 run"):
-        bench.report_failures(runs)
+        report.report_failures(runs)
     ok = [{"impl": "qemu", "scenario": "precopy", "status": "completed", "verified": True},
           {"impl": "qemu", "scenario": "xbzrle", "status": "n/a"},
           {"impl": "vmigrate", "scenario": "xbzrle", "status": "not implemented"}]
-    assert bench.report_failures(ok) == 0
-    assert bench.report_failures(ok + [{"impl": "qemu", "scenario": "compress", "status": "failed"}]) == 1
+    assert report.report_failures(ok) == 0
+    assert report.report_failures(ok + [{"impl": "qemu", "scenario": "compress", "status": "failed"}]) == 1
 
 
 def test_memwatch_keeps_peaks_of_a_live_process() -> None:
-    watch = bench.MemWatch({"me": os.getpid()}, interval=0.01).start()
+    watch = memwatch.MemWatch({"me": os.getpid()}, interval=0.01).start()
     block = np.ones(32 << 20, dtype=np.uint8)
     watch.sample()
     peaks = watch.stop()["me"]
     assert peaks["RssAnon"] >= block.nbytes
     assert peaks["VmHWM"] >= peaks["RssAnon"]
-    assert bench.read_status(2**22 + 12345) == {}
+    assert memwatch.read_status(2**22 + 12345) == {}
 
 
 def test_check_space_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(CLIError, match="free, a test needs"):
-        bench.check_space(tmp_path, 1 << 60, "a test")
+        images.check_space(tmp_path, 1 << 60, "a test")
 
 
 def test_loopback_ceiling_moves_every_byte() -> None:
-    result = bench.loopback_ceiling(3 << 20, chunk=1 << 20, timeout=30)
+    result = ceiling.loopback_ceiling(3 << 20, chunk=1 << 20, timeout=30)
     assert result["status"] == "completed"
     assert result["bytes"] == 3 << 20
 
@@ -83,8 +83,8 @@ def test_profile_summary_per_thread(tmp_path: Path) -> None:
         "thread (2): live_migration;Thread.run (threading.py:982);_run (vmigrate/m.py:10);write (vmigrate/c.py:5) 30\n"
         "thread (2): live_migration;Thread.run (threading.py:982);_run (vmigrate/m.py:12);scan (vmigrate/r.py:7) 10\n"
     )
-    assert bench.profile_threads(raw) == ["thread (2): live_migration"]
-    summary = bench.summarize_profile(raw, "thread (2): live_migration")
+    assert profile.profile_threads(raw) == ["thread (2): live_migration"]
+    summary = profile.summarize_profile(raw, "thread (2): live_migration")
     assert summary["samples"] == 40
     assert summary["self"] == [["write (vmigrate/c.py)", 75.0], ["scan (vmigrate/r.py)", 25.0]]
     assert summary["self_lines"][0] == ["write (vmigrate/c.py:5)", 75.0]
@@ -113,7 +113,7 @@ def test_precopy_end_to_end_tiny(tmp_path: Path) -> None:
     for impl in ("vmigrate", "qemu"):
         assert runs[impl]["status"] == "completed"
         assert runs[impl]["verified"] is True
-        assert runs[impl]["max_bandwidth_readback"] == bench.UNLIMITED_BANDWIDTH
+        assert runs[impl]["max_bandwidth_readback"] == runner.UNLIMITED_BANDWIDTH
         assert runs[impl]["zero_pages"] == 1024
         assert runs[impl]["src_peak_shmem"] > 0
     assert runs["ceiling"]["bytes"] == 1024 * (8 + PAGE) + 1024 * 9

@@ -7,54 +7,17 @@ query-status.  Skipped when qemu-system-x86_64 is not installed.
 
 from __future__ import annotations
 
-import json
-import shutil
-import socket
-import subprocess
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from vmigrate.harness.launcher import VMProcess, qemu_argv
+from vmigrate.harness.waiting import wait_for
 from vmigrate.migration.wire import ram as R
 from vmigrate.migration.wire import stream as S
 from vmigrate.machine import devices as D
 from vmigrate.migration.wire import vmstate as V
 
-QEMU = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
 NPAGES = 32
-
-
-class QMP:
-    def __init__(self, path: Path, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX)
-            self.sock.settimeout(timeout)
-            try:
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw", encoding="utf-8")
-        self.file.readline()
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments):
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            reply = json.loads(self.file.readline())
-            if "event" not in reply:
-                return reply
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def build_stream(image: np.ndarray, runstate: str) -> bytes:
@@ -88,27 +51,13 @@ def test_qemu_loads_encoded_stream(tmp_path, runstate):
     mem = tmp_path / "mem.img"
     mem.write_bytes(b"\xEE" * image.nbytes)
     sock = tmp_path / "qmp.sock"
-    proc = subprocess.Popen(
-        [QEMU, "-M", "none,memory-backend=ram0", "-object",
-         f"memory-backend-file,id=ram0,size={image.nbytes},mem-path={mem},share=on",
-         "-m", f"{image.nbytes // 1024}K", "-nic", "none", "-display", "none", "-nodefaults",
-         "-qmp", f"unix:{sock},server=on,wait=off", "-incoming", "defer"],
-        stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        qmp = QMP(sock)
-        assert qmp.execute("migrate-incoming", uri=f"exec:cat {stream}") == {"return": {}}
-        deadline = time.monotonic() + 20
-        while (status := qmp.execute("query-status")["return"]["status"]) == "inmigrate":
-            assert time.monotonic() < deadline, "QEMU did not finish loading"
-            time.sleep(0.05)
-        migrate = qmp.execute("query-migrate")["return"]
-        qmp.execute("quit")
-        qmp.close()
-        proc.wait(timeout=10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert migrate["status"] == "completed", proc.stderr.read()
+    argv = qemu_argv(sock, "-incoming", "defer", memory=f"{image.nbytes // 1024}K", mem_path=mem, backend="ram0")
+    with VMProcess(argv, sock, tmp_path / "qemu.log") as vm:
+        assert vm.cmd("migrate-incoming", uri=f"exec:cat {stream}") == {}
+        status = wait_for(lambda: (s := vm.status()) != "inmigrate" and s, 20, "QEMU to finish loading",
+                          interval=0.05)
+        migrate = vm.migrate_status()
+        log = vm.log()
+    assert migrate["status"] == "completed", log
     assert status == runstate
     assert mem.read_bytes() == image.tobytes()

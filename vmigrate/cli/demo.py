@@ -9,17 +9,17 @@ running on the destination.  The guest's progress is read from its RAM
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from vmigrate.cli.main import CLIError
-from vmigrate.cli.migrate import MigrationRun, follow, parse_params, print_summary
+from vmigrate.cli.migrate import follow, parse_params, print_summary
+from vmigrate.harness.launcher import VMProcess, VMStartError, vmigrate_argv
+from vmigrate.harness.migrate import MigrationRun
 from vmigrate.machine import kvm
 from vmigrate.machine.guest import read_header
-from vmigrate.qmp.client import QMPClient, QMPClientError
+from vmigrate.qmp.client import QMPClientError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -34,24 +34,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class VMProc:
-    """A ``vmigrate run`` child process and its QMP client."""
+class DemoVM(VMProcess):
+    """A ``vmigrate run`` child whose guest can be watched: RAM in a file, UART output (KVM) in another."""
 
     def __init__(self, workdir: Path, name: str, accel: str, *args: str) -> None:
-        self.sock = workdir / f"{name}.qmp"
         self.ram_file = workdir / f"{name}.ram"
         self.console = workdir / f"{name}.console" if accel == "kvm" else None
-        self.log = open(workdir / f"{name}.log", "wb")
         serial = ["--serial", str(self.console)] if self.console else []
-        argv = [sys.executable, "-m", "vmigrate", "run", "--name", name, "--qmp", f"unix:{self.sock}",
-                "--accel", accel, "--mem-path", str(self.ram_file), *serial, *args]
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 15
-        while not self.sock.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise CLIError(f"VM '{name}' did not start; see {self.log.name}")
-            time.sleep(0.02)
-        self.qmp = QMPClient(str(self.sock))
+        sock = workdir / f"{name}.qmp"
+        argv = vmigrate_argv(sock, "--name", name, "--accel", accel, "--mem-path", str(self.ram_file), *serial, *args)
+        try:
+            super().__init__(argv, sock, workdir / f"{name}.log")
+        except VMStartError as err:
+            raise CLIError(f"VM '{name}' did not start; see {err.log_path}") from None
 
     def guest_steps(self) -> int | None:
         return read_header(str(self.ram_file))
@@ -62,17 +57,6 @@ class VMProc:
             return "-"
         return self.console.read_bytes()[-width:].decode("ascii", "replace") or "-"
 
-    def stop(self) -> None:
-        try:
-            self.qmp.execute("quit")
-        except (QMPClientError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
 
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -81,17 +65,17 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vmigrate-demo-") as tmp:
         workdir = Path(tmp)
         accel = args.accel if args.accel != "auto" else ("soft" if kvm.probe() else "kvm")
-        vms: list[VMProc] = []
+        vms: list[DemoVM] = []
         try:
-            dst = VMProc(workdir, "destination", accel, "-m", args.memory, "--guest", args.guest,
+            dst = DemoVM(workdir, "destination", accel, "-m", args.memory, "--guest", args.guest,
                          "--incoming", "tcp:127.0.0.1:0")
             vms.append(dst)
-            src = VMProc(workdir, "source", accel, "-m", args.memory, "--guest", args.guest)
+            src = DemoVM(workdir, "source", accel, "-m", args.memory, "--guest", args.guest)
             vms.append(src)
             port = dst.qmp.execute("query-migrate")["socket-address"][0]["port"]
             uri = f"tcp:127.0.0.1:{port}"
             backend = "KVM vCPUs running x86 guest code" if accel == "kvm" else "software vCPUs"
-            console.print(f"[bold]source[/] pid {src.proc.pid} and [bold]destination[/] pid {dst.proc.pid} "
+            console.print(f"[bold]source[/] pid {src.pid} and [bold]destination[/] pid {dst.pid} "
                           f"started ({args.memory} RAM, {backend}, guest '{args.guest}'); "
                           f"destination listens on {uri}")
             time.sleep(1.0)
@@ -125,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         except QMPClientError as err:
             raise CLIError(err.desc) from None
+        except TimeoutError as err:
+            raise CLIError(str(err)) from None
         finally:
             for vm in vms:
-                vm.stop()
+                vm.close()

@@ -11,13 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import dataclass, field
 
 from vmigrate.cli.main import CLIError
+from vmigrate.harness.migrate import MigrationRun, Sample
 from vmigrate.qmp.client import QMPClient, QMPClientError
-
-FINAL = {"completed", "failed", "cancelled"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -68,114 +65,6 @@ def parse_params(items: list[str]) -> dict:
         except ValueError:
             raise CLIError(f"invalid value '{value}' for parameter '{name}'") from None
     return params
-
-
-@dataclass
-class Sample:
-    t: float
-    status: str
-    transferred: int = 0
-    remaining: int = 0
-    total: int = 0
-    mbps: float = 0.0
-    dirty_rate: int = 0
-    passes: int = 0
-    expected_downtime: int | None = None
-    throttle: int = 0
-
-    @classmethod
-    def from_info(cls, t: float, info: dict) -> "Sample":
-        ram = info.get("ram", {})
-        return cls(
-            t=t, status=info.get("status", "none"), transferred=ram.get("transferred", 0),
-            remaining=ram.get("remaining", 0), total=ram.get("total", 0), mbps=ram.get("mbps", 0.0),
-            dirty_rate=ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096),
-            passes=ram.get("dirty-sync-count", 0), expected_downtime=info.get("expected-downtime"),
-            throttle=info.get("cpu-throttle-percentage", 0),
-        )
-
-
-def bound_uri(uri: str, info: dict) -> str:
-    """``tcp:HOST:0`` → the port the destination really bound (from its ``socket-address``).
-
-    Lets callers ask for an ephemeral port instead of guessing a free one,
-    which would race with other processes on the host.
-    """
-    if not (uri.startswith("tcp:") and uri.endswith(":0")):
-        return uri
-    for addr in info.get("socket-address", []):
-        if addr.get("type") == "inet":
-            host = addr["host"]
-            return f"tcp:[{host}]:{addr['port']}" if ":" in host else f"tcp:{host}:{addr['port']}"
-    return uri
-
-
-@dataclass
-class MigrationRun:
-    """Drives one migration and records what happened."""
-
-    src: QMPClient
-    uri: str
-    dst: QMPClient | None = None
-    samples: list[Sample] = field(default_factory=list)
-    final: dict = field(default_factory=dict)
-    dest_status: str | None = None
-
-    def prepare(self, caps: list[dict], params: dict) -> None:
-        caps = [c for c in caps if c["capability"] != "events"] + [{"capability": "events", "state": True}]
-        for side in filter(None, (self.src, self.dst)):
-            side.execute("migrate-set-capabilities", {"capabilities": caps})
-            if params:
-                side.execute("migrate-set-parameters", params)
-        if self.dst is not None:
-            info = self.dst.execute("query-migrate")
-            if "socket-address" not in info:
-                self.dst.execute("migrate-incoming", {"uri": self.uri})
-                info = self.dst.execute("query-migrate")
-            self.uri = bound_uri(self.uri, info)
-
-    def start(self) -> None:
-        self.t0 = time.monotonic()
-        self.src.execute("migrate", {"uri": self.uri})
-
-    def sample(self) -> Sample:
-        info = self.src.execute("query-migrate")
-        s = Sample.from_info(time.monotonic() - self.t0, info)
-        self.samples.append(s)
-        if s.status in FINAL:
-            self.final = info
-        return s
-
-    def finish(self, timeout: float = 30.0) -> None:
-        """After the source ends, wait for the destination to settle."""
-        if self.dst is None or self.final.get("status") != "completed":
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.dest_status = self.dst.execute("query-migrate").get("status")
-            if self.dest_status in FINAL:
-                return
-            time.sleep(0.05)
-
-    def cancel(self) -> None:
-        self.src.execute("migrate_cancel")
-
-    def summary(self) -> dict:
-        ram = self.final.get("ram", {})
-        return {
-            "status": self.final.get("status", self.samples[-1].status if self.samples else "none"),
-            "destination-status": self.dest_status,
-            "total-time-ms": self.final.get("total-time"),
-            "setup-time-ms": self.final.get("setup-time"),
-            "downtime-ms": self.final.get("downtime"),
-            "transferred-bytes": ram.get("transferred"),
-            "ram-total-bytes": ram.get("total"),
-            "passes": ram.get("dirty-sync-count"),
-            "zero-pages": ram.get("duplicate"),
-            "normal-pages": ram.get("normal"),
-            "mbps": ram.get("mbps"),
-            "error-desc": self.final.get("error-desc"),
-        }
 
 
 def human_bytes(n: float | None) -> str:
@@ -230,41 +119,21 @@ def print_summary(summary: dict, console) -> None:
 
 
 def follow(run: MigrationRun, interval: float, timeout: float, as_json: bool, extra=lambda: []) -> None:
-    """Sample until the migration ends, showing a live view (or JSON lines)."""
+    """Sample until the migration ends, showing a live view (or JSON lines); Ctrl-C cancels it."""
     from rich.console import Console
     from rich.live import Live
 
-    deadline = time.monotonic() + timeout
-    console = Console(stderr=False)
-    interrupted = False
     try:
         if as_json:
-            while True:
-                s = run.sample()
-                print(json.dumps({"sample": s.__dict__}), flush=True)
-                if s.status in FINAL:
-                    break
-                if time.monotonic() > deadline:
-                    run.cancel()
-                time.sleep(interval)
+            run.wait(timeout, interval, lambda s: print(json.dumps({"sample": s.__dict__}), flush=True))
         else:
-            with Live(render(Sample(0, "setup")), console=console, refresh_per_second=10, transient=False) as live:
-                while True:
-                    s = run.sample()
-                    live.update(render(s, extra()))
-                    if s.status in FINAL:
-                        break
-                    if time.monotonic() > deadline:
-                        run.cancel()
-                    time.sleep(interval)
+            with Live(render(Sample(0, "setup")), console=Console(), refresh_per_second=10) as live:
+                run.wait(timeout, interval, lambda s: live.update(render(s, extra())))
     except KeyboardInterrupt:
-        interrupted = True
-        run.cancel()
-        while run.sample().status not in FINAL:
-            time.sleep(0.05)
+        run.wait(0.0, 0.05)
+        run.finish()
+        raise
     run.finish()
-    if interrupted:
-        raise KeyboardInterrupt
 
 
 def plot(samples: list[Sample], path: str) -> None:
@@ -302,6 +171,8 @@ def run(args: argparse.Namespace) -> int:
         follow(mig, args.interval, args.timeout, args.json)
     except QMPClientError as err:
         raise CLIError(err.desc) from None
+    except TimeoutError as err:
+        raise CLIError(str(err)) from None
     except KeyboardInterrupt:
         return 2
     summary = mig.summary()
