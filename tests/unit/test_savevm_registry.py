@@ -18,7 +18,7 @@ import pytest
 from vmigrate.machine.devices import GlobalState, VirtualClock
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.softcpu import SoftVcpus
-from vmigrate.migration.channel import SocketChannel
+from vmigrate.migration.channel import ChannelError, SocketChannel
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.qemu_file import QEMUFileIn, QEMUFileOut
 from vmigrate.migration.ram import RamSection
@@ -125,7 +125,16 @@ def migrate(src: SectionRegistry, dst: SectionRegistry, machine_type: str = "non
     config = MigrationOptions().snapshot()
     a, b = socket.socketpair()
     out = SocketChannel(a)
-    writer = threading.Thread(target=lambda: (save(src, QEMUFileOut(out, RateLimiter()), config), out.close()))
+
+    def write() -> None:
+        try:
+            save(src, QEMUFileOut(out, RateLimiter()), config)
+        except ChannelError:
+            pass  # the destination refused the stream and closed its end
+        finally:
+            out.close()
+
+    writer = threading.Thread(target=write)
     writer.start()
     try:
         LoadVM(dst, LoadContext(config), machine_type, None, lambda cmd: None).run(QEMUFileIn(SocketChannel(b)))

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from vmigrate.trace import setup_logging
+
 SUBCOMMANDS = ("run", "migrate", "analyze", "demo", "bench")
 
 
@@ -29,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Library warnings reach stderr in QEMU's shape for every subcommand; ``run`` refines it (-v, --trace).
+    setup_logging()
     try:
         return int(args.func(args) or 0)
     except CLIError as err:
