@@ -75,10 +75,6 @@ class RamSaver:
         self._period_dirty = 0
         self._period_xfer = 0
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(b.size for b in self.blocks)
-
     def remaining_bytes(self) -> int:
         return self.stats.remaining_pages * PAGE_SIZE
 
