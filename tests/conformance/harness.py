@@ -148,6 +148,7 @@ class RawMonitor:
         self.kind = kind
         self.client: QMPClient = wait_for(lambda: try_connect(str(path), RAW_TIMEOUT, negotiate=False),
                                           RAW_TIMEOUT, f"monitor socket {path}")
+        assert self.client.greeting_line.endswith(b"\r"), self.client.greeting_line
         self.greeting = self.client.greeting
 
     def close(self) -> None:

@@ -67,7 +67,9 @@ class QMPClient:
         self._ids = itertools.count(1)
         self.events: deque[dict] = deque()
         try:
-            self.greeting = self.read_message()
+            #: The greeting as sent (QEMU ends every line with ``\r\n``), and parsed.
+            self.greeting_line = self.read_line()
+            self.greeting = json.loads(self.greeting_line)
             if "QMP" not in self.greeting:
                 raise QMPClientError("GenericError", f"{address} did not greet like a QMP server")
             if negotiate:
