@@ -121,3 +121,20 @@ def test_cancel_and_a_vanishing_destination_never_hang(spawn, tmp_path):
     info = src2.wait_migration({"failed", "completed", "cancelled"}, timeout=30)
     assert info["status"] == "failed" and info["error-desc"]
     assert src2.status() == "running"
+
+
+def test_destination_without_multifd_refuses_the_channels(spawn, tmp_path):
+    """Its capabilities do not allow the extra connections, so it closes them at once (QEMU's
+    "Extra incoming migration connection; ignoring"): the source fails on its channels, the
+    destination's load fails with it, and no page is silently lost in a 'completed' migration.
+    tests/conformance/test_migration_edges.py compares this with QEMU 7.2."""
+    src, dst, uri = start_pair(spawn, tmp_path)
+    dst.set_caps(multifd=False)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 16 * MIB})
+    src.cmd("migrate", uri=uri)
+    info = src.wait_migration({"completed", "failed"}, timeout=60)
+    assert info["status"] == "failed", info
+    assert info["error-desc"].startswith("Unable to write to socket: "), info
+    assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "failed"
+    assert "Extra incoming migration connection; ignoring" in dst.log()
+    assert src.status() == "running"

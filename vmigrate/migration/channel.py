@@ -189,6 +189,10 @@ class Channel:
     def close(self) -> None:
         raise NotImplementedError
 
+    def fileno(self) -> int:
+        """The descriptor reads come from (to wait for input without reading)."""
+        raise NotImplementedError
+
     @property
     def bidirectional(self) -> bool:
         return False
@@ -201,6 +205,9 @@ class SocketChannel(Channel):
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._closed = False
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
 
     @property
     def bidirectional(self) -> bool:
@@ -254,6 +261,9 @@ class CommandChannel(Channel):
         )
         self._fd = self.proc.stdin.fileno() if outgoing else self.proc.stdout.fileno()
 
+    def fileno(self) -> int:
+        return self._fd
+
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         try:
@@ -297,6 +307,9 @@ class FdChannel(Channel):
     @property
     def bidirectional(self) -> bool:
         return self._inner is not None
+
+    def fileno(self) -> int:
+        return self.fd
 
     def write(self, data) -> None:
         if self._inner is not None:
@@ -402,7 +415,7 @@ class Listener:
                     error = err.errno or error
                     if error != errno.EADDRINUSE:
                         raise MigrationError(f"Failed to bind socket: {os.strerror(error)}") from None
-        raise MigrationError(f"Failed to bind socket: {os.strerror(error)}")
+        raise MigrationError(f"Failed to find an available port: {os.strerror(error)}")
 
     def _socket_address(self) -> dict:
         """The bound address as QMP's SocketAddress (port 0 resolved; the port is a string)."""

@@ -12,6 +12,8 @@ when the main channel arrives, since a destination started with
 
 from __future__ import annotations
 
+import logging
+import select
 import threading
 import uuid as uuidlib
 
@@ -29,7 +31,10 @@ from vmigrate.migration.wire import return_path, stream
 from vmigrate.migration.wire.errors import WireError
 from vmigrate.trace import trace
 
+log = logging.getLogger(__name__)
 S = MigrationStatus
+#: Bound on each wait for an fd:/exec: source's first input, so a close is seen.
+INPUT_POLL_MS = 200
 
 
 class IncomingMigration:
@@ -41,6 +46,7 @@ class IncomingMigration:
         #: Once a single-channel transport (exec:, fd:) was used, multifd is refused.
         self.single_channel = False
         self.listener: Listener | None = None
+        self._closing = threading.Event()
         self.error_desc: str | None = None
         self._channel: Channel | None = None
         #: The return path, once the source asked for it (OPEN_RETURN_PATH).
@@ -66,14 +72,13 @@ class IncomingMigration:
             target = self._accept
         elif addr.kind == "exec":
             self.single_channel = True
-            target = lambda: self._load(CommandChannel(addr.command, outgoing=False),  # noqa: E731
-                                        self.options.snapshot())
+            target = lambda: self._load_on_input(CommandChannel(addr.command, outgoing=False))  # noqa: E731
         else:
             fd = named_fds.pop(addr.fdname, None) if named_fds is not None else None
             if fd is None:
                 raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
             self.single_channel = True
-            target = lambda: self._load(FdChannel(fd), self.options.snapshot())  # noqa: E731
+            target = lambda: self._load_on_input(FdChannel(fd))  # noqa: E731
         self.started = True
         self._thread = threading.Thread(target=target, name="incoming", daemon=True)
         self._thread.start()
@@ -97,6 +102,7 @@ class IncomingMigration:
         return status == S.ACTIVE or (self.started and status == S.NONE)
 
     def close(self) -> None:
+        self._closing.set()
         self._close_listener()
         if self._channel is not None:
             self._channel.shutdown()
@@ -127,7 +133,33 @@ class IncomingMigration:
             except ChannelError:
                 channel.close()
                 return
+        threading.Thread(target=self._refuse_extra, args=(listener,), name="incoming extra", daemon=True).start()
         self._load(channel, config)
+
+    @staticmethod
+    def _refuse_extra(listener: Listener) -> None:
+        """Connections beyond the ones the capabilities ask for are closed at once until the load
+        ends (QEMU's socket_accept_incoming_migration): a source that opens multifd channels to
+        a destination without ``multifd`` then fails on them instead of completing without
+        their pages."""
+        while True:
+            try:
+                extra = listener.accept()
+            except ChannelError:
+                return
+            log.warning("Extra incoming migration connection; ignoring")
+            extra.close()
+
+    def _load_on_input(self, channel: Channel) -> None:
+        """An fd:/exec: source is watched for input (QEMU's G_IO_IN watch): until its first byte
+        (or its end) the incoming migration has not started, and ``query-migrate`` says nothing."""
+        poller = select.poll()
+        poller.register(channel.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+        while not poller.poll(INPUT_POLL_MS):
+            if self._closing.is_set():
+                channel.close()
+                return
+        self._load(channel, self.options.snapshot())
 
     def _fail_setup(self, desc: str) -> None:
         """A multifd channel was refused: QEMU 7.2 only prints this and keeps waiting

@@ -300,7 +300,10 @@ class OutgoingSession:
                               self.multifd, self._phase, self._pass_event, self._period_end)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
             rp = self._open_return_path(channel, saver) if self.config.caps.return_path else None
-            saver.setup()
+            try:
+                saver.setup()
+            except ChannelError:
+                pass  # as QEMU's file keeps a write error, the loop below fails the migration once active
             self.status.transition(S.SETUP, S.ACTIVE)
             self.setup_time = int(now_ms() - thread_start)
             trace("migration_thread_setup_complete")

@@ -124,7 +124,9 @@ class _SendChannel:
                         self.syncs_done += 1
                     owner.cond.notify_all()
         except (ChannelError, OSError, ValueError) as err:
-            owner.fail(f"multifd {self.id}: {err}")
+            # QEMU's error-desc is the channel's own text (multifd_send_thread), without the channel id.
+            trace("multifd_send_error", id=self.id, error=err)
+            owner.fail(str(err))
 
     def _sync(self, job: _Job) -> None:
         if self.zero_copy is not None and self.zero_copy.flush(self.owner.stop):
