@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
-
 from harness import Pair, wait_for
 
 
@@ -72,32 +70,3 @@ def test_multifd_after_a_single_channel_incoming(fresh_pair, tmp_path):
     p.same("query-migrate")
     p.same("migrate-set-capabilities", _caps(multifd=False))
     p.same("query-migrate")
-
-
-def _port(side) -> int:
-    return int(side.proc.cmd("query-migrate")["socket-address"][0]["port"])
-
-
-@pytest.mark.parametrize("source, destination", [("qemu", "qemu"), ("qemu", "vmigrate"), ("vmigrate", "qemu")])
-def test_a_destination_without_multifd_refuses_the_channels(fresh_pair, source, destination):
-    """Multifd channels to a destination without ``multifd`` are closed at once (QEMU's
-    "Extra incoming migration connection; ignoring"): the source fails writing to them and
-    the destination's load fails with it.  Whether QEMU's source reaches ``active`` first is
-    a race in QEMU, so the outcome is compared, not the events.  (vmigrate to vmigrate is
-    tests/integration/test_multifd.py's, with guest data on the channels: with the empty RAM
-    of these VMs a vmigrate source can be done before its channels are refused.)
-    """
-    src = getattr(fresh_pair(), source)
-    dst = getattr(fresh_pair(incoming="tcp:127.0.0.1:0"), destination)
-    src.proc.set_caps(multifd=True)
-    src.proc.cmd("migrate", uri=f"tcp:127.0.0.1:{_port(dst)}")
-    info = src.proc.wait_migration({"completed", "failed"}, timeout=30)
-    assert info["status"] == "failed", info
-    assert info["error-desc"].startswith("Unable to write to socket: "), info
-    # QEMU connects its channels concurrently, so a destination may take a multifd channel for
-    # the main one and wait on it: ending the source ends every connection.
-    src.proc.close()
-    if destination == "qemu":
-        wait_for(lambda: dst.proc.proc.poll() is not None, 10, "QEMU to give up the load")  # 7.2 exits
-    else:
-        wait_for(lambda: dst.proc.cmd("query-migrate").get("status") == "failed", 10, "the load to fail")

@@ -112,3 +112,30 @@ def test_zero_copy_send(machines: Machines, src_kind) -> None:
     assert info["ram"]["dirty-sync-missed-zero-copy"] > 0
     assert dst.vm.migrate_status() == {"status": "completed"}
     assert first_difference(src.ram, dst.ram, src.size) is None
+
+
+@pytest.mark.parametrize("dst_kind", ["qemu", "vmigrate"])
+def test_destination_without_multifd_refuses_the_channels(machines: Machines, dst_kind) -> None:
+    """A QEMU 7.2 source with multifd, a destination without it, each kind side by side.
+
+    The destination closes the connections its capabilities do not ask for (QEMU's
+    "Extra incoming migration connection; ignoring"), so the source fails writing pages to
+    them, QEMU's text as error-desc, rather than completing without those pages.  Ending the
+    source then ends the destination's load: QEMU 7.2 exits, vmigrate stays up in 'failed'.
+    tests/integration/test_multifd.py has the vmigrate source.
+    """
+    src = machines.qemu(SIZE)
+    fill_pattern(src.ram, src.size, seed=5, random_pages=8192)
+    enable(src, 2, "none", **{"max-bandwidth": 64 << 20})
+    dst = machines.start(dst_kind, SIZE, "-incoming", "tcp:127.0.0.1:0")
+    port = dst.vm.migrate_status()["socket-address"][0]["port"]
+    src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    info = src.vm.wait_migration({"completed", "failed"}, timeout=60)
+    assert info["status"] == "failed", info
+    assert info["error-desc"].startswith("Unable to write to socket: "), info
+    src.vm.close()
+    if dst_kind == "qemu":
+        wait_for(lambda: dst.vm.proc.poll() is not None, 10, "QEMU to give up the load")
+    else:
+        assert dst.vm.wait_migration({"completed", "failed"}, timeout=10)["status"] == "failed"
+        assert "Extra incoming migration connection; ignoring" in dst.vm.log()
