@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from vmigrate.cli.main import CLIError
-from vmigrate.cli.migrate import follow, parse_params, print_summary
+from vmigrate.cli.migrate import JsonRecords, drive, parse_params
 from vmigrate.harness.launcher import VMProcess, VMStartError, vmigrate_argv
 from vmigrate.harness.migrate import MigrationRun
 from vmigrate.machine import kvm
@@ -30,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", choices=("auto", "kvm", "soft"), default="auto",
                    help="vCPU backend of both VMs (auto: KVM where /dev/kvm works)")
     p.add_argument("--max-bandwidth", default="256M", help="migration bandwidth limit per second")
-    p.add_argument("--json", action="store_true", help="machine-readable samples instead of the live view")
+    p.add_argument("--json", action="store_true",
+                   help="JSON records (docs/client-json.md) instead of the live view and summary table")
     p.set_defaults(func=run)
 
 
@@ -84,16 +85,13 @@ def run(args: argparse.Namespace) -> int:
             run_ = MigrationRun(src.qmp, uri, dst.qmp)
             run_.prepare([{"capability": "auto-converge", "state": True}],
                          parse_params([f"max-bandwidth={args.max_bandwidth}"]))
-            run_.start()
 
             def guest_lines() -> list[str]:
                 return [f"guest steps: source {src.guest_steps()}, destination {dst.guest_steps()}",
                         f"source console      …{src.console_tail()}",
                         f"destination console …{dst.console_tail()}"]
 
-            follow(run_, 0.2, 300, args.json, guest_lines)
-            summary = run_.summary()
-            print_summary(summary, console)
+            summary = drive(run_, 0.2, 300, JsonRecords(args.json), console, guest_lines).summary
             if summary["status"] != "completed" or summary["destination-status"] != "completed":
                 raise CLIError(f"migration ended '{summary['status']}': {summary.get('error-desc') or 'see logs'}")
             before = dst.guest_steps()

@@ -8,7 +8,7 @@ import sys
 
 from vmigrate.trace import setup_logging
 
-SUBCOMMANDS = ("run", "migrate", "analyze", "demo", "bench")
+SUBCOMMANDS = ("run", "migrate", "plot", "analyze", "demo", "bench")
 
 
 class CLIError(Exception):

@@ -1,9 +1,10 @@
 """``vmigrate migrate``: drive the migration of any QMP-speaking VM, with a live view.
 
 Works against vmigrate VMs and real QEMU alike: it only uses QMP commands
-both have.  Samples of ``query-migrate`` are kept for ``--json`` and
-``--plot``; the exit status says how the migration ended (0 completed,
-1 failed, 2 cancelled or interrupted).
+both have.  Samples of ``query-migrate`` are kept as JSON records for
+``--json`` and ``--json-log`` (docs/client-json.md) and for ``--plot``; the
+exit status says how the migration ended (0 completed, 1 failed, 2
+cancelled or interrupted).
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, TextIO
 
 from vmigrate.cli.main import CLIError
+from vmigrate.cli.plot import plot_runs, require_matplotlib
 from vmigrate.harness.migrate import MigrationRun, Sample
+from vmigrate.harness.runlog import RunLog
 from vmigrate.qmp.client import QMPClient, QMPClientError
 
 
@@ -24,8 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dest-qmp", help="destination QMP socket; starts its incoming side with URI")
     p.add_argument("--cap", action="append", default=[], metavar="NAME[=on|off]", help="capability for both sides")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="parameter for both sides")
-    p.add_argument("--json", action="store_true", help="print samples and the summary as JSON lines")
-    p.add_argument("--plot", metavar="FILE.png", help="plot remaining bytes, throughput and dirty rate")
+    p.add_argument("--json", action="store_true",
+                   help="print the JSON records (docs/client-json.md) instead of the live view")
+    p.add_argument("--json-log", metavar="FILE", help="also write the JSON records to FILE (for vmigrate plot)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="plot remaining bytes, throughput and dirty rate with passes, switchover and downtime")
     p.add_argument("--interval", type=float, default=0.2, help="sampling interval in seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
     p.set_defaults(func=run)
@@ -118,17 +127,71 @@ def print_summary(summary: dict, console) -> None:
     console.print(table)
 
 
-def follow(run: MigrationRun, interval: float, timeout: float, as_json: bool, extra=lambda: []) -> None:
-    """Sample until the migration ends, showing a live view (or JSON lines); Ctrl-C cancels it."""
-    from rich.console import Console
+class JsonRecords:
+    """Where the JSON records go: stdout for ``--json``, a file for ``--json-log``.
+
+    Each record is flushed as one line, so a log can be followed while the
+    migration runs and holds everything up to an interruption.
+    """
+
+    def __init__(self, stdout: bool = False, path: str | None = None) -> None:
+        self.stdout = stdout
+        self.streams: list[TextIO] = [sys.stdout] if stdout else []
+        self.file: TextIO | None = None
+        if path is not None:
+            try:
+                self.file = open(path, "w", encoding="utf-8")
+            except OSError as err:
+                raise CLIError(f"cannot write the JSON log: {err}") from None
+            self.streams.append(self.file)
+
+    def write(self, kind: str, body: dict) -> None:
+        line = json.dumps({kind: body})
+        for stream in self.streams:
+            print(line, file=stream, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+@contextmanager
+def live_view(console, first) -> Iterator:
+    """rich's Live, its last frame ending in a newline also when stdout is no terminal.
+
+    rich only moves past the last frame on a terminal (Live.stop in
+    rich/live.py); redirected to a file or a pipe, whatever is printed next
+    would continue the panel's bottom border.
+    """
     from rich.live import Live
 
     try:
-        if as_json:
-            run.wait(timeout, interval, lambda s: print(json.dumps({"sample": s.__dict__}), flush=True))
+        with Live(first, console=console, refresh_per_second=10) as live:
+            yield live
+    finally:
+        if not console.is_terminal:
+            console.line()
+
+
+def follow(run: MigrationRun, interval: float, timeout: float, records: JsonRecords, console,
+           extra: Callable[[], list[str]] = lambda: []) -> None:
+    """Sample until the migration ends, each sample a record, with a live view unless they go to stdout.
+
+    Ctrl-C cancels the migration.
+    """
+    def record(s: Sample) -> None:
+        records.write("sample", s.__dict__)
+
+    def show(s: Sample) -> None:
+        record(s)
+        live.update(render(s, extra()))
+
+    try:
+        if records.stdout:
+            run.wait(timeout, interval, record)
         else:
-            with Live(render(Sample(0, "setup")), console=Console(), refresh_per_second=10) as live:
-                run.wait(timeout, interval, lambda s: live.update(render(s, extra())))
+            with live_view(console, render(Sample(0, "setup"))) as live:
+                run.wait(timeout, interval, show)
     except KeyboardInterrupt:
         run.wait(0.0, 0.05)
         run.finish()
@@ -136,54 +199,49 @@ def follow(run: MigrationRun, interval: float, timeout: float, as_json: bool, ex
     run.finish()
 
 
-def plot(samples: list[Sample], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    t = [s.t for s in samples]
-    fig, axes = plt.subplots(3, 1, figsize=(8, 8), sharex=True)
-    axes[0].plot(t, [s.remaining / (1 << 20) for s in samples])
-    axes[0].set_ylabel("remaining (MiB)")
-    axes[1].plot(t, [s.mbps for s in samples])
-    axes[1].set_ylabel("throughput (Mbit/s)")
-    axes[2].plot(t, [s.dirty_rate / (1 << 20) for s in samples])
-    axes[2].set_ylabel("dirty rate (MiB/s)")
-    axes[2].set_xlabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def drive(run: MigrationRun, interval: float, timeout: float, records: JsonRecords, console,
+          extra: Callable[[], list[str]] = lambda: []) -> RunLog:
+    """Start a prepared migration and follow it to its end: the records, the summary, the log."""
+    log = RunLog(run=run.describe(), samples=run.samples)
+    records.write("run", log.run)
+    run.start()
+    follow(run, interval, timeout, records, console, extra)
+    run.settle_final()
+    log.summary = run.summary()
+    records.write("summary", log.summary)
+    if not records.stdout:
+        print_summary(log.summary, console)
+    return log
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
     caps = parse_caps(args.cap)
     params = parse_params(args.param)
+    if args.plot:
+        require_matplotlib()
     try:
         src = QMPClient(args.qmp)
         dst = QMPClient(args.dest_qmp) if args.dest_qmp else None
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot connect to QMP: {err}") from None
     mig = MigrationRun(src, args.uri, dst)
+    records = JsonRecords(args.json, args.json_log)
     try:
         mig.prepare(caps, params)
-        mig.start()
-        follow(mig, args.interval, args.timeout, args.json)
+        log = drive(mig, args.interval, args.timeout, records, Console())
     except QMPClientError as err:
         raise CLIError(err.desc) from None
     except TimeoutError as err:
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:
         return 2
-    summary = mig.summary()
-    if args.json:
-        print(json.dumps({"summary": summary}), flush=True)
-    else:
-        from rich.console import Console
-
-        print_summary(summary, Console())
+    finally:
+        records.close()
     if args.plot:
-        plot(mig.samples, args.plot)
+        plot_runs([log], [Path(args.plot).stem], args.plot)
+    summary = log.summary
     status = summary["status"]
     if status == "completed" and summary["destination-status"] in (None, "completed"):
         return 0

@@ -91,10 +91,14 @@ class MigrationRun:
     final: dict = field(default_factory=dict)
     dest_status: str | None = None
     t0: float = 0.0
+    capabilities: dict[str, bool] = field(default_factory=dict)
+    parameters: dict = field(default_factory=dict)
 
     def prepare(self, caps: list[dict], params: dict) -> None:
         """Capabilities (``events`` always on) and parameters on both sides; the destination listening."""
         caps = [c for c in caps if c["capability"] != "events"] + [{"capability": "events", "state": True}]
+        self.capabilities = {c["capability"]: c["state"] for c in caps}
+        self.parameters = dict(params)
         for side in filter(None, (self.src, self.dst)):
             side.execute("migrate-set-capabilities", {"capabilities": caps})
             if params:
@@ -105,6 +109,17 @@ class MigrationRun:
                 self.dst.execute("migrate-incoming", {"uri": self.uri})
                 info = self.dst.execute("query-migrate")
             self.uri = bound_uri(self.uri, info)
+
+    def describe(self) -> dict:
+        """What migrates where and how: the ``run`` record of the JSON log (docs/client-json.md)."""
+        def name(side: QMPClient | None) -> str | None:
+            return None if side is None else side.execute("query-name").get("name")
+
+        return {
+            "source": self.src.address, "source-name": name(self.src),
+            "destination": None if self.dst is None else self.dst.address, "destination-name": name(self.dst),
+            "uri": self.uri, "capabilities": self.capabilities, "parameters": self.parameters,
+        }
 
     def start(self) -> None:
         self.t0 = time.monotonic()
