@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from vmigrate.cli.main import build_parser
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.memory import parse_size
 from vmigrate.qmp.client import try_connect
@@ -73,40 +74,40 @@ def test_readme_walk_through(tmp_path, background):
     # vmigrate the interpreter's site-packages would otherwise import.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     memory: int | None = None
-    for n, argv in enumerate(commands):
-        line = shlex.join(argv)
-        assert argv[0] in KNOWN, f"README.md shows `{line}`: teach this test what it should produce"
-        tool = SCRIPTS / argv[0]
-        assert tool.exists(), f"{line}: no {argv[0]} next to {sys.executable}"
-        argv = [str(tool), *argv[1:]]
-        if argv[1:2] == ["run"]:
-            memory = parse_size(argv[argv.index("-m") + 1])
+    for n, shown in enumerate(commands):
+        line = shlex.join(shown)
+        program, args = shown[0], shown[1:]
+        assert program in KNOWN, f"README.md shows `{line}`: teach this test what it should produce"
+        tool = SCRIPTS / program
+        assert tool.exists(), f"{line}: no {program} next to {sys.executable}"
+        if args[:1] == ["run"]:
+            memory = parse_size(build_parser().parse_args(args).memory)
             log = tmp_path / f"vm{n}.log"
-            proc = background(argv, tmp_path, env, log)
-            for address in (argv[i + 1] for i, a in enumerate(argv) if a == "--qmp"):
-                path = str(tmp_path / address.removeprefix("unix:"))
+            proc = background([str(tool), *args], tmp_path, env, log)
+            for address in (args[i + 1] for i, a in enumerate(args) if a == "--qmp"):
+                target = str(tmp_path / address[len("unix:"):]) if address.startswith("unix:") else address
 
-                def accepting(path: str = path) -> bool:
+                def accepting(target: str = target) -> bool:
                     assert proc.poll() is None, f"{line} exited: {log.read_text()}"
-                    client = try_connect(path, START_TIMEOUT)
+                    client = try_connect(target, START_TIMEOUT)
                     if client is not None:
                         client.close()
                     return client is not None
 
                 wait_for(accepting, START_TIMEOUT, f"{line}: its QMP socket")
             continue
-        stdin = "query-status\n" if argv[0].endswith("qmp-shell") else None
-        result = subprocess.run(argv, cwd=tmp_path, env=env, input=stdin, capture_output=True, text=True,
-                                timeout=COMMAND_TIMEOUT)
+        stdin = "query-status\n" if program == "qmp-shell" else None
+        result = subprocess.run([str(tool), *args], cwd=tmp_path, env=env, input=stdin, capture_output=True,
+                                text=True, timeout=COMMAND_TIMEOUT)
         assert result.returncode == 0, f"{line}:\n{result.stdout}\n{result.stderr}"
-        if argv[0].endswith("qmp-shell"):
+        if program == "qmp-shell":
             assert '"status": "running"' in result.stdout, f"{line}:\n{result.stdout}"
-        elif argv[1] == "migrate":
+        elif args[0] == "migrate":
             assert "completed" in result.stdout, f"{line}:\n{result.stdout}"
-        elif argv[1] == "analyze":
+        elif args[0] == "analyze":
             assert "RAM blocks:" in result.stdout and "globalstate" in result.stdout, result.stdout
-            if "--extract" in argv:
-                image = tmp_path / argv[argv.index("--extract") + 1] / "ram.bin"
-                assert memory is not None and image.stat().st_size == memory, line
+            if "--extract" in args:
+                image = tmp_path / args[args.index("--extract") + 1] / "ram.bin"
+                assert image.stat().st_size == memory, line
         else:
             pytest.fail(f"README.md shows `{line}`: teach this test what it should produce")
