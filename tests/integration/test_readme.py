@@ -104,6 +104,11 @@ def test_readme_walk_through(tmp_path, background):
             assert '"status": "running"' in result.stdout, f"{line}:\n{result.stdout}"
         elif args[0] == "migrate":
             assert "completed" in result.stdout, f"{line}:\n{result.stdout}"
+            for option in ("--json-log", "--plot"):
+                if option in args:
+                    assert (tmp_path / args[args.index(option) + 1]).stat().st_size > 0, line
+        elif args[0] == "plot":
+            assert (tmp_path / args[args.index("--out") + 1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", line
         elif args[0] == "analyze":
             assert "RAM blocks:" in result.stdout and "globalstate" in result.stdout, result.stdout
             if "--extract" in args:

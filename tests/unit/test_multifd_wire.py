@@ -162,3 +162,11 @@ def test_payload_decoder_checks():
         M.PayloadDecoder("zstd", 0).payload_size(big)
     with pytest.raises(WireError, match="zstd stream error"):
         M.PayloadDecoder("zstd", 0).decode(big, b"not zstd at all")
+
+
+def test_initial_packet_channel_id_must_be_below_the_channel_count():
+    """QEMU 7.2 also accepts id == channels (an off-by-one past its array); vmigrate refuses it."""
+    uuid = bytes(range(16))
+    assert M.decode_initial_packet(M.initial_packet(uuid, 1), uuid, 2) == 1
+    with pytest.raises(WireError, match="received channel id 2 expected below 2"):
+        M.decode_initial_packet(M.initial_packet(uuid, 2), uuid, 2)
