@@ -144,3 +144,20 @@ def test_missing_matplotlib_is_one_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(CLIError, match=r"pip install 'vmigrate\[plot\]'"):
         require_matplotlib()
+
+
+def test_progress_lines_without_a_terminal():
+    """Piped or logged, the client prints a line per status or pass change, and at least every few seconds."""
+    from vmigrate.cli.migrate import PROGRESS_EVERY, ProgressLines
+    from vmigrate.harness.migrate import Sample
+
+    out = io.StringIO()
+    lines = ProgressLines(Console(file=out, width=200))
+    for t, status, passes in [(0.1, "active", 1), (0.2, "active", 1), (0.3, "active", 2),
+                              (0.4 + PROGRESS_EVERY, "active", 2), (0.5 + PROGRESS_EVERY, "completed", 2)]:
+        lines.show(Sample(t, status, transferred=1 << 20, remaining=1 << 20, total=4 << 20, passes=passes))
+    shown = out.getvalue().splitlines()
+    assert [line.split(":")[0] for line in shown] == [
+        "t=0.1s active pass 1", "t=0.3s active pass 2", f"t={0.4 + PROGRESS_EVERY:.1f}s active pass 2",
+        f"t={0.5 + PROGRESS_EVERY:.1f}s completed pass 2"]
+    assert "remaining 1.0 MiB of 4.0 MiB" in shown[0]

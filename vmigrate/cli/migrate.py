@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import Callable, TextIO
 
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.plot import plot_runs, require_matplotlib
@@ -74,6 +73,10 @@ def parse_params(items: list[str]) -> dict:
         except ValueError:
             raise CLIError(f"invalid value '{value}' for parameter '{name}'") from None
     return params
+
+
+#: Longest silence of the plain progress lines, in seconds.
+PROGRESS_EVERY = 5.0
 
 
 def human_bytes(n: float | None) -> str:
@@ -155,22 +158,27 @@ class JsonRecords:
             self.file.close()
 
 
-@contextmanager
-def live_view(console, first) -> Iterator:
-    """rich's Live, its last frame ending in a newline also when stdout is no terminal.
+class ProgressLines:
+    """Progress as plain lines where no live view can be drawn (a pipe, a log file, CI).
 
-    rich only moves past the last frame on a terminal (Live.stop in
-    rich/live.py); redirected to a file or a pipe, whatever is printed next
-    would continue the panel's bottom border.
+    A line whenever the status or the pass changes, and at least every
+    :data:`PROGRESS_EVERY` seconds, so a migration that does not converge is
+    visible as one, not as silence until the timeout.
     """
-    from rich.live import Live
 
-    try:
-        with Live(first, console=console, refresh_per_second=10) as live:
-            yield live
-    finally:
-        if not console.is_terminal:
-            console.line()
+    def __init__(self, console) -> None:
+        self.console = console
+        self._last: tuple[str, int] | None = None
+        self._last_t = 0.0
+
+    def show(self, s: Sample) -> None:
+        key = (s.status, s.passes)
+        if key == self._last and s.t - self._last_t < PROGRESS_EVERY:
+            return
+        self._last, self._last_t = key, s.t
+        self.console.print(f"t={s.t:.1f}s {s.status} pass {s.passes}: sent {human_bytes(s.transferred)}, "
+                           f"remaining {human_bytes(s.remaining)} of {human_bytes(s.total)}, "
+                           f"{s.mbps:.0f} Mbit/s, dirty {human_bytes(s.dirty_rate)}/s", highlight=False)
 
 
 def follow(run: MigrationRun, interval: float, timeout: float, records: JsonRecords, console,
@@ -189,8 +197,13 @@ def follow(run: MigrationRun, interval: float, timeout: float, records: JsonReco
     try:
         if records.stdout:
             run.wait(timeout, interval, record)
+        elif not console.is_terminal:
+            lines = ProgressLines(console)
+            run.wait(timeout, interval, lambda s: (record(s), lines.show(s)))
         else:
-            with live_view(console, render(Sample(0, "setup"))) as live:
+            from rich.live import Live
+
+            with Live(render(Sample(0, "setup")), console=console, refresh_per_second=10) as live:
                 run.wait(timeout, interval, show)
     except KeyboardInterrupt:
         run.wait(0.0, 0.05)
