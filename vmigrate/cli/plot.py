@@ -94,10 +94,13 @@ def plot_runs(logs: list[RunLog], labels: list[str], path: str | Path):
     fig, axes = plt.subplots(3, 1, figsize=(11, 9), sharex=True)
     for i, (log, label) in enumerate(zip(logs, labels)):
         color = f"C{i}"
-        t = [s.t for s in log.samples]
-        axes[0].plot(t, [s.remaining / MIB for s in log.samples], color=color, label=label)
-        axes[1].plot(t, [s.mbps for s in log.samples], color=color, label=label)
-        axes[2].plot(t, [s.dirty_rate / MIB for s in log.samples], color=color, label=label)
+        # Before the first pass (status setup) QEMU reports no RAM counters: zeros there would
+        # draw a ramp from nothing to the first real value.
+        counted = [s for s in log.samples if s.status not in ("none", "setup")]
+        t = [s.t for s in counted]
+        axes[0].plot(t, [s.remaining / MIB for s in counted], color=color, label=label)
+        axes[1].plot(t, [s.mbps for s in counted], color=color, label=label)
+        axes[2].plot(t, [s.dirty_rate / MIB for s in counted], color=color, label=label)
         mark_passes(axes, log, color)
         mark_switchover(axes, log, color)
     for ax, ylabel in zip(axes, ("remaining (MiB)", "throughput (Mbit/s)", "dirty rate (MiB/s)")):
