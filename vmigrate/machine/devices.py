@@ -132,7 +132,8 @@ class VirtualClock:
 
     def load(self, values: dict) -> None:
         self.cpu_ticks_offset = values["cpu_ticks_offset"]
-        self.cpu_clock_offset = values["cpu_clock_offset"]
+        # A version-1 section has no clock offset (QEMU's vmstate_timers): the local one stays.
+        self.cpu_clock_offset = values.get("cpu_clock_offset", self.cpu_clock_offset)
 
 
 class GlobalState:

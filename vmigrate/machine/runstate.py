@@ -13,6 +13,13 @@ from typing import Callable
 
 from vmigrate.machine.vcpus import VcpuBackend
 
+#: Where QEMU 7.2 lets ``inmigrate`` go (runstate_transitions_def, softmmu/runstate.c): the
+#: run state a completed incoming migration takes from the source must be one of them.
+INMIGRATE_NEXT = frozenset({
+    "internal-error", "io-error", "paused", "running", "shutdown", "suspended", "watchdog",
+    "guest-panicked", "finish-migrate", "prelaunch", "postmigrate", "colo",
+})
+
 #: Run states from which only a reset leads back (``cont`` is refused there).
 NEEDS_RESET = frozenset({"internal-error", "shutdown"})
 

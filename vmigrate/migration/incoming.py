@@ -17,6 +17,7 @@ import select
 import threading
 import uuid as uuidlib
 
+from vmigrate.machine.runstate import INMIGRATE_NEXT
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
@@ -49,8 +50,10 @@ class IncomingMigration:
         self._closing = threading.Event()
         self.error_desc: str | None = None
         self._channel: Channel | None = None
-        #: The return path, once the source asked for it (OPEN_RETURN_PATH).
+        #: The return path, once the source asked for it (OPEN_RETURN_PATH) over a two-way channel.
         self._rp: Channel | None = None
+        #: The source asked for a return path (over a one-way channel its messages go nowhere).
+        self._rp_opened = False
         self._thread: threading.Thread | None = None
         #: Multifd channels by id, once each has sent a valid initial packet.
         self._multifd_channels: list[Channel] = []
@@ -195,6 +198,7 @@ class IncomingMigration:
         self._channel = channel
         self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
+        self._rp_opened = False
         host = self.host
         try:
             host.global_state.runstate = None
@@ -209,7 +213,10 @@ class IncomingMigration:
             self._finish_load()
             if self._rp is not None:
                 self._rp.write(return_path.shut(0))
-        except (WireError, LoadError, ChannelError, OSError) as err:
+        except Exception as err:
+            if not isinstance(err, (WireError, LoadError, ChannelError, OSError)):
+                # A bug must cost this migration, not leave it 'active' for ever.
+                log.exception("incoming migration failed")
             self.error_desc = f"load of migration failed: {err}"
             trace("process_incoming_migration_co_end", error_desc=self.error_desc)
             if self._rp is not None:
@@ -238,15 +245,19 @@ class IncomingMigration:
 
     def _command(self, cmd: "stream.Command", channel: Channel) -> None:
         if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
-            if self._rp is None:
-                if not channel.bidirectional:
-                    raise LoadError("Unable to open return-path: the transport is one-way")
+            self._rp_opened = True
+            if channel.bidirectional:
                 self._rp = channel
+            else:
+                # QEMU opens a return path on any channel; on a one-way one (exec:, a pipe) its
+                # messages fail to send and the load goes on (migrate_send_rp_message).
+                log.warning("the return path of a one-way channel carries nothing")
         elif cmd.cmd == stream.MIG_CMD_PING:
             value = stream.decode_ping(cmd.payload)
-            if self._rp is None:
+            if not self._rp_opened:
                 raise LoadError(f"CMD_PING (0x{value:x}) received with no return path")
-            self._rp.write(return_path.pong(value))
+            if self._rp is not None:
+                self._rp.write(return_path.pong(value))
         else:
             raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
 
@@ -254,6 +265,9 @@ class IncomingMigration:
         """Run state after a successful load (docs/qemu/states.md §9.1), then ``completed``."""
         runstate = self.host.runstate
         received = self.host.global_state.runstate
+        if received is not None and received not in INMIGRATE_NEXT:
+            # QEMU aborts on this transition (runstate_set, softmmu/runstate.c); the load fails here.
+            raise LoadError(f"invalid runstate transition: 'inmigrate' -> '{received}'")
         if received is None or received == "running":
             if runstate.autostart:
                 runstate.start()

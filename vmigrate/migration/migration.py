@@ -332,6 +332,10 @@ class OutgoingSession:
                 # The destination's own verdict explains a broken pipe better.
                 rp.join(timeout=2)
             self._fail(rp.error if rp is not None and rp.error else str(err))
+        except Exception as err:
+            # A bug must cost this migration, not leave it running for ever; the guest goes on.
+            log.exception("outgoing migration failed")
+            self._fail(str(err))
         finally:
             self._finish(was_running, stopped)
             if saver is not None:

@@ -17,12 +17,13 @@ stream and hands each section's records to the section that owns them.
 
 from __future__ import annotations
 
+import logging
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from vmigrate.migration.channel import Channel
-from vmigrate.migration.config import MigrationConfig
+from vmigrate.migration.config import Capabilities, MigrationConfig
 from vmigrate.migration.qemu_file import QEMUFileIn, QEMUFileOut
 from vmigrate.migration.rate_limit import RateLimiter
 from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
@@ -32,6 +33,13 @@ from vmigrate.trace import trace
 if TYPE_CHECKING:
     from vmigrate.machine.devices import DeviceModel
     from vmigrate.migration.multifd import MultifdSender
+
+log = logging.getLogger(__name__)
+
+#: x86's target page: 4 KiB.
+TARGET_PAGE_BITS = 12
+#: Capability names a configuration section may carry (QEMU's get_capability knows its enum).
+KNOWN_CAPABILITIES = frozenset(f.name.replace("_", "-") for f in fields(Capabilities))
 
 
 class LoadError(Exception):
@@ -257,7 +265,7 @@ class LoadVM:
                 set_up.append(s)
                 bodies[s.idstr] = s.load_setup(self.ctx)
             bodies.update(self.registry.device_bodies())
-            self._read(fin, stream.StreamDecoder(bodies), live)
+            self._read(fin, stream.StreamDecoder(bodies, known_capabilities=KNOWN_CAPABILITIES), live)
         finally:
             for s in set_up:
                 s.load_cleanup()
@@ -272,7 +280,18 @@ class LoadVM:
                     return
                 raise LoadError("unexpected end of migration stream")
             decoder.feed(chunk)
-            while (event := decoder.next_event()) is not stream.NEED_DATA:
+            while True:
+                try:
+                    event = decoder.next_event()
+                except WireError as err:
+                    if not seen_eof:
+                        raise
+                    # After EOF the state is loaded: QEMU only tries to read the VM description
+                    # and warns about anything else (qemu_loadvm_state, migration/savevm.c).
+                    log.warning("%s", err)
+                    return
+                if event is stream.NEED_DATA:
+                    break
                 if isinstance(event, (stream.SectionStart, stream.SectionFull, stream.SectionPart,
                                       stream.SectionEnd)):
                     trace("qemu_loadvm_state_section", type=type(event).__name__, id=event.idstr)
@@ -294,8 +313,12 @@ class LoadVM:
                     section.load_state(event)
 
     def _check_configuration(self, cfg: stream.Configuration) -> None:
-        if cfg.machine != self.machine_type:
-            raise LoadError(f"Machine type received is '{cfg.machine}' and local is '{self.machine_type}'")
+        """QEMU's configuration_post_load (migration/savevm.c), with its texts."""
+        received = _machine_name(cfg.machine, self.machine_type)
+        if received is not None:
+            raise LoadError(f"Machine type received is '{received}' and local is '{self.machine_type}'")
+        if cfg.target_page_bits is not None and cfg.target_page_bits != TARGET_PAGE_BITS:
+            raise LoadError(f"Received TARGET_PAGE_BITS is {cfg.target_page_bits} but local is {TARGET_PAGE_BITS}")
         local = self.ctx.config.caps.x_ignore_shared
         remote = "x-ignore-shared" in cfg.capabilities
         if local != remote:
@@ -307,3 +330,16 @@ class LoadVM:
             received = str(uuidlib.UUID(bytes=bytes(cfg.uuid)))
             if received != self.uuid:
                 raise LoadError(f"UUID received is {received} and local is {self.uuid}")
+
+
+def _machine_name(received: str, local: str) -> str | None:
+    """None when QEMU accepts *received* for *local*, else the name as its error prints it.
+
+    QEMU compares with ``strncmp(received, local, len(received))``: a trailing NUL
+    (``none\\0``) passes, and so does a prefix of the local name; the message prints the
+    received name up to its first NUL.
+    """
+    shown = received.split("\0", 1)[0]
+    if shown == local or (len(shown) == len(received) and local.startswith(shown)):
+        return None
+    return shown
