@@ -432,14 +432,15 @@ class OutgoingSession:
             if rp.error:
                 raise ChannelError(rp.error)
         end = now_ms()
-        status = self.status.status
-        if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, S.COMPLETED):
-            raise MigrationCancelled()
+        # The figures first: a query-migrate that sees 'completed' must see them too.
         self.total_time = int(end - self.start_ms)
         self.downtime = int(end - downtime_start)
         transfer = self.total_time - self.setup_time
         if transfer:
             self.mbps = (f.transferred + self.stats.multifd_bytes) * 8 / transfer / 1000
+        status = self.status.status
+        if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, S.COMPLETED):
+            raise MigrationCancelled()
         return was_running
 
     def _fail(self, desc: str | None) -> None:
