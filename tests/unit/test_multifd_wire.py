@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -162,6 +163,37 @@ def test_payload_decoder_checks():
         M.PayloadDecoder("zstd", 0).payload_size(big)
     with pytest.raises(WireError, match="zstd stream error"):
         M.PayloadDecoder("zstd", 0).decode(big, b"not zstd at all")
+
+
+def zstd_bomb(blocks: int) -> bytes:
+    """A zstd frame of ``blocks`` RLE blocks, 4 bytes each, every one expanding to 128 KiB.
+
+    Frame header: magic, descriptor 0 (no content size, no checksum), window
+    2^17; block header: 3 bytes little-endian, type 1 (RLE), size 128 KiB.
+    """
+    block = (((128 << 10) << 3) | (1 << 1)).to_bytes(3, "little") + b"\xaa"
+    return struct.pack("<IBB", 0xFD2FB528, 0, 7 << 3) + block * blocks
+
+
+def test_zstd_payload_never_expands_past_the_packet_pages():
+    """8 KiB of zstd declaring 256 MiB: refused after one packet's worth, without allocating the rest."""
+    bomb = zstd_bomb(2046)
+    assert len(bomb) <= 8192
+    head = M.decode_packet_header(M.packet_header(M.FLAG_ZSTD, 1, len(bomb), 0, "ram", [0]), BLOCKS)
+    dec = M.PayloadDecoder("zstd", 3)
+    assert dec.payload_size(head) == len(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="multifd 3: packet size received more than 4096 size expected 4096"):
+            dec.decode(head, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * M.PACKET_BYTES
+    # The same frame cut to exactly the packet's page is accepted (the first RLE block is one page).
+    page_block = (((PAGE) << 3) | (1 << 1)).to_bytes(3, "little") + b"\xaa"
+    ok = struct.pack("<IBB", 0xFD2FB528, 0, 7 << 3) + page_block
+    assert bytes(M.PayloadDecoder("zstd", 0).decode(head, ok)) == b"\xaa" * PAGE
 
 
 def test_initial_packet_channel_id_must_be_below_the_channel_count():
