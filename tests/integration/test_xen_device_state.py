@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import peak_rss
 from vmigrate.machine import devices as D
 from vmigrate.migration.wire import stream, vmstate
 from vmigrate.qmp.client import QMPClientError
@@ -43,14 +44,6 @@ def test_save_writes_a_device_only_stream_and_load_reads_it(spawn, tmp_path):
         vm.cmd("xen-load-devices-state", filename="/nonexistent/x")
     with pytest.raises(QMPClientError, match="Unable to open /nonexistent/x: No such file or directory"):
         vm.cmd("xen-save-devices-state", filename="/nonexistent/x")
-
-
-def peak_rss(vm) -> int:
-    """The process's peak resident set (VmHWM), in bytes."""
-    for line in Path(f"/proc/{vm.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) << 10
-    raise AssertionError("no VmHWM")
 
 
 def endless_writer(fifo: Path) -> threading.Thread:

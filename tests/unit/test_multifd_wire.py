@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hostile import zstd_rle_frame
 from vmigrate.migration.wire import WireError
 from vmigrate.migration.wire import multifd as M
 
@@ -165,19 +166,9 @@ def test_payload_decoder_checks():
         M.PayloadDecoder("zstd", 0).decode(big, b"not zstd at all")
 
 
-def zstd_bomb(blocks: int) -> bytes:
-    """A zstd frame of ``blocks`` RLE blocks, 4 bytes each, every one expanding to 128 KiB.
-
-    Frame header: magic, descriptor 0 (no content size, no checksum), window
-    2^17; block header: 3 bytes little-endian, type 1 (RLE), size 128 KiB.
-    """
-    block = (((128 << 10) << 3) | (1 << 1)).to_bytes(3, "little") + b"\xaa"
-    return struct.pack("<IBB", 0xFD2FB528, 0, 7 << 3) + block * blocks
-
-
 def test_zstd_payload_never_expands_past_the_packet_pages():
     """8 KiB of zstd declaring 256 MiB: refused after one packet's worth, without allocating the rest."""
-    bomb = zstd_bomb(2046)
+    bomb = zstd_rle_frame(2046)
     assert len(bomb) <= 8192
     head = M.decode_packet_header(M.packet_header(M.FLAG_ZSTD, 1, len(bomb), 0, "ram", [0]), BLOCKS)
     dec = M.PayloadDecoder("zstd", 3)
@@ -190,10 +181,8 @@ def test_zstd_payload_never_expands_past_the_packet_pages():
     finally:
         tracemalloc.stop()
     assert peak < 4 * M.PACKET_BYTES
-    # The same frame cut to exactly the packet's page is accepted (the first RLE block is one page).
-    page_block = (((PAGE) << 3) | (1 << 1)).to_bytes(3, "little") + b"\xaa"
-    ok = struct.pack("<IBB", 0xFD2FB528, 0, 7 << 3) + page_block
-    assert bytes(M.PayloadDecoder("zstd", 0).decode(head, ok)) == b"\xaa" * PAGE
+    # One block of exactly the packet's page is accepted.
+    assert bytes(M.PayloadDecoder("zstd", 0).decode(head, zstd_rle_frame(1, PAGE))) == b"\xaa" * PAGE
 
 
 def test_initial_packet_channel_id_must_be_below_the_channel_count():
