@@ -56,3 +56,11 @@ def migrate_in_passes(src: VMProcess, uri: str, passes: int = 4, bandwidth: int 
 
 def ram_files_equal(a: Path, b: Path) -> bool:
     return np.array_equal(np.fromfile(a, np.uint8), np.fromfile(b, np.uint8))
+
+
+def peak_rss(vm: VMProcess) -> int:
+    """The process's peak resident set (``VmHWM``), in bytes."""
+    for line in Path(f"/proc/{vm.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmHWM in /proc/{vm.pid}/status")

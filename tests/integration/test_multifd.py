@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from procs import migrate_in_passes, ram_files_equal
+from hostile import zstd_rle_frame
+from procs import migrate_in_passes, peak_rss, ram_files_equal
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
+from vmigrate.migration.wire import multifd as M
+from vmigrate.migration.wire import ram as R
+from vmigrate.migration.wire import stream as S
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -138,3 +143,26 @@ def test_destination_without_multifd_refuses_the_channels(spawn, tmp_path):
     assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "failed"
     assert "Extra incoming migration connection; ignoring" in dst.log()
     assert src.status() == "running"
+
+
+def test_a_zstd_bomb_on_a_channel_fails_the_load_in_bounded_memory(spawn, tmp_path):
+    """8 KiB of zstd declaring 256 MiB for a one-page packet: the channel fails at once, the load
+    with it, the destination's memory stays put and its monitor answers."""
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "-S", "--incoming", "defer")
+    dst.set_caps(multifd=True)
+    dst.cmd("migrate-set-parameters", **{"multifd-channels": 1, "multifd-compression": "zstd"})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = int(dst.migrate_status()["socket-address"][0]["port"])
+    rss = peak_rss(dst)
+    bomb = zstd_rle_frame(2046)
+    with socket.create_connection(("127.0.0.1", port)) as main, \
+            socket.create_connection(("127.0.0.1", port)) as channel:
+        channel.sendall(M.initial_packet(bytes(16), 0))
+        channel.sendall(M.packet_header(M.FLAG_ZSTD, 1, len(bomb), 1, "ram", [0]) + bomb)
+        main.sendall(S.header() + S.configuration() + S.section_start(2, "ram", 0, 4)
+                     + R.mem_size([("ram", 32 * MIB)]) + R.eos() + S.footer(2))
+        info = dst.wait_migration({"failed", "completed"}, timeout=30)
+    assert info == {"status": "failed", "error-desc": "load of migration failed: multifd 0: packet size "
+                                                      "received more than 4096 size expected 4096"}
+    assert dst.status() == "inmigrate"
+    assert peak_rss(dst) - rss < 64 * MIB

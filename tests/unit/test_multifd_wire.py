@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from hostile import zstd_rle_frame
 from vmigrate.migration.wire import WireError
 from vmigrate.migration.wire import multifd as M
 
@@ -162,6 +164,25 @@ def test_payload_decoder_checks():
         M.PayloadDecoder("zstd", 0).payload_size(big)
     with pytest.raises(WireError, match="zstd stream error"):
         M.PayloadDecoder("zstd", 0).decode(big, b"not zstd at all")
+
+
+def test_zstd_payload_never_expands_past_the_packet_pages():
+    """8 KiB of zstd declaring 256 MiB: refused after one packet's worth, without allocating the rest."""
+    bomb = zstd_rle_frame(2046)
+    assert len(bomb) <= 8192
+    head = M.decode_packet_header(M.packet_header(M.FLAG_ZSTD, 1, len(bomb), 0, "ram", [0]), BLOCKS)
+    dec = M.PayloadDecoder("zstd", 3)
+    assert dec.payload_size(head) == len(bomb)
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="multifd 3: packet size received more than 4096 size expected 4096"):
+            dec.decode(head, bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * M.PACKET_BYTES
+    # One block of exactly the packet's page is accepted.
+    assert bytes(M.PayloadDecoder("zstd", 0).decode(head, zstd_rle_frame(1, PAGE))) == b"\xaa" * PAGE
 
 
 def test_initial_packet_channel_id_must_be_below_the_channel_count():

@@ -109,3 +109,39 @@ def test_missing_file_and_cli_exit_status(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("vmigrate analyze: ")
+
+
+def mem_size_stream(used_length: int, capabilities: tuple[str, ...] = ()) -> bytes:
+    """A stream whose only RAM record declares one block of ``used_length`` bytes (at GPA 0 with
+    x-ignore-shared, whose MEM_SIZE entries carry it)."""
+    gpa = 0 if "x-ignore-shared" in capabilities else None
+    return (S.header() + S.configuration(caps=capabilities) + S.section_start(2, "ram", 0, 4)
+            + R.mem_size([R.RamBlockInfo("ram", used_length, gpa=gpa)]) + R.eos() + S.footer(2) + S.eof())
+
+
+TIB_DECLARED = "the stream declares 1099511627776 bytes of RAM blocks, "
+
+
+@pytest.mark.parametrize("used_length,caps,match", [
+    (1 << 40, (), TIB_DECLARED + "more than the 274877906944 bytes --extract writes"),
+    (1 << 30, (), "the stream declares 1073741824 bytes of RAM blocks, more than its \\d+ bytes can carry"),
+    (1 << 40, ("x-ignore-shared",), TIB_DECLARED + "more than the 274877906944 bytes --extract writes"),
+])
+def test_extract_refuses_blocks_the_stream_cannot_fill(tmp_path, used_length, caps, match):
+    """A hostile MEM_SIZE costs a clear error, not a huge sparse file (nor its page map in memory)."""
+    src = tmp_path / "s.bin"
+    src.write_bytes(mem_size_stream(used_length, caps))
+    out = tmp_path / "out"
+    with pytest.raises(CLIError, match=f"^cannot extract RAM: {match}"):
+        run("--extract", str(out), str(src))
+    assert list(out.iterdir()) == []
+    # Without --extract the report still shows what the stream declares.
+    assert run(str(src)) == 0
+
+
+def test_extract_takes_shared_blocks_the_stream_does_not_carry(tmp_path, capsys):
+    """With x-ignore-shared a declared block may be missing from the stream: only the fixed bound applies."""
+    src = tmp_path / "s.bin"
+    src.write_bytes(mem_size_stream(1 << 30, ("x-ignore-shared",)))
+    assert run("--extract", str(tmp_path / "out"), str(src)) == 0
+    assert (tmp_path / "out" / "ram.bin").stat().st_size == 1 << 30

@@ -32,6 +32,13 @@ from vmigrate.machine import devices as D
 from vmigrate.migration.wire import vmstate as wv
 
 READ_CHUNK = 4 << 20
+#: The most RAM ``--extract`` writes, all blocks together: past it a stream's RAM_SAVE_FLAG_MEM_SIZE
+#: is not believed (the images are sparse, but their page map costs a byte per page in memory).
+MAX_EXTRACT_BYTES = 256 << 30
+#: The smallest record of one page in a stream: its be64 offset/flags (with RAM_SAVE_FLAG_CONTINUE,
+#: no block name) and the fill byte of a zero page (docs/qemu/ram.md).  The first pass sends every
+#: page of every block, so a stream of N bytes carries at most N / 9 pages.
+MIN_PAGE_RECORD = 9
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -138,8 +145,10 @@ def _printable(raw: bytes) -> bool:
 
 
 class Analyzer:
-    def __init__(self, extract: Path | None, vmdesc: dict | None) -> None:
+    def __init__(self, extract: Path | None, vmdesc: dict | None, stream_size: int) -> None:
+        """``stream_size`` (the file's bytes) bounds the RAM blocks ``extract`` believes."""
         self.report = Report()
+        self.stream_size = stream_size
         self.ram = wram.RamBodyDecoder(blocks=None, accept_compressed=True)
         bodies: dict[str, Any] = vmdesc_bodies(vmdesc)
         bodies.update(D.none_machine_bodies())
@@ -190,6 +199,8 @@ class Analyzer:
         elif isinstance(ev, ws.SectionFull):
             self._section("FULL", ev, offset)
         elif isinstance(ev, wram.RamMemSize):
+            if self.extract is not None:
+                self._check_extract_size(ev.blocks)
             for b in ev.blocks:
                 rep.blocks.append({"idstr": b.idstr, "used_length": b.used_length})
                 if self.extract is not None:
@@ -212,6 +223,21 @@ class Analyzer:
                 rep.vmdesc = ev.parsed()
             except ValueError:
                 rep.vmdesc = ev.json.decode("utf-8", "replace")
+
+    def _check_extract_size(self, blocks) -> None:
+        """Refuse images a hostile RAM_SAVE_FLAG_MEM_SIZE declares before creating any of them.
+
+        With ``x-ignore-shared`` shared blocks are declared but never sent, so
+        only :data:`MAX_EXTRACT_BYTES` bounds those streams.
+        """
+        total = sum(b.used_length for b in blocks)
+        if total > MAX_EXTRACT_BYTES:
+            raise CLIError(f"cannot extract RAM: the stream declares {total} bytes of RAM blocks, "
+                           f"more than the {MAX_EXTRACT_BYTES} bytes --extract writes")
+        pages = sum(b.used_length // wram.TARGET_PAGE_SIZE for b in blocks)
+        if not self.ram.ignore_shared and pages * MIN_PAGE_RECORD > self.stream_size:
+            raise CLIError(f"cannot extract RAM: the stream declares {total} bytes of RAM blocks, "
+                           f"more than its {self.stream_size} bytes can carry")
 
     def _open_image(self, idstr: str, used_length: int) -> None:
         path = self.extract / image_name(idstr)
@@ -263,7 +289,7 @@ def analyze(path: Path, extract: Path | None = None) -> Report:
         f.seek(0)
         if extract is not None:
             extract.mkdir(parents=True, exist_ok=True)
-        an = Analyzer(extract, vmdesc)
+        an = Analyzer(extract, vmdesc, size)
         try:
             while chunk := f.read(READ_CHUNK):
                 an.feed(chunk)

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import select
+import stat
+import time
 
 from vmigrate.commands import command
 from vmigrate.machine import host
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.wire import WireError
 from vmigrate.qmp.errors import NotYetImplemented, QMPError
+
+log = logging.getLogger(__name__)
+
+#: A device-only stream holds no RAM, only device sections (a few KiB, docs/qemu/misc.md §5):
+#: a longer file is no such stream and is refused instead of read whole.
+DEVICE_STATE_MAX = 16 << 20
+#: Seconds ``xen-load-devices-state`` waits for its file's data.  The handler runs on the
+#: monitors' event loop, so a FIFO whose writer stalls must not stop it for long (QEMU
+#: blocks its main loop there).
+DEVICE_STATE_READ_S = 2.0
+#: Bytes asked for per read of the device state file.
+DEVICE_STATE_CHUNK = 1 << 20
+IO_ERROR = "An IO error has occurred"
 
 
 @command("query-migrate")
@@ -194,11 +211,47 @@ def xen_load_devices_state(vm, args, monitor):
         raise QMPError("Cannot update device state while vm is running")
     filename = args["filename"]
     try:
-        with open(filename, "rb") as f:
-            data = f.read()
+        # Non-blocking, so that opening a FIFO without a writer does not wait for one.
+        fd = os.open(filename, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as err:
         raise QMPError(f"Unable to open {filename}: {os.strerror(err.errno)}") from None
     try:
+        data = _read_device_state(fd, time.monotonic() + DEVICE_STATE_READ_S)
+    except OSError as err:
+        log.warning("xen-load-devices-state: %s: %s", filename, err)
+        raise QMPError(IO_ERROR) from None
+    finally:
+        os.close(fd)
+    try:
         vm.sections.load_device_state(data)
     except (WireError, LoadError):
-        raise QMPError("An IO error has occurred") from None
+        raise QMPError(IO_ERROR) from None
+
+
+def _read_device_state(fd: int, deadline: float) -> bytes:
+    """The file's bytes up to its end; OSError past :data:`DEVICE_STATE_MAX` bytes or the deadline.
+
+    QEMU reads the stream as it parses it and so stops at the first bad
+    section; the stream parser here takes whole bytes, so the bound is on
+    what is read.  Every read waits for input first: a FIFO whose writer
+    has not come yet reads as empty instead of blocking.
+    """
+    info = os.fstat(fd)
+    if stat.S_ISREG(info.st_mode) and info.st_size > DEVICE_STATE_MAX:
+        raise OSError(f"{info.st_size} bytes is too long for a device state stream")
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise OSError(f"no end of the device state stream within {DEVICE_STATE_READ_S} s")
+        try:
+            chunk = os.read(fd, min(DEVICE_STATE_CHUNK, DEVICE_STATE_MAX + 1 - len(data)))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return bytes(data)
+        data += chunk
+        if len(data) > DEVICE_STATE_MAX:
+            raise OSError(f"more than {DEVICE_STATE_MAX} bytes is too long for a device state stream")

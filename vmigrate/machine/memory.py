@@ -101,6 +101,8 @@ class RAMBlock:
         self.npages = size // PAGE_SIZE
         self.dirty = DirtyLog(self.npages)
         self._prefaulter: Prefaulter | None = None
+        #: Multifd channel threads write pages concurrently: one of them starts the one Prefaulter.
+        self._prefaulter_lock = threading.Lock()
 
     def write_pages(self, pages: np.ndarray, data: np.ndarray) -> None:
         """Store whole pages (incoming migration).
@@ -112,9 +114,11 @@ class RAMBlock:
         """
         first, count = int(pages[0]), len(pages)
         if int(pages[-1]) - first + 1 == count and (count == 1 or bool((np.diff(pages) == 1).all())):
-            if self._prefaulter is None:
-                self._prefaulter = Prefaulter(self.bytes.ctypes.data, self.npages)
-            self._prefaulter.populate(first, count)
+            with self._prefaulter_lock:
+                if self._prefaulter is None:
+                    self._prefaulter = Prefaulter(self.bytes.ctypes.data, self.npages)
+                prefaulter = self._prefaulter
+            prefaulter.populate(first, count)
             self.pages[first : first + count] = data
         else:
             self.pages[pages] = data
@@ -146,9 +150,15 @@ class RAMBlock:
             os.close(fd)
         return holes
 
+    def end_incoming(self) -> None:
+        """An incoming load is over: its :class:`Prefaulter` thread ends (the next load starts another)."""
+        with self._prefaulter_lock:
+            prefaulter, self._prefaulter = self._prefaulter, None
+        if prefaulter is not None:
+            prefaulter.stop()
+
     def close(self) -> None:
-        if self._prefaulter is not None:
-            self._prefaulter.stop()
+        self.end_incoming()
         self.pages = self.bytes = None  # type: ignore[assignment]
         self._mmap.close()
 

@@ -13,7 +13,9 @@ The payload is the raw pages (``none``) or a slice of one compression
 stream that lives as long as the channel (``zlib``: sync-flushed per packet;
 ``zstd``: one frame, block-flushed per packet).  :class:`PayloadEncoder` and
 :class:`PayloadDecoder` keep that per-channel state; both call into zlib or
-zstd on whole packets, which release the GIL.
+zstd on whole packets, which release the GIL.  Decompression never yields
+more than the header's ``normal_pages`` pages (plus one byte to detect an
+excess): a few KiB of hostile zstd can otherwise expand to gigabytes.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ PAGE_SIZE = 4096
 PAGES_PER_PACKET = 128
 HEADER_SIZE = 64 + 256 + 8 * PAGES_PER_PACKET
 RAMBLOCK_FIELD = 256
+#: The most page bytes one packet carries.
+PACKET_BYTES = PAGES_PER_PACKET * PAGE_SIZE
 #: The destination's receive buffer for compressed payloads (2 x 512 KiB in QEMU).
-MAX_COMPRESSED_PAYLOAD = 2 * PAGES_PER_PACKET * PAGE_SIZE
+MAX_COMPRESSED_PAYLOAD = 2 * PACKET_BYTES
 
 FLAG_SYNC = 0x1
 FLAG_ZLIB = 0x2
@@ -178,6 +182,39 @@ class PayloadEncoder:
         return self._z.compress(pages) + self._z.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
 
+class _PacketSink:
+    """Where the zstd stream writer puts one packet's output, refusing bytes past the packet's pages.
+
+    QEMU's zstd_recv_pages (migration/multifd-zstd.c) decompresses into the
+    packet's page buffers and so never writes past them; raising here stops
+    zstandard's write loop the same way, before it produces the rest.
+    """
+
+    def __init__(self, channel_id: int) -> None:
+        self.id = channel_id
+        self.expected = 0
+        self.size = 0
+        self.chunks: list[bytes] = []
+
+    def start(self, expected: int) -> None:
+        self.expected = expected
+        self.size = 0
+        self.chunks = []
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        if self.size > self.expected:
+            raise WireError(f"multifd {self.id}: packet size received more than {self.expected} "
+                            f"size expected {self.expected}")
+        self.chunks.append(data)
+        return len(data)
+
+    def take(self) -> bytes:
+        out = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = []
+        return out
+
+
 class PayloadDecoder:
     """One channel's payload decoder: exactly ``normal_pages`` pages from each packet."""
 
@@ -190,7 +227,10 @@ class PayloadDecoder:
         if method == "zlib":
             self._z = zlib.decompressobj()
         elif method == "zstd":
-            self._z = zstandard.ZstdDecompressor().decompressobj()
+            self._sink = _PacketSink(channel_id)
+            # One byte more than a packet's pages: a legitimate packet's output is one
+            # chunk that never fills the buffer, so none stays behind inside zstd.
+            self._z = zstandard.ZstdDecompressor().stream_writer(self._sink, write_size=PACKET_BYTES + 1)
 
     def check_flags(self, header: PacketHeader) -> None:
         got = header.flags & COMPRESSION_MASK
@@ -215,7 +255,9 @@ class PayloadDecoder:
             if self.method == "zlib":
                 out = self._z.decompress(payload, expected + 1)
             else:
-                out = self._z.decompress(payload)
+                self._sink.start(expected)
+                self._z.write(payload)
+                out = self._sink.take()
         except (zlib.error, zstandard.ZstdError) as err:
             raise WireError(f"multifd {self.id}: {self.method} stream error: {err}") from None
         if len(out) != expected:
