@@ -29,6 +29,8 @@ MAX_NESTING = 1 << 10
 # Token kinds
 LCURLY, RCURLY, LSQUARE, RSQUARE, COLON, COMMA = "{", "}", "[", "]", ":", ","
 INTEGER, FLOAT, KEYWORD, STRING = "int", "float", "keyword", "string"
+#: A token cut off at MAX_TOKEN_SIZE bytes by the lexer (its text is dropped).
+OVERSIZE = "oversize"
 
 _WHITESPACE = b" \t\r\n"
 _STRUCTURAL = b"[]{}:,"
@@ -45,6 +47,43 @@ def _parse_error(detail: str) -> QMPError:
     return QMPError(f"JSON parse error, {detail}")
 
 
+# Runs of bytes that leave the lexer in the state it is in, scanned by the
+# regex engine instead of byte by byte in Python: a 64 MiB string then lexes
+# in a fraction of a second, not in tens (docs/qmp-limits.md).  Each class is the set of
+# bytes that QEMU's table (qobject/json-lexer.c) maps from the state to itself
+# (for strings: plain bytes, or a backslash and the byte it escapes; written
+# as an unrolled loop, which the regex engine runs some 60 times faster).
+_DIGIT_RUN = re.compile(rb"[0-9]*")
+_TOKEN_RUNS = {
+    "dq": re.compile(rb'[\x20\x21\x23-\x5b\x5d-\xfd]*(?:\\[\x20-\xfd][\x20\x21\x23-\x5b\x5d-\xfd]*)*'),
+    "sq": re.compile(rb"[\x20-\x26\x28-\x5b\x5d-\xfd]*(?:\\[\x20-\xfd][\x20-\x26\x28-\x5b\x5d-\xfd]*)*"),
+    "keyword": re.compile(rb"[a-z]*"),
+    "digits": _DIGIT_RUN,
+    "mantissa_digits": _DIGIT_RUN,
+    "exp_digits": _DIGIT_RUN,
+}
+# Runs of bytes skipped without building a token.
+_SKIP_RUNS = {
+    "start": re.compile(rb"[ \t\r\n]*"),
+    "recovery": re.compile(rb"[\t\x20-\x2b\x2d-\x39\x3b-\x5a\x5c\x5e-\x7a\x7c\x7e-\xfd]*"),
+}
+
+# Number states: (accepted bytes, next state); states that may end a number, and as what.
+_NUMBER_MOVES: dict[str, list[tuple[bytes, str]]] = {
+    "sign": [(b"0", "zero"), (b"123456789", "digits")],
+    "zero": [(b".", "mantissa")],
+    "digits": [(_DIGITS, "digits"), (b"eE", "exp_e"), (b".", "mantissa")],
+    "mantissa": [(_DIGITS, "mantissa_digits")],
+    "mantissa_digits": [(_DIGITS, "mantissa_digits"), (b"eE", "exp_e")],
+    "exp_e": [(b"+-", "exp_sign"), (_DIGITS, "exp_digits")],
+    "exp_sign": [(_DIGITS, "exp_digits")],
+    "exp_digits": [(_DIGITS, "exp_digits")],
+}
+_NUMBER_TERMINALS = {"zero": INTEGER, "digits": INTEGER, "mantissa_digits": FLOAT, "exp_digits": FLOAT}
+# One shared token per structural byte: the lexer's most frequent output.
+_STRUCTURAL_TOKENS = {b: Token(chr(b), bytes([b])) for b in _STRUCTURAL}
+
+
 class _Lexer:
     """Byte-level tokenizer mirroring the states of QEMU's JSON lexer."""
 
@@ -53,17 +92,54 @@ class _Lexer:
         self.token = bytearray()
 
     def feed(self, data: bytes, out: list) -> None:
-        for b in data:
-            self._char(b, out)
+        pos, end = 0, len(data)
+        while pos < end:
+            skip = _SKIP_RUNS.get(self.state)
+            if skip is not None:
+                pos = skip.match(data, pos).end()
+                if self.state == "start" and pos < end and data[pos] in _STRUCTURAL_TOKENS:
+                    out.append(_STRUCTURAL_TOKENS[data[pos]])
+                    pos += 1
+                    continue
+            else:
+                run = _TOKEN_RUNS.get(self.state)
+                if run is not None:
+                    stop = min(run.match(data, pos).end(), pos + MAX_TOKEN_SIZE + 1 - len(self.token))
+                    self.token += data[pos:stop]
+                    pos = stop
+                    if len(self.token) > MAX_TOKEN_SIZE:
+                        self._oversize(out)
+                        continue
+            if pos < end:
+                self._char(data[pos], out)
+                pos += 1
+                if len(self.token) > MAX_TOKEN_SIZE:
+                    self._oversize(out)
+
+    def buffered(self) -> int:
+        """Bytes of the token being read."""
+        return len(self.token)
+
+    def _oversize(self, out: list) -> None:
+        """QEMU's cap on a token still being read (json_lexer_feed_char).
+
+        Past ``MAX_TOKEN_SIZE`` bytes the lexer hands what it has to the
+        streamer, which answers "JSON token size limit exceeded", and starts
+        afresh with the next byte: the rest of an overlong string is lexed as
+        JSON text.  Nothing of the token is echoed.
+        """
+        out.append(Token(OVERSIZE, b""))
+        self.token = bytearray()
+        self.state = "start"
 
     def _emit(self, kind: str, out: list) -> None:
         out.append(Token(kind, bytes(self.token)))
-        self.token.clear()
+        self.token = bytearray()
         self.state = "start"
 
     def _error(self, out: list) -> None:
         out.append(Token("error", bytes(self.token)))
-        self.token.clear()
+        self.token = bytearray()
         self.state = "recovery"
 
     def _char(self, b: int, out: list) -> None:
@@ -102,7 +178,6 @@ class _Lexer:
                         self.state = st + "_esc"
                     elif (b == 0x22) if st == "dq" else (b == 0x27):
                         self._emit(STRING, out)
-                    self._check_size(out)
                     return
                 self.token.append(b)
                 self._error(out)
@@ -126,36 +201,21 @@ class _Lexer:
                 return True
             self._emit(KEYWORD, out)
             return False
-        moves: dict[str, list[tuple[bytes, str]]] = {
-            "sign": [(b"0", "zero"), (b"123456789", "digits")],
-            "zero": [(b".", "mantissa")],
-            "digits": [(_DIGITS, "digits"), (b"eE", "exp_e"), (b".", "mantissa")],
-            "mantissa": [(_DIGITS, "mantissa_digits")],
-            "mantissa_digits": [(_DIGITS, "mantissa_digits"), (b"eE", "exp_e")],
-            "exp_e": [(b"+-", "exp_sign"), (_DIGITS, "exp_digits")],
-            "exp_sign": [(_DIGITS, "exp_digits")],
-            "exp_digits": [(_DIGITS, "exp_digits")],
-        }
-        for chars, nxt in moves[st]:
+        for chars, nxt in _NUMBER_MOVES[st]:
             if b in chars:
                 self.token.append(b)
                 self.state = nxt
                 return True
-        terminal = {"zero": INTEGER, "digits": INTEGER, "mantissa_digits": FLOAT, "exp_digits": FLOAT}
         if st == "zero" and b in _DIGITS:
             self.token.append(b)
             self._error(out)
             return True
-        if st in terminal:
-            self._emit(terminal[st], out)
+        if st in _NUMBER_TERMINALS:
+            self._emit(_NUMBER_TERMINALS[st], out)
             return False
         self.token.append(b)
         self._error(out)
         return True
-
-    def _check_size(self, out: list) -> None:
-        if len(self.token) > MAX_TOKEN_SIZE:
-            self._error(out)
 
 
 class JSONMessageStream:
@@ -178,8 +238,12 @@ class JSONMessageStream:
                 results.append(result)
         return results
 
+    def buffered(self) -> int:
+        """Bytes of the message being collected (tokens so far and the one being read)."""
+        return self._size + self._lexer.buffered()
+
     def _reset(self) -> None:
-        self._tokens.clear()
+        self._tokens = []
         self._braces = self._brackets = 0
         self._size = 0
 
@@ -187,6 +251,9 @@ class JSONMessageStream:
         if tok.kind == "error":
             self._reset()
             return _parse_error(f"stray '{_qemu_text(tok.text)}'")
+        if tok.kind == OVERSIZE:
+            self._reset()
+            return QMPError("JSON token size limit exceeded")
         if tok.kind == LCURLY:
             self._braces += 1
         elif tok.kind == RCURLY:
@@ -209,7 +276,7 @@ class JSONMessageStream:
         self._size += len(tok.text)
         if (self._braces > 0 or self._brackets > 0) and self._braces >= 0 and self._brackets >= 0:
             return _MORE
-        tokens = self._tokens[:]
+        tokens = self._tokens
         self._reset()
         try:
             return _Parser(tokens).message()
@@ -374,6 +441,25 @@ def _mod_utf8_codepoint(data: bytes, pos: int) -> tuple[int, int]:
     return cp, pos
 
 
+def _well_formed(raw: bytes) -> str | None:
+    """``raw`` decoded, if it is UTF-8 that QEMU's decoder takes as is; else None.
+
+    The common case, decoded in C: the code-point loop below would take tens
+    of seconds for a string near the 64 MiB token limit.  Noncharacters
+    (U+FDD0..U+FDEF, U+xFFFE, U+xFFFF) are encoded with the bytes EF B7 or
+    BF BE/BF BF, so text without those needs no search for them.
+    """
+    if raw.isascii():
+        return raw.decode("ascii")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if (b"\xef\xb7" in raw or b"\xbf\xbe" in raw or b"\xbf\xbf" in raw) and _NONCHARACTER.search(text):
+        return None
+    return text
+
+
 def _qemu_text(raw: bytes) -> str:
     """Raw input bytes as they come back inside an error message.
 
@@ -381,6 +467,9 @@ def _qemu_text(raw: bytes) -> str:
     writer turns every undecodable sequence into U+FFFD.
     """
     raw = raw.split(b"\0", 1)[0]
+    text = _well_formed(raw)
+    if text is not None:
+        return text
     out = []
     pos = 0
     while pos < len(raw):
@@ -390,11 +479,8 @@ def _qemu_text(raw: bytes) -> str:
 
 
 def _decode_plain(raw: bytes) -> str:
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and not _NONCHARACTER.search(text):
+    text = _well_formed(raw)
+    if text is not None:
         return text
     out = []
     pos = 0
@@ -471,7 +557,15 @@ def _escape(match: re.Match) -> str:
     return f"\\u{cp:04X}"
 
 
+# Printable ASCII the writer copies as is: deleting these from a string's
+# bytes (in C) shows whether it needs escaping at all, far faster than a
+# regex search over a string near the 64 MiB token limit.
+_PLAIN_ASCII = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
+
+
 def _quoted(s: str) -> str:
+    if s.isascii() and not s.encode("ascii").translate(None, _PLAIN_ASCII):
+        return '"' + s + '"'
     return '"' + _NEEDS_ESCAPE.sub(_escape, s) + '"'
 
 

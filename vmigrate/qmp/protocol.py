@@ -1,7 +1,7 @@
 """The QMP request/response protocol of one monitor, as QEMU 7.2 speaks it (sans-IO).
 
-:class:`MonitorProtocol` takes bytes from the client and returns the bytes to
-send back; it knows nothing about sockets.  Command execution is delegated to
+:class:`MonitorProtocol` parses bytes from the client into messages and
+answers those with the bytes to send back; it knows nothing about sockets.  Command execution is delegated to
 a :class:`Dispatcher` so the protocol rules (negotiation mode, request
 member checks, OOB, id echo) live in one place.
 """
@@ -84,9 +84,21 @@ class MonitorProtocol:
         version = output_order(load_schema(), "VersionInfo", {"qemu": self.greeting_version, "package": self.package})
         return dumps({"QMP": qdict([("version", version), ("capabilities", caps)])})
 
-    def receive(self, data: bytes) -> list[bytes]:
-        """Feed client bytes; return the complete responses, in order."""
-        return [dumps(r) for r in map(self.handle, self._stream.feed(data)) if r is not None]
+    def parse(self, data: bytes) -> list[Any]:
+        """Feed client bytes; return the messages (or JSON errors) they complete.
+
+        Touches nothing but this monitor's JSON stream, so the server may run
+        it in a worker thread while the loop serves other monitors.
+        """
+        return self._stream.feed(data)
+
+    def buffered(self) -> int:
+        """Bytes of the incomplete message held so far (what the next parse may have to finish)."""
+        return self._stream.buffered()
+
+    def answer(self, messages: list[Any]) -> list[bytes]:
+        """Handle parsed messages; return the complete responses, in order."""
+        return [dumps(r) for r in map(self.handle, messages) if r is not None]
 
     def handle(self, message: Any) -> dict | None:
         if isinstance(message, QMPError):

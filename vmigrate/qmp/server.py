@@ -5,20 +5,54 @@ SCM_RIGHTS (for ``getfd`` and ``fd:`` migration URIs) arrive with the bytes.
 Events can be emitted from any thread; they are written from the loop
 thread, and an event raised while a command runs is written before that
 command's response, as in QEMU.
+
+A monitor's input is parsed on the loop thread while it is small; once the
+message being collected grows past ``INLINE_PARSE_LIMIT`` its parsing moves
+to a worker thread and the monitor stops reading until that is done, so one
+client sending a message near QEMU's 64 MiB limit does not stall the other
+monitors (docs/qmp-limits.md).
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import concurrent.futures
+import ctypes
+import logging
 import os
 import socket
+import sys
 import threading
-from typing import Callable
+from typing import Any, Callable
 
 from vmigrate.qmp.protocol import Dispatcher, MonitorProtocol, event_message
 
 MAX_FDS = 16
+#: Input bytes (incomplete message plus the bytes just read) parsed on the loop
+#: thread; more goes to a worker thread.  Requests are far smaller.
+INLINE_PARSE_LIMIT = 64 << 10
+#: Pending connections per listener.  QEMU's chardev listens with a backlog of
+#: 1 and serves one client at a time; vmigrate serves every client at once, and
+#: a burst of connects must not be refused (docs/qmp-limits.md).
+LISTEN_BACKLOG = socket.SOMAXCONN
+
+log = logging.getLogger(__name__)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim).
+
+    The VM process keeps large buffers in an untrimmed heap for migration
+    speed (vmigrate/machine/host.py); after a monitor has parsed a message of
+    tens of MiB that would keep its buffers' pages resident for good.  A no-op
+    where the C library has no malloc_trim.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def parse_address(spec: str) -> tuple[str, object]:
@@ -63,7 +97,33 @@ class _Connection:
         if not data:
             self.close()
             return
-        for response in self.proto.receive(data):
+        if self.proto.buffered() + len(data) <= INLINE_PARSE_LIMIT:
+            self._answer(self.proto.parse(data))
+            return
+        # Like QEMU suspending a busy monitor: read nothing more until parsed.
+        loop = self.server.loop
+        loop.remove_reader(self.sock.fileno())
+        future = loop.run_in_executor(self.server.parsers, self.proto.parse, data)
+        future.add_done_callback(self._parsed)
+
+    def _parsed(self, future: "asyncio.Future[list[Any]]") -> None:
+        if self.closed or future.cancelled():
+            return
+        error = future.exception()
+        if error is not None:
+            log.error("parsing input of monitor %s failed", self.chardev, exc_info=error)
+            self.close()
+            return
+        self._answer(future.result())
+        if self.closed:
+            return
+        if not self.proto.buffered():
+            # Once this callback (and the future holding the parsed message) is gone.
+            self.server.loop.call_soon(release_free_memory)
+        self.server.loop.add_reader(self.sock.fileno(), self._on_readable)
+
+    def _answer(self, messages: list[Any]) -> None:
+        for response in self.proto.answer(messages):
             self.send(response)
         self.server.after_request()
 
@@ -83,6 +143,10 @@ class _Connection:
                 self.close()
                 return
             del self._out[:n]
+        if not self._out and sys.getsizeof(self._out) > INLINE_PARSE_LIMIT:
+            # A large reply went out (an echoed id of many MiB): let its buffer go.
+            self._out = bytearray()
+            self.server.loop.call_soon(release_free_memory)
         want = bool(self._out)
         if want != self._writing:
             if want:
@@ -115,6 +179,8 @@ class QMPServer:
         self.loop = loop
         self.connections: set[_Connection] = set()
         self._listeners: list[socket.socket] = []
+        #: Parses monitor input too large for the loop thread (see INLINE_PARSE_LIMIT).
+        self.parsers = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="qmp-parse")
         self._unix_paths: list[str] = []
         self._loop_thread = threading.get_ident()
         #: Called after each batch of requests (e.g. to act on ``quit``).
@@ -131,7 +197,7 @@ class QMPServer:
             # sees the path can always connect (no bind-to-listen window).
             staging = f"{path}.{os.getpid()}.tmp"
             sock.bind(staging)
-            sock.listen(8)
+            sock.listen(LISTEN_BACKLOG)
             os.rename(staging, path)
             self._unix_paths.append(path)
         else:
@@ -140,19 +206,25 @@ class QMPServer:
             sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((host, port))
-        sock.listen(8)
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
         self._listeners.append(sock)
         self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     def _accept(self, listener: socket.socket) -> None:
-        try:
-            sock, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        conn = _Connection(self, sock)
-        conn.chardev = self.chardev_ids()[self._listeners.index(listener)]
-        self.connections.add(conn)
+        """Accept every pending connection: a burst is greeted in one pass."""
+        chardev = self.chardev_ids()[self._listeners.index(listener)]
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                log.warning("accepting a QMP connection on %s failed: %s", chardev, err)
+                return
+            conn = _Connection(self, sock)
+            conn.chardev = chardev
+            self.connections.add(conn)
 
     def chardev_ids(self) -> list[str]:
         """Each ``--qmp`` is a socket character device to QEMU users: ``compat_monitor<N>``."""
@@ -187,3 +259,4 @@ class QMPServer:
         for conn in list(self.connections):
             conn._flush()
             conn.close()
+        self.parsers.shutdown(wait=False, cancel_futures=True)
