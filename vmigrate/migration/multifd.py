@@ -25,8 +25,6 @@ counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from collections import deque
 from typing import Callable
@@ -34,8 +32,7 @@ from typing import Callable
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
-from vmigrate.migration.channel import (ChannelError, MigrationAddress, SocketChannel, ZeroCopySocket, connect,
-                                        sendmsg_all)
+from vmigrate.migration.channel import Channel, ChannelError, ZeroCopySocket
 from vmigrate.migration.compress import write_pages
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
@@ -60,12 +57,12 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(pages[firsts].tolist(), counts.tolist()))
 
 
-def open_channels(addr: MigrationAddress, count: int, zero_copy: bool) -> list[SocketChannel]:
-    """Connect the ``count`` multifd channels to the main channel's address."""
-    channels: list[SocketChannel] = []
+def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool) -> list[Channel]:
+    """Open the ``count`` multifd channels with *connect* (the main channel's address, and TLS if set)."""
+    channels: list[Channel] = []
     try:
         for _ in range(count):
-            channel = connect(addr)
+            channel = connect()
             channels.append(channel)
             if zero_copy and not ZeroCopySocket.enable(channel.sock):
                 raise MultifdError("Zero copy send feature not detected in host kernel")
@@ -87,7 +84,7 @@ class _Job:
 
 
 class _SendChannel:
-    def __init__(self, owner: "MultifdSender", channel_id: int, channel: SocketChannel, encoder: wire.PayloadEncoder,
+    def __init__(self, owner: "MultifdSender", channel_id: int, channel: Channel, encoder: wire.PayloadEncoder,
                  uuid: bytes, zero_copy: bool) -> None:
         self.owner = owner
         self.id = channel_id
@@ -148,10 +145,7 @@ class _SendChannel:
             self.channel.write(head)
             self.zero_copy.send(data)
         else:
-            try:
-                sendmsg_all(self.channel.sock, [head, *data])
-            except OSError as err:
-                raise ChannelError(f"Unable to write to socket: {os.strerror(err.errno or errno.EPIPE)}") from None
+            self.channel.writev([head, *data])
 
 
 class MultifdSender:
@@ -161,7 +155,7 @@ class MultifdSender:
     traffic counts against the same ``max-bandwidth`` budget.
     """
 
-    def __init__(self, channels: list[SocketChannel], method: str, level: int, zero_copy: bool, uuid: bytes,
+    def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool, uuid: bytes,
                  stats: RamStats, account: Callable[[int], None]) -> None:
         self.stats = stats
         self.account = account
@@ -279,7 +273,7 @@ class MultifdReceiver:
     channel; a channel can therefore never be more than one sync ahead.
     """
 
-    def __init__(self, channels: list[SocketChannel], method: str, blocks: list[RAMBlock],
+    def __init__(self, channels: list[Channel], method: str, blocks: list[RAMBlock],
                  on_pages: Callable[[str, np.ndarray], None] | None = None) -> None:
         """``on_pages(block, page_indices)`` is told about every page written (from a channel thread)."""
         self.blocks = {b.idstr: b for b in blocks}
@@ -298,7 +292,7 @@ class MultifdReceiver:
         for t in self.threads:
             t.start()
 
-    def _run(self, channel_id: int, channel: SocketChannel, decoder: wire.PayloadDecoder) -> None:
+    def _run(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:
         head = bytearray(wire.HEADER_SIZE)
         scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
         try:
@@ -362,14 +356,11 @@ class MultifdReceiver:
             ch.close()
 
 
-def recv_exact(channel: SocketChannel, view: memoryview, eof_ok: bool = False) -> bool:
+def recv_exact(channel: Channel, view: memoryview, eof_ok: bool = False) -> bool:
     """Fill ``view`` from the socket; False on a clean EOF before the first byte if ``eof_ok``."""
     got = 0
     while got < len(view):
-        try:
-            n = channel.sock.recv_into(view[got:])
-        except OSError as err:
-            raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or errno.ECONNRESET)}") from None
+        n = channel.recv_into(view[got:])
         if n == 0:
             if got == 0 and eof_ok:
                 return False
