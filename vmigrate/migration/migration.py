@@ -386,9 +386,10 @@ class OutgoingSession:
         if not addr.multi_channel:
             raise MultifdSetupError("multifd is not supported by current protocol")
         uuid = self.host.uuid
-        channels = open_channels(connect_channel, params.multifd_channels, zero_copy)
-        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy,
-                             uuidlib.UUID(uuid).bytes if uuid else bytes(16), self.stats, self.limiter.account)
+        channels = open_channels(connect_channel, params.multifd_channels, zero_copy,
+                                 uuidlib.UUID(uuid).bytes if uuid else bytes(16))
+        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy, self.stats,
+                             self.limiter.account)
 
     def _pass_event(self, count: int) -> None:
         if self.config.caps.events:

@@ -57,15 +57,22 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(pages[firsts].tolist(), counts.tolist()))
 
 
-def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool) -> list[Channel]:
-    """Open the ``count`` multifd channels with *connect* (the main channel's address, and TLS if set)."""
+def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool, uuid: bytes) -> list[Channel]:
+    """Open the ``count`` multifd channels with *connect* (the main channel's address, TLS if set).
+
+    Each channel sends its initial packet as soon as it is open, before the
+    next one is opened, as QEMU's do: a QEMU 7.2 destination reads a TLS
+    channel's initial packet right after its handshake, in its main loop,
+    and handshakes no other channel until it has it.
+    """
     channels: list[Channel] = []
     try:
-        for _ in range(count):
+        for channel_id in range(count):
             channel = connect()
             channels.append(channel)
             if zero_copy and not ZeroCopySocket.enable(channel.sock):
                 raise MultifdError("Zero copy send feature not detected in host kernel")
+            channel.write(wire.initial_packet(uuid, channel_id))
     except ChannelError:
         for channel in channels:
             channel.close()
@@ -85,12 +92,11 @@ class _Job:
 
 class _SendChannel:
     def __init__(self, owner: "MultifdSender", channel_id: int, channel: Channel, encoder: wire.PayloadEncoder,
-                 uuid: bytes, zero_copy: bool) -> None:
+                 zero_copy: bool) -> None:
         self.owner = owner
         self.id = channel_id
         self.channel = channel
         self.encoder = encoder
-        self.uuid = uuid
         self.zero_copy = ZeroCopySocket(channel.sock) if zero_copy else None
         self.jobs: deque[_Job] = deque()
         self.syncs_done = 0
@@ -103,7 +109,6 @@ class _SendChannel:
     def _run(self) -> None:
         owner = self.owner
         try:
-            self.channel.write(wire.initial_packet(self.uuid, self.id))
             while True:
                 with owner.cond:
                     while not self.jobs and not owner.stop.is_set():
@@ -155,7 +160,7 @@ class MultifdSender:
     traffic counts against the same ``max-bandwidth`` budget.
     """
 
-    def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool, uuid: bytes,
+    def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool,
                  stats: RamStats, account: Callable[[int], None]) -> None:
         self.stats = stats
         self.account = account
@@ -167,7 +172,7 @@ class MultifdSender:
         self._block: RAMBlock | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
-        self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), uuid, zero_copy)
+        self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), zero_copy)
                          for i, ch in enumerate(channels)]
         for ch in self.channels:
             ch.thread.start()

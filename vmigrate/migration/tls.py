@@ -119,6 +119,9 @@ def _build_context(directory: str, endpoint: str, verify_peer: bool) -> ssl.SSLC
         raise TlsCredsError(f"Unable to load credentials from {directory}: {err}") from None
     if server:
         context.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+        # No TLS 1.3 session tickets: a source that never reads its main channel (no return
+        # path) would close with them unread, and the reset could cut the stream's end.
+        context.num_tickets = 0
     elif not verify_peer:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -277,4 +280,13 @@ class TlsChannel(Channel):
         self.raw.drain(timeout)
 
     def close(self) -> None:
+        """Discard input already here (a GnuTLS server's session tickets) before closing: closing
+        with unread input resets the connection, which could cut what the peer has yet to read."""
+        sock = self.raw.sock
+        try:
+            sock.setblocking(False)
+            while sock.recv(RECV_CHUNK):
+                pass
+        except OSError:
+            pass
         self.raw.close()
