@@ -90,7 +90,7 @@ def test_unknown_ca_fails_cleanly(spawn, tmp_path):
 @pytest.mark.parametrize("creds_id,transport,desc", [
     ("nope", "tcp", "No TLS credentials with id 'nope'"),
     ("srv", "tcp", "Expected TLS credentials for a client endpoint"),
-    ("tls0", "unix", "No hostname available for TLS"),
+    ("tls0", "unix", "No hostname for certificate validation"),
 ])
 def test_source_credentials_checked_once_connected(spawn, tmp_path, creds_id, transport, desc):
     """QEMU's migration_tls_client_create runs once the channel is up: its errors fail the migration."""
@@ -105,3 +105,19 @@ def test_source_credentials_checked_once_connected(spawn, tmp_path, creds_id, tr
     src.cmd("migrate", uri=uri)
     assert src.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}
     assert src.status() == "running"
+
+
+def test_tls_over_exec_refused_both_sides(spawn, tmp_path):
+    """QEMU 7.2 runs TLS over its two-way exec: channel; vmigrate's is one-way, so it says so."""
+    server, client = make_pki(tmp_path / "pki")
+    desc = "vmigrate does not implement TLS over exec: or fd: migration yet"
+    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", *creds(client, "client"))
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+    src.cmd("migrate", uri="exec:cat > /dev/null")
+    assert src.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}
+    assert src.status() == "running"
+    (tmp_path / "stream").write_bytes(b"QEVM\0\0\0\3")
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--incoming", "defer", *creds(server, "server"))
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri=f"exec:cat {tmp_path / 'stream'}")
+    assert dst.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}

@@ -192,8 +192,8 @@ class IncomingMigration:
             raise
 
     def _fail_setup(self, desc: str) -> None:
-        """A multifd channel was refused: QEMU 7.2 only prints this and keeps waiting
-        forever; here the incoming migration fails with the reason."""
+        """A multifd channel or a TLS session was refused: QEMU 7.2 only prints this and keeps
+        waiting forever; here the incoming migration fails with the reason."""
         for extra in self._multifd_channels:
             extra.close()
         self._multifd_channels = []

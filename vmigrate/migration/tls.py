@@ -140,11 +140,13 @@ def get_creds(creds: Mapping[str, TlsCreds], creds_id: str, endpoint: str) -> Tl
 
 def client_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str,
                    hostname: str) -> "TlsChannel":
-    """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's host."""
+    """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's
+    host; a unix socket has none, which only ``verify-peer=off`` credentials can do without."""
     found = get_creds(creds, creds_id, "client")
-    if not hostname:
-        raise TlsError("No hostname available for TLS")
-    return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname)
+    if not hostname and found.verify_peer:
+        # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
+        raise TlsError("No hostname for certificate validation")
+    return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname or None)
 
 
 def server_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str) -> "TlsChannel":
