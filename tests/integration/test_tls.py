@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,20 @@ def test_tls_over_exec_refused_both_sides(spawn, tmp_path):
     dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
     dst.cmd("migrate-incoming", uri=f"exec:cat {tmp_path / 'stream'}")
     assert dst.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}
+
+
+def test_cancel_interrupts_a_stalled_handshake(spawn, tmp_path):
+    """A destination that accepts and never answers the ClientHello: migrate_cancel still ends it."""
+    _, client = make_pki(tmp_path / "pki")
+    silent = socket.create_server(("127.0.0.1", 0))
+    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", *creds(client, "client"))
+    src.set_caps(events=True)
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{silent.getsockname()[1]}")
+    conn, _ = silent.accept()
+    wait_for(lambda: conn.recv(1, socket.MSG_PEEK), 10, "the ClientHello")
+    src.cmd("migrate_cancel")
+    assert src.wait_migration({"cancelled", "failed"}, timeout=10)["status"] == "cancelled"
+    assert src.status() == "running"
+    conn.close()
+    silent.close()

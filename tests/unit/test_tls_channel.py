@@ -32,8 +32,11 @@ def test_creds_refused_with_qemus_texts(options, desc):
     assert str(err.value) == desc
 
 
-def test_server_needs_its_key_pair_client_does_not(pki):
+def test_server_needs_its_key_pair_client_does_not(pki, tmp_path):
     server, client = pki
+    (tmp_path / "server-cert.pem").write_bytes((server / "server-cert.pem").read_bytes())
+    with pytest.raises(TlsCredsError, match="ca-cert.pem"):
+        TlsCreds.from_options({"id": "t", "dir": str(tmp_path), "endpoint": "server", "verify-peer": "off"})
     with pytest.raises(TlsCredsError, match="server-cert.pem"):
         TlsCreds.from_options({"id": "t", "dir": str(client), "endpoint": "server"})
     assert TlsCreds.from_options({"id": "t", "dir": str(server), "endpoint": "client"}).endpoint == "client"

@@ -172,6 +172,8 @@ class OutgoingSession:
         self.limiter = RateLimiter(config.params.max_bandwidth)
         self.file: QEMUFileOut | None = None
         self.multifd: MultifdSender | None = None
+        #: A channel in its TLS handshake, which cancel and yank must be able to interrupt.
+        self._handshaking: Channel | None = None
         self._continue = threading.Semaphore(0)
         self.auto_converge = AutoConverge(host.vcpus)
         self.total_ram = sum(b.size for b in host.ram_blocks)
@@ -223,12 +225,16 @@ class OutgoingSession:
         params = self.config.params
 
         def open_secured() -> Channel:
-            channel = factory()
+            channel = self._handshaking = factory()
             try:
+                if self.status.status == S.CANCELLING:
+                    raise MigrationCancelled()
                 return client_channel(channel, self.host.tls_creds, params.tls_creds, params.tls_hostname or addr.host)
-            except ChannelError:
+            except (ChannelError, MigrationCancelled):
                 channel.close()
                 raise
+            finally:
+                self._handshaking = None
         return open_secured
 
     def cancel(self) -> None:
@@ -250,6 +256,9 @@ class OutgoingSession:
         f = self.file
         if f is not None:
             f.shutdown()
+        handshaking = self._handshaking
+        if handshaking is not None:
+            handshaking.shutdown()
 
     def continue_(self) -> None:
         self._continue.release()

@@ -99,20 +99,20 @@ def _credential(directory: str, name: str, required: bool) -> str | None:
 def _build_context(directory: str, endpoint: str, verify_peer: bool) -> ssl.SSLContext:
     """The files QEMU's crypto/tlscredsx509.c loads for the endpoint, as an OpenSSL context.
 
-    A server always presents its certificate and, with ``verify-peer``,
+    The CA certificate is required even with ``verify-peer=off``, as QEMU
+    requires it.  A server always presents its certificate and, with ``verify-peer``,
     demands a client certificate signed by the CA; a client checks the
     server's certificate and name unless ``verify-peer=off`` and presents
     its own certificate when the directory has one.
     """
     server = endpoint == "server"
-    ca = _credential(directory, CA_CERT, required=verify_peer)
+    ca = _credential(directory, CA_CERT, required=True)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
     cert_name, key_name = (SERVER_CERT, SERVER_KEY) if server else (CLIENT_CERT, CLIENT_KEY)
     cert = _credential(directory, cert_name, required=server)
     key = _credential(directory, key_name, required=server)
     try:
-        if ca is not None:
-            context.load_verify_locations(cafile=ca)
+        context.load_verify_locations(cafile=ca)
         if cert is not None and key is not None:
             context.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as err:
