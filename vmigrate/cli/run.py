@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import uuid as uuidlib
+from typing import TYPE_CHECKING
 
 from vmigrate.cli.main import CLIError
 from vmigrate.trace import setup_logging, trace
+
+if TYPE_CHECKING:
+    from vmigrate.migration.tls import TlsCreds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(a socket clients connect to); default: discarded")
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--incoming", help="wait for an incoming migration: 'defer' or a URI")
+    p.add_argument("--object", action="append", default=[], metavar="TYPE,id=ID,...",
+                   help="create an object, like QEMU's -object; so far only "
+                   "tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off] (repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
@@ -54,11 +61,36 @@ def config_from_args(args: argparse.Namespace):
     accel, dirty_ring_size = parse_accel(args.accel)
     if args.serial is not None and accel != "kvm":
         raise CLIError("--serial needs --accel kvm (the software vCPU has no UART)")
+    objects = [parse_object(text) for text in args.object]
+    ids = [obj.id for obj in objects]
+    for obj_id in ids:
+        if ids.count(obj_id) > 1:
+            raise CLIError(f"Duplicate ID '{obj_id}' for object")
     return VMConfig(
-        memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
+        objects=objects, memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
         dirty_ring_size=dirty_ring_size, serial=args.serial,
         guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
     )
+
+
+def parse_object(text: str) -> "TlsCreds":
+    """``--object TYPE,KEY=VALUE,...``, checked as QEMU's -object checks it (at start, files loaded)."""
+    from vmigrate.migration.tls import TlsCreds, TlsCredsError
+
+    kind, *pairs = text.split(",")
+    options: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise CLIError(f"Invalid parameter '{key}'")
+        options[key] = value
+    if kind != "tls-creds-x509":
+        raise CLIError(f"Parameter 'qom-type' does not accept value '{kind}'" if kind
+                       else "Parameter 'qom-type' is missing")
+    try:
+        return TlsCreds.from_options(options)
+    except TlsCredsError as err:
+        raise CLIError(str(err)) from None
 
 
 def parse_accel(text: str | None) -> tuple[str, int]:

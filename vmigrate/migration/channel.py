@@ -176,6 +176,17 @@ class Channel:
         """
         raise NotImplementedError
 
+    def writev(self, buffers: list) -> None:
+        """Write several buffers in order (one gathered send where the transport can)."""
+        for buffer in buffers:
+            self.write(buffer)
+
+    def recv_into(self, view: memoryview) -> int:
+        """Read into *view* (multifd's payloads land in place); 0 at end of stream."""
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
     def shutdown(self) -> None:
         """Make blocked reads/writes in other threads fail now."""
 
@@ -222,6 +233,18 @@ class SocketChannel(Channel):
     def read(self, size: int) -> bytes:
         try:
             return self.sock.recv(size)
+        except OSError as err:
+            raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or 104)}") from None
+
+    def writev(self, buffers: list) -> None:
+        try:
+            sendmsg_all(self.sock, buffers)
+        except OSError as err:
+            raise ChannelError(f"Unable to write to socket: {os.strerror(err.errno or 32)}") from None
+
+    def recv_into(self, view: memoryview) -> int:
+        try:
+            return self.sock.recv_into(view)
         except OSError as err:
             raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or 104)}") from None
 

@@ -27,6 +27,7 @@ from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.savevm import LoadContext, LoadError, LoadVM
 from vmigrate.migration.status import MigrationStatus, StatusMachine
+from vmigrate.migration.tls import TlsError, server_channel
 from vmigrate.migration.wire import multifd as wire_multifd
 from vmigrate.migration.wire import return_path, stream
 from vmigrate.migration.wire.errors import WireError
@@ -126,10 +127,15 @@ class IncomingMigration:
         except ChannelError:
             return
         config = self.options.snapshot()
+        try:
+            channel = self._secure(channel, config)
+        except TlsError as err:
+            self._fail_setup(str(err))
+            return
         if config.caps.multifd:
             try:
-                self._accept_multifd(listener, config.params.multifd_channels)
-            except (WireError, MultifdError) as err:
+                self._accept_multifd(listener, config)
+            except (WireError, MultifdError, TlsError) as err:
                 channel.close()
                 self._fail_setup(str(err))
                 return
@@ -162,11 +168,32 @@ class IncomingMigration:
             if self._closing.is_set():
                 channel.close()
                 return
-        self._load(channel, self.options.snapshot())
+        config = self.options.snapshot()
+        try:
+            channel = self._secure(channel, config)
+        except TlsError as err:
+            self._fail_setup(str(err))
+            return
+        self._load(channel, config)
+
+    def _secure(self, channel: Channel, config: MigrationConfig) -> Channel:
+        """With ``tls-creds`` set, every accepted channel is a TLS server session
+        (QEMU's migration_tls_channel_process_incoming); QEMU 7.2 only prints a failure
+        and keeps waiting, here the incoming migration fails with it."""
+        params = config.params
+        if not params.tls_creds:
+            return channel
+        try:
+            if params.tls_authz:
+                raise TlsError("vmigrate does not implement tls-authz yet")
+            return server_channel(channel, self.host.tls_creds, params.tls_creds)
+        except TlsError:
+            channel.close()
+            raise
 
     def _fail_setup(self, desc: str) -> None:
-        """A multifd channel was refused: QEMU 7.2 only prints this and keeps waiting
-        forever; here the incoming migration fails with the reason."""
+        """A multifd channel or a TLS session was refused: QEMU 7.2 only prints this and keeps
+        waiting forever; here the incoming migration fails with the reason."""
         for extra in self._multifd_channels:
             extra.close()
         self._multifd_channels = []
@@ -174,15 +201,22 @@ class IncomingMigration:
         self._close_listener()
         self.status.transition(S.NONE, S.FAILED)
 
-    def _accept_multifd(self, listener: Listener, count: int) -> None:
+    def _accept_multifd(self, listener: Listener, config: MigrationConfig) -> None:
         """Accept the multifd channels and check their initial packets (docs/qemu/multifd.md §2)."""
+        count = config.params.multifd_channels
         uuid = self.host.uuid
         local_uuid = uuidlib.UUID(uuid).bytes if uuid else bytes(16)
         by_id: dict[int, Channel] = {}
         pending = self._multifd_channels
+        if config.params.tls_creds:
+            # A source may finish every channel's handshake before it writes on any (vmigrate's
+            # does, in one thread): so all the handshakes first, then the initial packets.
+            for _ in range(count):
+                pending.append(self._secure(listener.accept(), config))
         for n in range(count):
-            channel = listener.accept()
-            pending.append(channel)
+            if n == len(pending):
+                pending.append(listener.accept())
+            channel = pending[n]
             head = bytearray(wire_multifd.INITIAL_PACKET_SIZE)
             try:
                 recv_exact(channel, memoryview(head))

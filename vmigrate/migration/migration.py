@@ -33,6 +33,7 @@ from vmigrate.migration.savevm import SaveContext, SaveVM
 from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
 from vmigrate.migration.status import MigrationStatus, StatusMachine
 from vmigrate.migration.throttle import AutoConverge
+from vmigrate.migration.tls import client_channel
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path
 from vmigrate.trace import trace
 
@@ -95,8 +96,6 @@ class MigrationManager:
         for cap in UNIMPLEMENTED_CAPABILITIES:
             if getattr(caps, cap.replace("-", "_")):
                 raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
-        if config.params.tls_creds:
-            raise MigrationError("vmigrate does not implement TLS migration yet")
         session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats)
         session.start(uri, named_fds)
 
@@ -173,6 +172,8 @@ class OutgoingSession:
         self.limiter = RateLimiter(config.params.max_bandwidth)
         self.file: QEMUFileOut | None = None
         self.multifd: MultifdSender | None = None
+        #: A channel in its TLS handshake, which cancel and yank must be able to interrupt.
+        self._handshaking: Channel | None = None
         self._continue = threading.Semaphore(0)
         self.auto_converge = AutoConverge(host.vcpus)
         self.total_ram = sum(b.size for b in host.ram_blocks)
@@ -208,9 +209,33 @@ class OutgoingSession:
             channel_factory = lambda: FdChannel(fd)  # noqa: E731
         else:
             channel_factory = lambda: connect(addr)  # noqa: E731
+        if self.config.params.tls_creds:
+            channel_factory = self._secured(channel_factory, addr)
         self.thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
                                        daemon=True)
         self.thread.start()
+
+    def _secured(self, factory: Callable[[], Channel], addr: MigrationAddress) -> Callable[[], Channel]:
+        """*factory*'s channels wrapped as TLS clients (QEMU's migration_tls_channel_connect).
+
+        The credentials are looked up once connected, as QEMU does, so their
+        errors end the migration with an ``error-desc``; the server name is
+        ``tls-hostname``, else the URI's host (none for a unix socket).
+        """
+        params = self.config.params
+
+        def open_secured() -> Channel:
+            channel = self._handshaking = factory()
+            try:
+                if self.status.status == S.CANCELLING:
+                    raise MigrationCancelled()
+                return client_channel(channel, self.host.tls_creds, params.tls_creds, params.tls_hostname or addr.host)
+            except (ChannelError, MigrationCancelled):
+                channel.close()
+                raise
+            finally:
+                self._handshaking = None
+        return open_secured
 
     def cancel(self) -> None:
         trace("migrate_fd_cancel")
@@ -231,6 +256,9 @@ class OutgoingSession:
         f = self.file
         if f is not None:
             f.shutdown()
+        handshaking = self._handshaking
+        if handshaking is not None:
+            handshaking.shutdown()
 
     def continue_(self) -> None:
         self._continue.release()
@@ -295,7 +323,7 @@ class OutgoingSession:
             self.expected_downtime = self.config.params.downtime_limit
             thread_start = now_ms()
             window = _Window(self, f)
-            self.multifd = self._open_multifd(addr, channel)
+            self.multifd = self._open_multifd(addr, channel, channel_factory)
             ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
                               self.multifd, self._phase, self._pass_event, self._period_end)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
@@ -355,7 +383,8 @@ class OutgoingSession:
             # QEMU's cleanup bottom half.
             self.status.transition(S.CANCELLING, S.CANCELLED)
 
-    def _open_multifd(self, addr: MigrationAddress, channel: Channel) -> MultifdSender | None:
+    def _open_multifd(self, addr: MigrationAddress, channel: Channel,
+                      connect_channel: Callable[[], Channel]) -> MultifdSender | None:
         """Zero-copy check on the main channel, then the multifd channels (docs/qemu/multifd.md §1, §8)."""
         caps, params = self.config.caps, self.config.params
         zero_copy = caps.zero_copy_send
@@ -366,9 +395,10 @@ class OutgoingSession:
         if not addr.multi_channel:
             raise MultifdSetupError("multifd is not supported by current protocol")
         uuid = self.host.uuid
-        channels = open_channels(addr, params.multifd_channels, zero_copy)
-        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy,
-                             uuidlib.UUID(uuid).bytes if uuid else bytes(16), self.stats, self.limiter.account)
+        channels = open_channels(connect_channel, params.multifd_channels, zero_copy,
+                                 uuidlib.UUID(uuid).bytes if uuid else bytes(16))
+        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy, self.stats,
+                             self.limiter.account)
 
     def _pass_event(self, count: int) -> None:
         if self.config.caps.events:

@@ -25,8 +25,6 @@ counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
 
 from __future__ import annotations
 
-import errno
-import os
 import threading
 from collections import deque
 from typing import Callable
@@ -34,8 +32,7 @@ from typing import Callable
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
-from vmigrate.migration.channel import (ChannelError, MigrationAddress, SocketChannel, ZeroCopySocket, connect,
-                                        sendmsg_all)
+from vmigrate.migration.channel import Channel, ChannelError, ZeroCopySocket
 from vmigrate.migration.compress import write_pages
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
@@ -60,15 +57,22 @@ def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(pages[firsts].tolist(), counts.tolist()))
 
 
-def open_channels(addr: MigrationAddress, count: int, zero_copy: bool) -> list[SocketChannel]:
-    """Connect the ``count`` multifd channels to the main channel's address."""
-    channels: list[SocketChannel] = []
+def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool, uuid: bytes) -> list[Channel]:
+    """Open the ``count`` multifd channels with *connect* (the main channel's address, TLS if set).
+
+    Each channel sends its initial packet as soon as it is open, before the
+    next one is opened, as QEMU's do: a QEMU 7.2 destination reads a TLS
+    channel's initial packet right after its handshake, in its main loop,
+    and handshakes no other channel until it has it.
+    """
+    channels: list[Channel] = []
     try:
-        for _ in range(count):
-            channel = connect(addr)
+        for channel_id in range(count):
+            channel = connect()
             channels.append(channel)
             if zero_copy and not ZeroCopySocket.enable(channel.sock):
                 raise MultifdError("Zero copy send feature not detected in host kernel")
+            channel.write(wire.initial_packet(uuid, channel_id))
     except ChannelError:
         for channel in channels:
             channel.close()
@@ -87,13 +91,12 @@ class _Job:
 
 
 class _SendChannel:
-    def __init__(self, owner: "MultifdSender", channel_id: int, channel: SocketChannel, encoder: wire.PayloadEncoder,
-                 uuid: bytes, zero_copy: bool) -> None:
+    def __init__(self, owner: "MultifdSender", channel_id: int, channel: Channel, encoder: wire.PayloadEncoder,
+                 zero_copy: bool) -> None:
         self.owner = owner
         self.id = channel_id
         self.channel = channel
         self.encoder = encoder
-        self.uuid = uuid
         self.zero_copy = ZeroCopySocket(channel.sock) if zero_copy else None
         self.jobs: deque[_Job] = deque()
         self.syncs_done = 0
@@ -106,7 +109,6 @@ class _SendChannel:
     def _run(self) -> None:
         owner = self.owner
         try:
-            self.channel.write(wire.initial_packet(self.uuid, self.id))
             while True:
                 with owner.cond:
                     while not self.jobs and not owner.stop.is_set():
@@ -148,10 +150,7 @@ class _SendChannel:
             self.channel.write(head)
             self.zero_copy.send(data)
         else:
-            try:
-                sendmsg_all(self.channel.sock, [head, *data])
-            except OSError as err:
-                raise ChannelError(f"Unable to write to socket: {os.strerror(err.errno or errno.EPIPE)}") from None
+            self.channel.writev([head, *data])
 
 
 class MultifdSender:
@@ -161,7 +160,7 @@ class MultifdSender:
     traffic counts against the same ``max-bandwidth`` budget.
     """
 
-    def __init__(self, channels: list[SocketChannel], method: str, level: int, zero_copy: bool, uuid: bytes,
+    def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool,
                  stats: RamStats, account: Callable[[int], None]) -> None:
         self.stats = stats
         self.account = account
@@ -173,7 +172,7 @@ class MultifdSender:
         self._block: RAMBlock | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
-        self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), uuid, zero_copy)
+        self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), zero_copy)
                          for i, ch in enumerate(channels)]
         for ch in self.channels:
             ch.thread.start()
@@ -279,7 +278,7 @@ class MultifdReceiver:
     channel; a channel can therefore never be more than one sync ahead.
     """
 
-    def __init__(self, channels: list[SocketChannel], method: str, blocks: list[RAMBlock],
+    def __init__(self, channels: list[Channel], method: str, blocks: list[RAMBlock],
                  on_pages: Callable[[str, np.ndarray], None] | None = None) -> None:
         """``on_pages(block, page_indices)`` is told about every page written (from a channel thread)."""
         self.blocks = {b.idstr: b for b in blocks}
@@ -298,7 +297,7 @@ class MultifdReceiver:
         for t in self.threads:
             t.start()
 
-    def _run(self, channel_id: int, channel: SocketChannel, decoder: wire.PayloadDecoder) -> None:
+    def _run(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:
         head = bytearray(wire.HEADER_SIZE)
         scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
         try:
@@ -362,14 +361,11 @@ class MultifdReceiver:
             ch.close()
 
 
-def recv_exact(channel: SocketChannel, view: memoryview, eof_ok: bool = False) -> bool:
+def recv_exact(channel: Channel, view: memoryview, eof_ok: bool = False) -> bool:
     """Fill ``view`` from the socket; False on a clean EOF before the first byte if ``eof_ok``."""
     got = 0
     while got < len(view):
-        try:
-            n = channel.sock.recv_into(view[got:])
-        except OSError as err:
-            raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or errno.ECONNRESET)}") from None
+        n = channel.recv_into(view[got:])
         if n == 0:
             if got == 0 and eof_ok:
                 return False

@@ -9,13 +9,14 @@ engine may use, and nothing under ``vmigrate/migration`` imports the VM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 from vmigrate.machine.devices import GlobalState
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.savevm import SectionRegistry
+from vmigrate.migration.tls import TlsCreds
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,5 @@ class MigrationHost:
     machine_type: str
     #: Sends a QMP event from any thread.
     emit_event: Callable[[str, dict | None], None]
+    #: The ``tls-creds-x509`` objects by id, which the ``tls-creds`` parameter names (QEMU's object tree).
+    tls_creds: Mapping[str, TlsCreds]

@@ -1,0 +1,294 @@
+"""TLS on migration channels with x509 credentials (QEMU's migration/tls.c, crypto/tlscredsx509.c).
+
+A ``tls-creds-x509`` object names a directory holding QEMU's file names
+(``ca-cert.pem``, ``server-cert.pem``/``server-key.pem`` or
+``client-cert.pem``/``client-key.pem``) and an endpoint; as in QEMU the
+files are loaded when the object is created, so a missing file stops the
+process at start.  With the ``tls-creds`` parameter set, the source wraps
+every channel it opens (main channel, hence the return path, and each
+multifd channel) as a TLS client and the destination wraps every channel
+it accepts as a TLS server.  The stream inside is unchanged, so the codecs
+under ``wire/`` never see TLS.
+
+The channel runs OpenSSL through an ``ssl.SSLObject`` over memory BIOs
+rather than an ``ssl.SSLSocket``: the return path reads the main channel in
+one thread while the migration thread writes it, and an OpenSSL session
+must not be used by two threads at once.  Here the session is touched only
+under a lock, and socket I/O happens outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+from dataclasses import dataclass
+from typing import Mapping
+
+from vmigrate.migration.channel import Channel, ChannelError, SocketChannel
+
+log = logging.getLogger(__name__)
+
+CA_CERT = "ca-cert.pem"
+SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
+CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+#: Bytes read from the socket per call (one TLS record is at most ~16 KiB).
+RECV_CHUNK = 1 << 16
+
+
+class TlsError(ChannelError):
+    """TLS could not be set up on a channel: no usable credentials, or a failed handshake."""
+
+
+class TlsCredsError(ValueError):
+    """A ``tls-creds-x509`` object that cannot be created (the process does not start)."""
+
+
+def _on_off(name: str, value: str) -> bool:
+    """QEMU's boolean property parser (qapi/qobject-input-visitor.c)."""
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    raise TlsCredsError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+@dataclass(frozen=True)
+class TlsCreds:
+    """One ``tls-creds-x509`` object and the SSL context built from its files."""
+
+    id: str
+    dir: str
+    endpoint: str  # client | server
+    verify_peer: bool
+    context: ssl.SSLContext
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> "TlsCreds":
+        """``id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off]`` (QEMU's defaults: client, on)."""
+        unknown = set(options) - {"id", "dir", "endpoint", "verify-peer"}
+        if unknown:
+            raise TlsCredsError(f"Invalid parameter '{sorted(unknown)[0]}'")
+        if "id" not in options:
+            raise TlsCredsError("Parameter 'id' is missing")
+        endpoint = options.get("endpoint", "client")
+        if endpoint not in ("client", "server"):
+            raise TlsCredsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+        verify_peer = _on_off("verify-peer", options.get("verify-peer", "on"))
+        directory = options.get("dir")
+        if not directory:
+            raise TlsCredsError("Missing 'dir' property value")
+        context = _build_context(directory, endpoint, verify_peer)
+        return cls(options["id"], directory, endpoint, verify_peer, context)
+
+
+def _credential(directory: str, name: str, required: bool) -> str | None:
+    """QEMU's qcrypto_tls_creds_get_path: the file's path, None if optional and absent."""
+    path = os.path.join(directory, name)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        if required:
+            raise TlsCredsError(f"Unable to access credentials {path}: {os.strerror(err.errno or 2)}") from None
+        return None
+    return path
+
+
+def _build_context(directory: str, endpoint: str, verify_peer: bool) -> ssl.SSLContext:
+    """The files QEMU's crypto/tlscredsx509.c loads for the endpoint, as an OpenSSL context.
+
+    The CA certificate is required even with ``verify-peer=off``, as QEMU
+    requires it.  A server always presents its certificate and, with ``verify-peer``,
+    demands a client certificate signed by the CA; a client checks the
+    server's certificate and name unless ``verify-peer=off`` and presents
+    its own certificate when the directory has one.
+    """
+    server = endpoint == "server"
+    ca = _credential(directory, CA_CERT, required=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    cert_name, key_name = (SERVER_CERT, SERVER_KEY) if server else (CLIENT_CERT, CLIENT_KEY)
+    cert = _credential(directory, cert_name, required=server)
+    key = _credential(directory, key_name, required=server)
+    try:
+        context.load_verify_locations(cafile=ca)
+        if cert is not None and key is not None:
+            context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as err:
+        raise TlsCredsError(f"Unable to load credentials from {directory}: {err}") from None
+    if server:
+        context.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+        # No TLS 1.3 session tickets: a source that never reads its main channel (no return
+        # path) would close with them unread, and the reset could cut the stream's end.
+        context.num_tickets = 0
+    elif not verify_peer:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def get_creds(creds: Mapping[str, TlsCreds], creds_id: str, endpoint: str) -> TlsCreds:
+    """QEMU's migration_tls_get_creds and qcrypto_tls_creds_check_endpoint, with their texts."""
+    found = creds.get(creds_id)
+    if found is None:
+        raise TlsError(f"No TLS credentials with id '{creds_id}'")
+    if found.endpoint != endpoint:
+        raise TlsError(f"Expected TLS credentials for a {endpoint} endpoint")
+    return found
+
+
+def client_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str,
+                   hostname: str) -> "TlsChannel":
+    """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's
+    host; a unix socket has none, which only ``verify-peer=off`` credentials can do without."""
+    found = get_creds(creds, creds_id, "client")
+    if not hostname and found.verify_peer:
+        # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
+        raise TlsError("No hostname for certificate validation")
+    return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname or None)
+
+
+def server_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str) -> "TlsChannel":
+    """The destination's side (migration_tls_channel_process_incoming)."""
+    found = get_creds(creds, creds_id, "server")
+    return TlsChannel(_socket_channel(channel), found.context, server_side=True, hostname=None)
+
+
+def _socket_channel(channel: Channel) -> SocketChannel:
+    if not isinstance(channel, SocketChannel):
+        # QEMU 7.2 runs TLS over its two-way exec: and fd: channels too; vmigrate's exec: is one-way.
+        raise TlsError("vmigrate does not implement TLS over exec: or fd: migration yet")
+    return channel
+
+
+#: OpenSSL's X509_V_ERR_* codes and the texts of QEMU's certificate check
+#: (crypto/tlssession.c qcrypto_tls_session_check_certificate), which a QEMU
+#: source puts in its error-desc.
+_ISSUER_UNKNOWN = "The certificate hasn't got a known issuer"
+_VERIFY_TEXTS = {2: _ISSUER_UNKNOWN, 18: _ISSUER_UNKNOWN, 19: _ISSUER_UNKNOWN, 20: _ISSUER_UNKNOWN,
+                 21: _ISSUER_UNKNOWN, 9: "The certificate is not yet activated", 10: "The certificate has expired",
+                 23: "The certificate has been revoked"}
+_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH = 62, 64
+
+
+def _verify_failure(err: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    """The peer's certificate was refused: QEMU's text for the reason where there is one."""
+    if err.verify_code in (_X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH):
+        return f"Certificate does not match the hostname {hostname}"
+    return _VERIFY_TEXTS.get(err.verify_code, f"The certificate is not trusted: {err.verify_message}")
+
+
+class TlsChannel(Channel):
+    """A TLS session over a connected :class:`SocketChannel`; the handshake runs in the constructor.
+
+    ``_lock`` guards the OpenSSL session and its BIOs; ``_send_lock`` keeps
+    records on the wire in the order the session produced them when a read
+    (a TLS 1.3 key update) and a write both have something to send.
+    """
+
+    def __init__(self, raw: SocketChannel, context: ssl.SSLContext, server_side: bool,
+                 hostname: str | None) -> None:
+        self.raw = raw
+        self._in = ssl.MemoryBIO()
+        self._out = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._eof = False
+        self._handshake()
+
+    def _handshake(self) -> None:
+        while True:
+            try:
+                with self._lock:
+                    self._ssl.do_handshake()
+                self._flush()
+                log.debug("TLS handshake done: %s %s", self._ssl.version(), self._ssl.cipher())
+                return
+            except ssl.SSLWantReadError:
+                self._flush()
+                if not self._fill():
+                    raise TlsError("TLS handshake failed: the peer closed the connection") from None
+            except ssl.SSLCertVerificationError as err:
+                self._flush()
+                raise TlsError(_verify_failure(err, self._ssl.server_hostname)) from None
+            except ssl.SSLError as err:
+                self._flush()
+                raise TlsError(f"TLS handshake failed: {err.reason or err}") from None
+
+    def _flush(self) -> None:
+        """Send what the session has produced (records, alerts)."""
+        with self._send_lock:
+            with self._lock:
+                data = self._out.read()
+            if data:
+                self.raw.write(data)
+
+    def _fill(self) -> bool:
+        """Feed the session one socket read; False at the socket's end."""
+        data = self.raw.read(RECV_CHUNK)
+        with self._lock:
+            if data:
+                self._in.write(data)
+            else:
+                self._in.write_eof()
+        return bool(data)
+
+    def fileno(self) -> int:
+        return self.raw.fileno()
+
+    @property
+    def bidirectional(self) -> bool:
+        return True
+
+    def write(self, data) -> None:
+        with self._send_lock:
+            with self._lock:
+                try:
+                    self._ssl.write(data)
+                except ssl.SSLError as err:
+                    raise ChannelError(f"Unable to write to TLS channel: {err.reason or err}") from None
+                out = self._out.read()
+            self.raw.write(out)
+
+    def read(self, size: int) -> bytes:
+        while True:
+            try:
+                with self._lock:
+                    if self._eof:
+                        return b""
+                    data = self._ssl.read(size)
+                    pending = self._out.pending
+            except ssl.SSLWantReadError:
+                if self._out.pending:
+                    self._flush()
+                self._fill()  # at the socket's end the next read reports it
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # QEMU 7.2 closes without close_notify: an unannounced end is the end of the stream.
+                self._eof = True
+                return b""
+            except ssl.SSLError as err:
+                raise ChannelError(f"Unable to read from TLS channel: {err.reason or err}") from None
+            if pending:
+                self._flush()
+            return data
+
+    def shutdown(self) -> None:
+        self.raw.shutdown()
+
+    def drain(self, timeout: float) -> None:
+        self.raw.drain(timeout)
+
+    def close(self) -> None:
+        """Discard input already here (a GnuTLS server's session tickets) before closing: closing
+        with unread input resets the connection, which could cut what the peer has yet to read."""
+        sock = self.raw.sock
+        try:
+            sock.setblocking(False)
+            while sock.recv(RECV_CHUNK):
+                pass
+        except OSError:
+            pass
+        self.raw.close()
