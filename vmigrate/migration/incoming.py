@@ -126,12 +126,10 @@ class IncomingMigration:
             channel = listener.accept()
         except ChannelError:
             return
-        config = self.options.snapshot()
-        try:
-            channel = self._secure(channel, config)
-        except TlsError as err:
-            self._fail_setup(str(err))
+        secured = self._configure(channel)
+        if secured is None:
             return
+        channel, config = secured
         if config.caps.multifd:
             try:
                 self._accept_multifd(listener, config)
@@ -168,13 +166,19 @@ class IncomingMigration:
             if self._closing.is_set():
                 channel.close()
                 return
+        secured = self._configure(channel)
+        if secured is not None:
+            self._load(*secured)
+
+    def _configure(self, channel: Channel) -> tuple[Channel, MigrationConfig] | None:
+        """The configuration as the main channel arrives, and the channel in TLS if it asks for it;
+        None when the handshake failed (the incoming migration has failed then)."""
         config = self.options.snapshot()
         try:
-            channel = self._secure(channel, config)
+            return self._secure(channel, config), config
         except TlsError as err:
             self._fail_setup(str(err))
-            return
-        self._load(channel, config)
+            return None
 
     def _secure(self, channel: Channel, config: MigrationConfig) -> Channel:
         """With ``tls-creds`` set, every accepted channel is a TLS server session
