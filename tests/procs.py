@@ -13,6 +13,7 @@ import numpy as np
 
 from vmigrate.harness.launcher import VMProcess, qemu_argv, qmp_monitor, vmigrate_argv
 from vmigrate.harness.waiting import wait_for
+from vmigrate.machine.guest import MAGIC
 
 MIB = 1 << 20
 
@@ -64,3 +65,16 @@ def peak_rss(vm: VMProcess) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) << 10
     raise AssertionError(f"no VmHWM in /proc/{vm.pid}/status")
+
+
+def listen_with_data(src_ram: Path, dst: VMProcess, uri: str, seed: int) -> str:
+    """Random bytes in [12, 20) MiB of the source's RAM, the destination's ``migrate-incoming``,
+    the guest started: the URI to migrate to (a tcp port 0 resolved to the bound one)."""
+    ram = np.memmap(src_ram, np.uint8, "r+")
+    ram[12 * MIB:20 * MIB] = np.random.default_rng(seed).integers(0, 256, 8 * MIB, dtype=np.uint8)
+    ram.flush()
+    dst.cmd("migrate-incoming", uri=uri)
+    if uri.startswith("tcp:"):
+        uri = f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}"
+    wait_for(lambda: src_ram.read_bytes()[:8] == MAGIC, 10, "guest start")
+    return uri

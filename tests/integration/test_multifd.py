@@ -5,13 +5,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from hostile import zstd_rle_frame
-from procs import migrate_in_passes, peak_rss, ram_files_equal
+from procs import listen_with_data, migrate_in_passes, peak_rss, ram_files_equal
 from vmigrate.harness.waiting import wait_for
-from vmigrate.machine.guest import MAGIC
 from vmigrate.migration.wire import multifd as M
 from vmigrate.migration.wire import ram as R
 from vmigrate.migration.wire import stream as S
@@ -32,14 +30,7 @@ def start_pair(spawn, tmp_path: Path, uri: str = "tcp:127.0.0.1:0", src_args=(),
         vm.set_caps(events=True, multifd=True)
         if params:
             vm.cmd("migrate-set-parameters", **params)
-    ram = np.memmap(tmp_path / "src.ram", np.uint8, "r+")
-    ram[12 * MIB:20 * MIB] = np.random.default_rng(9).integers(0, 256, 8 * MIB, dtype=np.uint8)
-    ram.flush()
-    dst.cmd("migrate-incoming", uri=uri)
-    if uri.startswith("tcp:"):
-        uri = f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}"
-    wait_for(lambda: (tmp_path / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
-    return src, dst, uri
+    return src, dst, listen_with_data(tmp_path / "src.ram", dst, uri, seed=9)
 
 
 @pytest.mark.parametrize("method,channels", [("none", 2), ("zlib", 3), ("zstd", 2)])

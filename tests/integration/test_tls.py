@@ -5,13 +5,11 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from procs import migrate_in_passes, ram_files_equal
+from procs import listen_with_data, migrate_in_passes, ram_files_equal
 from tls_certs import CA, make_pki, write_creds
 from vmigrate.harness.waiting import wait_for
-from vmigrate.machine.guest import MAGIC
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -32,14 +30,7 @@ def start_pair(spawn, tmp_path: Path, src_dir: Path, dst_dir: Path, multifd: boo
     for vm, params in ((src, src_params), (dst, dst_params)):
         vm.set_caps(events=True, multifd=multifd, **{"return-path": True})
         vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 3, **(params or {})})
-    ram = np.memmap(tmp_path / "src.ram", np.uint8, "r+")
-    ram[12 * MIB:20 * MIB] = np.random.default_rng(5).integers(0, 256, 8 * MIB, dtype=np.uint8)
-    ram.flush()
-    dst.cmd("migrate-incoming", uri=uri)
-    if uri.startswith("tcp:"):
-        uri = f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}"
-    wait_for(lambda: (tmp_path / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
-    return src, dst, uri
+    return src, dst, listen_with_data(tmp_path / "src.ram", dst, uri, seed=5)
 
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd"])
