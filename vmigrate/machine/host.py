@@ -65,3 +65,18 @@ def keep_large_buffers_in_heap() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, 64 << 20)
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim).
+
+    The counterpart of :func:`keep_large_buffers_in_heap`: that heap is never
+    trimmed on its own, so after a monitor parsed a message of tens of MiB its
+    pages would stay resident for good.  A no-op where the C library has no
+    malloc_trim.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)

@@ -248,9 +248,6 @@ class IncomingMigration:
                 loader.run(QEMUFileIn(channel))
             finally:
                 self._multifd_channels = []
-                # The load's page writers are gone (LoadVM.run joined them): so is their prefault helper.
-                for block in host.ram_blocks:
-                    block.end_incoming()
             self._finish_load()
             if self._rp is not None:
                 self._rp.write(return_path.shut(0))

@@ -323,10 +323,13 @@ class RamLoader:
             self.multifd.sync_main()
 
     def close(self) -> None:
+        """The load is over: decompression, multifd and prefault threads end (the next load starts its own)."""
         if self.decompress is not None:
             self.decompress.close()
         if self.multifd is not None:
             self.multifd.close()
+        for block in self.blocks.values():
+            block.end_incoming()
 
     def known_blocks(self) -> dict[str, int]:
         return {name: b.size for name, b in self.blocks.items()}

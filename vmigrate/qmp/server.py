@@ -18,7 +18,6 @@ from __future__ import annotations
 import array
 import asyncio
 import concurrent.futures
-import ctypes
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ import sys
 import threading
 from typing import Any, Callable
 
+from vmigrate.machine.host import release_free_memory
 from vmigrate.qmp.protocol import Dispatcher, MonitorProtocol, event_message
 
 MAX_FDS = 16
@@ -38,21 +38,6 @@ INLINE_PARSE_LIMIT = 64 << 10
 LISTEN_BACKLOG = socket.SOMAXCONN
 
 log = logging.getLogger(__name__)
-
-
-def release_free_memory() -> None:
-    """Hand the C heap's free pages back to the kernel (glibc's malloc_trim).
-
-    The VM process keeps large buffers in an untrimmed heap for migration
-    speed (vmigrate/machine/host.py); after a monitor has parsed a message of
-    tens of MiB that would keep its buffers' pages resident for good.  A no-op
-    where the C library has no malloc_trim.
-    """
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return
-    trim(0)
 
 
 def parse_address(spec: str) -> tuple[str, object]:
