@@ -89,7 +89,7 @@ def migrate_start_postcopy(vm, args, monitor):
         raise QMPError("Enable postcopy with migrate_set_capability before the start of migration")
     if vm.migration.outgoing_status == "none":
         raise QMPError("Postcopy must be started after migration has been started")
-    raise NotYetImplemented("postcopy")
+    vm.migration.start_postcopy()
 
 
 @command("migrate-pause")

@@ -45,6 +45,7 @@ class Workload:
         self._u64 = ram.bytes[:PAGE_SIZE].view(np.uint64)
 
     def _init_header(self) -> None:
+        self.ram.access(0, HEADER_PAGES)
         if bytes(self.ram.bytes[:8]) != MAGIC:
             self.ram.bytes[:8] = np.frombuffer(MAGIC, dtype=np.uint8)
             self._u64[1:3] = 0
@@ -85,6 +86,7 @@ class AB(Workload):
         self._init_header()
 
     def step(self) -> float:
+        self.ram.access(0, self.last)
         self._column += 1
         self.ram.dirty.mark_range(self.first, self.last - self.first)
         self._u64[1] += 1
@@ -130,8 +132,13 @@ class Stress(Workload):
         n = int(self._credit)
         if n:
             self._credit -= n
+            self.ram.access(0, HEADER_PAGES)
             cursor = int(self._u64[2])
             idx = self.first + (cursor + np.arange(n)) % self.count
+            if n >= self.count:
+                self.ram.access(self.first, self.count)
+            else:
+                self._access_run(int(idx[0]), int(idx[-1]))
             stamp = int(self._u64[1]) + 1
             self.write(idx, stamp)
             self.ram.dirty.mark_pages(idx)
@@ -139,6 +146,14 @@ class Stress(Workload):
             self._u64[2] = (cursor + n) % self.count
             self.ram.dirty.mark_range(0, 1)
         return self.tick
+
+    def _access_run(self, first: int, last: int) -> None:
+        """The pages of a round-robin run from *first* to *last*, which may wrap past the end."""
+        if last >= first:
+            self.ram.access(first, last - first + 1)
+        else:
+            self.ram.access(first, self.first + self.count - first)
+            self.ram.access(self.first, last - self.first + 1)
 
     def write(self, pages: np.ndarray, stamp: int) -> None:
         """How a page is dirtied: its first 8 bytes become the step number."""
@@ -168,9 +183,11 @@ class Checksum(Workload):
         self._init_header()
 
     def step(self) -> float:
+        self.ram.access(0, HEADER_PAGES)
         done = self.counter
         if done > self.rounds:
             return 0.05
+        self.ram.access(self._first, self._count)
         w = self._words
         if self._u64[2] == 0:
             x = np.arange(1, len(w) + 1, dtype=np.uint64) * self.FILL

@@ -16,6 +16,8 @@ import threading
 
 import numpy as np
 
+from vmigrate.machine.userfaultfd import fault_in
+
 PAGE_SIZE = 4096
 
 
@@ -100,6 +102,10 @@ class RAMBlock:
         self.pages = self.bytes.reshape(-1, PAGE_SIZE)
         self.npages = size // PAGE_SIZE
         self.dirty = DirtyLog(self.npages)
+        #: The block's first byte in this process, for system calls on its pages.
+        self.address = self.bytes.ctypes.data
+        #: Set while a postcopy destination fetches missing pages on demand: see :meth:`access`.
+        self.faulting = False
         self._prefaulter: Prefaulter | None = None
         #: Multifd channel threads write pages concurrently: one of them starts the one Prefaulter.
         self._prefaulter_lock = threading.Lock()
@@ -122,6 +128,27 @@ class RAMBlock:
             self.pages[first : first + count] = data
         else:
             self.pages[pages] = data
+
+    def access(self, first: int, count: int) -> None:
+        """Pages [first, first + count) are about to be touched from Python (a software vCPU).
+
+        While postcopy fetches pages on demand, a touch of a missing page
+        blocks until the page arrives.  Taken inside numpy, that fault would
+        block holding the interpreter lock, which the threads that receive
+        and place the page need; taken here, in a system call made without
+        it, only this thread waits (docs/qemu/postcopy.md §4.2).
+        """
+        if self.faulting:
+            fault_in(self.address + first * PAGE_SIZE, count * PAGE_SIZE)
+
+    def discard(self, start: int, length: int) -> None:
+        """Drop a byte range's pages so that they read as missing (a postcopy discard).
+
+        Anonymous memory is simply unmapped; a shared file's pages live in
+        the page cache, so the range is punched out of the file as well.
+        """
+        advice = mmap.MADV_REMOVE if self.shared else mmap.MADV_DONTNEED
+        self._mmap.madvise(advice, start, length)
 
     def unbacked_pages(self) -> np.ndarray:
         """Pages with no memory behind them yet (hence zero), as a bool per page.

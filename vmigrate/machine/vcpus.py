@@ -55,6 +55,8 @@ class VcpuBackend(Protocol):
     @property
     def devices(self) -> list["DeviceModel"]: ...  # migrated device models, in stream order
 
+    def thread_ids(self) -> list[int]: ...  # each vCPU thread's kernel tid (postcopy blocktime)
+
     def shutdown(self) -> None: ...
 
 
@@ -76,6 +78,9 @@ class VcpuGroup:
 
     def _kick_all(self) -> None:
         """Make vCPUs that are executing guest code come back now (KVM: out of KVM_RUN)."""
+
+    def thread_ids(self) -> list[int]:
+        return [t.native_id or 0 for t in self.threads]
 
     def pause_all(self) -> None:
         with self._cond:

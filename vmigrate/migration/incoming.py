@@ -23,6 +23,7 @@ from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.multifd import MultifdError, recv_exact
 from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.postcopy_incoming import PostcopyIncoming, PostcopyState
 from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileIn
 from vmigrate.migration.savevm import LoadContext, LoadError, LoadVM
@@ -58,6 +59,10 @@ class IncomingMigration:
         self._thread: threading.Thread | None = None
         #: Multifd channels by id, once each has sent a valid initial packet.
         self._multifd_channels: list[Channel] = []
+        #: The attempt's postcopy state (with ``postcopy-ram``).
+        self.postcopy: PostcopyIncoming | None = None
+        #: The fault thread and the loading thread both write to the return path.
+        self._rp_lock = threading.Lock()
 
     def start(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (docs/qemu/states.md §9).
@@ -98,6 +103,9 @@ class IncomingMigration:
         info["status"] = status.value
         if status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+        postcopy = self.postcopy
+        if status == S.COMPLETED and postcopy is not None and postcopy.blocktime is not None:
+            postcopy.blocktime.to_qmp(info)
 
     @property
     def yank_registered(self) -> bool:
@@ -238,9 +246,12 @@ class IncomingMigration:
         self._rp = None
         self._rp_opened = False
         host = self.host
+        postcopy = self.postcopy = PostcopyIncoming(
+            host.ram_blocks, self._send_rp, host.vcpus.thread_ids,
+            config.caps.postcopy_blocktime) if config.caps.postcopy_ram else None
         try:
             host.global_state.runstate = None
-            ctx = LoadContext(config, self._multifd_channels)
+            ctx = LoadContext(config, self._multifd_channels, postcopy)
             loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid,
                             lambda cmd: self._command(cmd, channel))
             try:
@@ -248,25 +259,38 @@ class IncomingMigration:
                 loader.run(QEMUFileIn(channel))
             finally:
                 self._multifd_channels = []
-            self._finish_load()
+            if postcopy is not None and postcopy.placing:
+                postcopy.end()
+                self._close_listener()
+                self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            else:
+                if postcopy is not None:
+                    postcopy.end()
+                self._finish_load()
             if self._rp is not None:
-                self._rp.write(return_path.shut(0))
+                self._send_rp(return_path.shut(0))
         except Exception as err:
             if not isinstance(err, (WireError, LoadError, ChannelError, OSError)):
                 # A bug must cost this migration, not leave it 'active' for ever.
                 log.exception("incoming migration failed")
             self.error_desc = f"load of migration failed: {err}"
             trace("process_incoming_migration_co_end", error_desc=self.error_desc)
+            if postcopy is not None and postcopy.state >= PostcopyState.RUNNING:
+                # The guest runs here already and the source holds the pages it lacks.
+                self._postcopy_broken(postcopy, str(err))
+                return
+            if postcopy is not None:
+                postcopy.end()
             if self._rp is not None:
                 try:
-                    self._rp.write(return_path.shut(1))
+                    self._send_rp(return_path.shut(1))
                     # Closing with unread input would reset the connection and
                     # could destroy the SHUT before the source reads it.
                     self._rp.drain(timeout=5)
                 except ChannelError:
                     pass
             self._close_listener()
-            self.status.transition(S.ACTIVE, S.FAILED)
+            self.status.fail()
         finally:
             try:
                 channel.close()
@@ -274,6 +298,24 @@ class IncomingMigration:
                 pass
             self._channel = None
             self._close_listener()
+
+    def _send_rp(self, message: bytes) -> None:
+        rp = self._rp
+        if rp is None:
+            return
+        with self._rp_lock:
+            rp.write(message)
+
+    def _postcopy_broken(self, postcopy: PostcopyIncoming, reason: str) -> None:
+        """The main channel broke after the guest started here.
+
+        QEMU 7.2 pauses (docs/qemu/postcopy.md §7.1); vmigrate has no recovery
+        yet, so the migration fails, but the guest keeps its registration:
+        a vCPU that touches a missing page waits rather than reading zeros.
+        """
+        log.error("postcopy broke after the guest started: %s", reason)
+        self._close_listener()
+        self.status.fail()
 
     def _close_listener(self) -> None:
         """The transport is done with: ``socket-address`` disappears from query-migrate."""
@@ -294,10 +336,42 @@ class IncomingMigration:
             value = stream.decode_ping(cmd.payload)
             if not self._rp_opened:
                 raise LoadError(f"CMD_PING (0x{value:x}) received with no return path")
-            if self._rp is not None:
-                self._rp.write(return_path.pong(value))
+            self._send_rp(return_path.pong(value))
+        elif cmd.cmd == stream.MIG_CMD_PACKAGED:
+            trace("loadvm_handle_cmd_packaged", length=stream.decode_packaged(cmd.payload))
+        elif cmd.cmd in (stream.MIG_CMD_POSTCOPY_ADVISE, stream.MIG_CMD_POSTCOPY_RAM_DISCARD,
+                         stream.MIG_CMD_POSTCOPY_LISTEN, stream.MIG_CMD_POSTCOPY_RUN):
+            self._postcopy_command(cmd)
         else:
             raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
+
+    def _postcopy_command(self, cmd: "stream.Command") -> None:
+        """The postcopy commands (QEMU's loadvm_postcopy_handle_*), with its texts."""
+        postcopy = self.postcopy
+        if postcopy is None:
+            if cmd.cmd == stream.MIG_CMD_POSTCOPY_ADVISE and not cmd.payload:
+                return
+            if cmd.cmd == stream.MIG_CMD_POSTCOPY_ADVISE:
+                raise LoadError("RAM postcopy is disabled but have 16 byte advise")
+            raise LoadError(f"CMD_{cmd.name} in wrong postcopy state ({PostcopyState.NONE})")
+        if cmd.cmd == stream.MIG_CMD_POSTCOPY_ADVISE:
+            postcopy.advise(cmd.payload)
+        elif cmd.cmd == stream.MIG_CMD_POSTCOPY_RAM_DISCARD:
+            postcopy.discard(cmd.payload)
+        elif cmd.cmd == stream.MIG_CMD_POSTCOPY_LISTEN:
+            if self._rp is None:
+                raise LoadError("postcopy needs a return path to ask for pages")
+            postcopy.listen()
+            self.status.transition(S.ACTIVE, S.POSTCOPY_ACTIVE)
+        else:
+            postcopy.run()
+            # QEMU's loadvm_postcopy_handle_run_bh: the guest starts with autostart, whatever
+            # run state the source had.
+            runstate = self.host.runstate
+            if runstate.autostart:
+                runstate.start()
+            else:
+                runstate.set("paused")
 
     def _finish_load(self) -> None:
         """Run state after a successful load (docs/qemu/states.md §9.1), then ``completed``."""

@@ -26,6 +26,7 @@ from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.incoming import IncomingMigration
 from vmigrate.migration.multifd import MultifdSender, open_channels
 from vmigrate.migration.options import MigrationOptions
+from vmigrate.migration.postcopy import PageRequests
 from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.rate_limit import WINDOW_SECONDS, RateLimiter
@@ -39,9 +40,10 @@ from vmigrate.trace import trace
 
 log = logging.getLogger(__name__)
 S = MigrationStatus
+POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER})
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("postcopy-ram", "x-colo", "block", "dirty-bitmaps", "background-snapshot",
+UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "background-snapshot",
                               "postcopy-preempt", "x-ignore-shared")
 
 
@@ -110,6 +112,11 @@ class MigrationManager:
         if self.outgoing is not None:
             self.outgoing.cancel()
 
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy`` after its checks: a sticky request, even to a finished attempt."""
+        if self.outgoing is not None:
+            self.outgoing.request_postcopy()
+
     def continue_(self, expected: str) -> None:
         if self.outgoing_status != expected:
             raise MigrationError(f"Migration not in expected state: {self.outgoing_status}")
@@ -166,7 +173,6 @@ class OutgoingSession:
         self.status = StatusMachine(host.emit_event, lambda: config.caps.events)
         self.thread: threading.Thread | None = None
         self.error_desc: str | None = None
-        self.stats = RamStats()
         self.xbzrle_stats = xbzrle_stats
         self.compression_stats = CompressionStats()
         self.limiter = RateLimiter(config.params.max_bandwidth)
@@ -175,6 +181,12 @@ class OutgoingSession:
         #: A channel in its TLS handshake, which cancel and yank must be able to interrupt.
         self._handshaking: Channel | None = None
         self._continue = threading.Semaphore(0)
+        #: ``migrate-start-postcopy`` was issued (QEMU's start_postcopy flag).
+        self._postcopy_requested = threading.Event()
+        self.stats = RamStats()
+        self.page_requests = PageRequests(self.stats) if config.caps.postcopy_ram else None
+        #: The guest was handed over: whatever happens now, the source must not run it again.
+        self.postcopy_started = False
         self.auto_converge = AutoConverge(host.vcpus)
         self.total_ram = sum(b.size for b in host.ram_blocks)
         self.start_ms = now_ms()
@@ -263,6 +275,9 @@ class OutgoingSession:
     def continue_(self) -> None:
         self._continue.release()
 
+    def request_postcopy(self) -> None:
+        self._postcopy_requested.set()
+
     def set_parameters(self, config: MigrationConfig, bandwidth_changed: bool) -> None:
         """New parameters for the running attempt; ``max-bandwidth`` re-arms the limiter."""
         self.config = config
@@ -306,7 +321,9 @@ class OutgoingSession:
     # -- the migration thread ---------------------------------------------
 
     def _phase(self) -> str:
-        return "precopy" if self.host.runstate.running else "downtime"
+        if self.host.runstate.running:
+            return "precopy"
+        return "postcopy" if self.status.status in POSTCOPY_STATES else "downtime"
 
     def _run(self, channel_factory: Callable[[], Channel], addr: MigrationAddress) -> None:
         runstate = self.host.runstate
@@ -325,9 +342,10 @@ class OutgoingSession:
             window = _Window(self, f)
             self.multifd = self._open_multifd(addr, channel, channel_factory)
             ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
-                              self.multifd, self._phase, self._pass_event, self._period_end)
+                              self.multifd, self._phase, self._pass_event, self._period_end, self.page_requests)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
-            rp = self._open_return_path(channel, saver) if self.config.caps.return_path else None
+            caps = self.config.caps
+            rp = self._open_return_path(channel, saver) if caps.return_path or caps.postcopy_ram else None
             try:
                 saver.setup()
             except ChannelError:
@@ -335,8 +353,15 @@ class OutgoingSession:
             self.status.transition(S.SETUP, S.ACTIVE)
             self.setup_time = int(now_ms() - thread_start)
             trace("migration_thread_setup_complete")
-            while self.status.status == S.ACTIVE:
-                if not f.rate_limited():
+            while self.status.status in (S.ACTIVE, S.POSTCOPY_ACTIVE):
+                if self.status.status == S.POSTCOPY_ACTIVE:
+                    if self._postcopy_iteration(saver, f, rp):
+                        break
+                elif not f.rate_limited():
+                    if self._postcopy_due(saver):
+                        stopped = True
+                        was_running = self._postcopy_start(saver) or was_running
+                        continue
                     if self._iteration(saver):
                         stopped = True
                         was_running = self._complete(saver, f, rp) or was_running
@@ -435,9 +460,65 @@ class OutgoingSession:
         if not channel.bidirectional:
             raise ChannelError("Unable to open return-path for postcopy")
         saver.open_return_path()
-        reader = ReturnPathReader(channel)
+        reader = ReturnPathReader(channel, {b.idstr: b.size for b in self.host.ram_blocks}, self.page_requests)
         reader.start()
         return reader
+
+    def _postcopy_due(self, saver: SaveVM) -> bool:
+        """``migrate-start-postcopy`` was issued and precopy is not about to complete anyway."""
+        if not self._postcopy_requested.is_set() or self.page_requests is None:
+            return False
+        pending = saver.pending_estimate()
+        return pending > 0 and pending >= self.threshold_size
+
+    def _postcopy_start(self, saver: SaveVM) -> bool:
+        """Stop the guest and hand it over (QEMU's postcopy_start); returns whether it had been running.
+
+        The status changes before the guest stops, as in QEMU.  The guest
+        stays stopped here whatever happens next: the destination may
+        already be running it.
+        """
+        host = self.host
+        downtime_start = now_ms()
+        trace("postcopy_start")
+        host.global_state.runstate = host.runstate.state
+        if self.config.caps.pause_before_switchover:
+            while self._continue.acquire(blocking=False):
+                pass
+            if not self.status.transition(S.ACTIVE, S.PRE_SWITCHOVER):
+                raise MigrationCancelled()
+            self._continue.acquire()
+            if not self.status.transition(S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE):
+                raise MigrationCancelled()
+        elif not self.status.transition(S.ACTIVE, S.POSTCOPY_ACTIVE):
+            raise MigrationCancelled()
+        was_running = host.runstate.force_stop("finish-migrate")
+        self.postcopy_started = True
+        self.limiter.set_rate(self.config.params.max_postcopy_bandwidth)
+        self.limiter.new_window()
+        saver.postcopy_switch()
+        self.downtime = int(now_ms() - downtime_start)
+        trace("postcopy_start_set_run", downtime=self.downtime)
+        return was_running
+
+    def _postcopy_iteration(self, saver: SaveVM, f: QEMUFileOut, rp: "ReturnPathReader") -> bool:
+        """One loop turn in postcopy: page requests first, then background pages; True once completed."""
+        requests = self.page_requests
+        if f.rate_limited() and not requests.pending():
+            return False
+        if not saver.postcopy_iterate() or requests.pending():
+            return False
+        saver.complete_postcopy()
+        rp.join()
+        if rp.error:
+            raise ChannelError(rp.error)
+        self.total_time = int(now_ms() - self.start_ms)
+        transfer = self.total_time - self.setup_time
+        if transfer:
+            self.mbps = f.transferred * 8 / transfer / 1000
+        if not self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED):
+            raise MigrationCancelled()
+        return True
 
     def _complete(self, saver: SaveVM, f: QEMUFileOut, rp: "ReturnPathReader | None") -> bool:
         """Stop-and-copy; returns whether the guest had been running."""
@@ -487,7 +568,7 @@ class OutgoingSession:
         """
         runstate = self.host.runstate
         self.auto_converge.stop()
-        if self.status.status == S.COMPLETED:
+        if self.status.status == S.COMPLETED or self.postcopy_started:
             runstate.set("postmigrate")
         elif stopped or runstate.state == "finish-migrate":
             if was_running:
@@ -504,14 +585,17 @@ class ReturnPathReader(threading.Thread):
     without one).
     """
 
-    def __init__(self, channel: Channel) -> None:
+    def __init__(self, channel: Channel, blocks: dict[str, int], page_requests: PageRequests | None) -> None:
+        """*blocks* (RAM block name -> size) validate page requests, which go to *page_requests*."""
         super().__init__(name="return path", daemon=True)
         self.channel = channel
+        self.blocks = blocks
+        self.page_requests = page_requests
         self.error: str | None = None
         self.pongs: list[int] = []
 
     def run(self) -> None:
-        decoder = return_path.ReturnPathDecoder()
+        decoder = return_path.ReturnPathDecoder(self.blocks)
         try:
             while True:
                 data = self.channel.read(4096)
@@ -528,8 +612,12 @@ class ReturnPathReader(threading.Thread):
                     if isinstance(event, return_path.RpPong):
                         trace("source_return_path_thread_pong", value=event.value)
                         self.pongs.append(event.value)
+                    elif isinstance(event, return_path.RpReqPages) and self.page_requests is not None:
+                        trace("migrate_handle_rp_req_pages", rbname=event.block, start=event.start,
+                              len=event.length)
+                        self.page_requests.put(event.block, event.start, event.length)
                     else:
-                        raise WireError(f"RP: unexpected {type(event).__name__} in precopy")
+                        raise WireError(f"RP: unexpected {type(event).__name__}")
         except (ChannelError, WireError) as err:
             self.error = str(err)
 
@@ -554,7 +642,12 @@ class _Window:
         if self.f.rate_limited() and not self.f.error:
             delay = (self.start + WINDOW_SECONDS * 1000 - now_ms()) / 1000
             if delay > 0:
-                time.sleep(delay)
+                requests = self.session.page_requests
+                if requests is None:
+                    time.sleep(delay)
+                else:
+                    # A postcopy page request must not wait for the next window.
+                    requests.urgent.wait(delay)
             self.update(now_ms())
 
     def update(self, now: float) -> None:

@@ -20,10 +20,13 @@ from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool
 from vmigrate.migration.multifd import MultifdReceiver
+from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges
+from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
 from vmigrate.migration.stats import PeriodRates
 from vmigrate.migration.wire import ram as wire_ram
+from vmigrate.migration.wire import stream
 from vmigrate.migration.wire import xbzrle as wire_xbzrle
 from vmigrate.migration.wire.errors import WireError
 from vmigrate.migration.xbzrle import XbzrleSender
@@ -35,6 +38,8 @@ BATCH_PAGES = 1024
 SCAN_PAGES = 1 << 16
 #: QEMU stops an iteration after 50 ms so the loop can re-check limits and convergence.
 ITERATION_MAX_SECONDS = 0.05
+#: Background batches in postcopy are small, so a page request waits behind at most 256 KiB.
+POSTCOPY_BATCH_PAGES = 64
 EOS_SIZE = 8
 DIRTY_CLIENT = "migration"
 
@@ -74,6 +79,8 @@ class RamSaver:
         self._period_start = 0.0
         self._period_dirty = 0
         self._period_xfer = 0
+        #: After the switch to postcopy: plain pages only, page requests first.
+        self.in_postcopy = False
 
     def remaining_bytes(self) -> int:
         return self.stats.remaining_pages * PAGE_SIZE
@@ -129,10 +136,14 @@ class RamSaver:
         Returns True when nothing was left to send.
         """
         f = self.ctx.file
+        requests = self.ctx.page_requests
         deadline = time.monotonic() + ITERATION_MAX_SECONDS
+        batch = POSTCOPY_BATCH_PAGES if self.in_postcopy else BATCH_PAGES
         done = False
-        while not f.rate_limited():
-            if not self._send_batch(f, self.ctx.limiter.pages_left(PAGE_SIZE, BATCH_PAGES)):
+        while not f.rate_limited() or (requests is not None and requests.pending()):
+            if requests is not None and self._serve_requests(f, requests):
+                continue
+            if not self._send_batch(f, self.ctx.limiter.pages_left(PAGE_SIZE, batch)):
                 done = True
                 break
             if time.monotonic() > deadline:
@@ -156,6 +167,56 @@ class RamSaver:
             self.multifd.sync()
         f.put(wire_ram.eos())
 
+    def postcopy_switch(self) -> None:
+        """The guest stopped for postcopy: a last sync, then a discard of every page still dirty.
+
+        Those are the pages re-dirtied since they were sent and the pages
+        never sent; the destination drops them so that they fault and are
+        asked for (docs/qemu/postcopy.md §3 step 4).  The next record names
+        its block again, as after any reset of QEMU's "last sent block".
+        """
+        f = self.ctx.file
+        if self.compress is not None:
+            self.compress.flush()
+        self.sync()
+        self.in_postcopy = True
+        for block, bitmap in zip(self.blocks, self.bitmaps):
+            ranges = discard_ranges(bitmap)
+            for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
+                f.put(stream.postcopy_ram_discard(block.idstr, ranges[i:i + MAX_DISCARDS_PER_COMMAND]))
+        self._channel = wire_ram.ChannelState()
+
+    def complete_postcopy(self) -> None:
+        """END body of a postcopy migration: whatever is still dirty (nothing, normally), EOS."""
+        f = self.ctx.file
+        while self._send_batch(f):
+            pass
+        f.put(wire_ram.eos())
+
+    def _serve_requests(self, f: QEMUFileOut, requests: PageRequests) -> bool:
+        """Send the next requested pages that are still dirty; the scan goes on from there.
+
+        Returns False when no request was queued.  A requested page that is
+        no longer dirty was already sent: the destination has it or will
+        have it soon, so nothing is sent twice (docs/qemu/postcopy.md §5).
+        """
+        request = requests.take()
+        if request is None:
+            return False
+        index = next((i for i, b in enumerate(self.blocks) if b.idstr == request.block), None)
+        if index is None:
+            return True
+        block, bitmap = self.blocks[index], self.bitmaps[index]
+        window = bitmap[request.first:request.first + request.count]
+        pages = np.flatnonzero(window) + request.first
+        if pages.size:
+            bitmap[pages] = False
+            self.stats.remaining_pages -= len(pages)
+            self._send_plain(f, block, pages)
+            f.flush()
+        self._cursor_block, self._cursor_page = index, request.first + request.count
+        return True
+
     def cleanup(self) -> None:
         """Migration over (any outcome): dirty logging is no longer needed, nor the compression threads.
 
@@ -169,9 +230,9 @@ class RamSaver:
     def _send_batch(self, f: QEMUFileOut, max_pages: int = BATCH_PAGES) -> bool:
         """Send the next batch of dirty pages, choosing their encoding as QEMU's ram_save_target_page.
 
-        Order of precedence: compression (until XBZRLE starts), zero page,
-        multifd (not in postcopy), XBZRLE (once active, not in postcopy),
-        normal page.
+        In postcopy every page goes out plain.  Before, in order of
+        precedence: compression (until XBZRLE starts), zero page, multifd,
+        XBZRLE (once active), normal page.
         """
         found = self._next_batch(max_pages)
         if self._wrapped:
@@ -184,12 +245,13 @@ class RamSaver:
             return False
         block, pages = found
         self.stats.remaining_pages -= len(pages)
-        postcopy = self._phase() == "postcopy"
-        if self.compress is not None and not self.xbzrle_active:
+        if self.in_postcopy:
+            self._send_plain(f, block, pages)
+        elif self.compress is not None and not self.xbzrle_active:
             self._send_compressed(f, block, pages)
-        elif self.multifd is not None and not postcopy:
+        elif self.multifd is not None:
             self._send_multifd(f, block, pages)
-        elif self.xbzrle_active and not postcopy:
+        elif self.xbzrle_active:
             self._send_xbzrle(f, block, pages)
         else:
             self._send_plain(f, block, pages)
@@ -293,9 +355,12 @@ class RamLoader:
     The guest of an incoming VM has not run, so nothing else writes its RAM.
     """
 
-    def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0) -> None:
-        """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability)."""
+    def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0,
+                 postcopy: PostcopyIncoming | None = None) -> None:
+        """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability);
+        with *postcopy*, pages are recorded as received, and placed through it once it listens."""
         self.blocks = {b.idstr: b for b in blocks}
+        self.postcopy = postcopy
         self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks}
         self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
         #: The multifd channels' receiver, once they are all connected.
@@ -305,8 +370,18 @@ class RamLoader:
         """Pages got data from elsewhere (multifd channels): no longer known to be zero."""
         self.known_zero[block][pages] = False
 
+    def _received(self, block: str, pages: np.ndarray) -> None:
+        if self.postcopy is not None:
+            self.postcopy.mark_received(block, pages)
+
+    def _not_in_postcopy(self, what: str) -> None:
+        if self.postcopy is not None and self.postcopy.placing:
+            raise LoadError(f"{what} page received in postcopy")
+
     def load_xbzrle(self, event: "wire_ram.RamXbzrleRun") -> None:
         """Deltas onto the pages' current contents (the destination keeps no cache)."""
+        self._not_in_postcopy("XBZRLE")
+        self._received(event.block, event.pages)
         block = self.blocks[event.block]
         wire_xbzrle.decode_into(block.bytes, event.offsets, event.buf, event.starts, event.lengths)
         self.known_zero[event.block][event.pages] = False
@@ -314,6 +389,8 @@ class RamLoader:
     def load_compressed(self, event: "wire_ram.RamCompressedRun") -> None:
         if self.decompress is None:
             raise WireError("Received an unexpected compressed page")
+        self._not_in_postcopy("compressed")
+        self._received(event.block, event.pages)
         self.decompress.load(self.blocks[event.block], event.offsets, event.buf, event.starts, event.lengths)
         self.known_zero[event.block][event.pages] = False
 
@@ -335,10 +412,18 @@ class RamLoader:
         return {name: b.size for name, b in self.blocks.items()}
 
     def load_pages(self, event: "wire_ram.RamPages") -> None:
+        if self.postcopy is not None and self.postcopy.placing:
+            self.postcopy.place_pages(event.block, event.pages, event.data)
+            return
+        self._received(event.block, event.pages)
         self.blocks[event.block].write_pages(event.pages, event.data)
         self.known_zero[event.block][event.pages] = False
 
     def load_zero_pages(self, event: "wire_ram.RamZeroPages") -> None:
+        if self.postcopy is not None and self.postcopy.placing:
+            self.postcopy.place_zero_pages(event.block, event.pages, event.fill)
+            return
+        self._received(event.block, event.pages)
         block = self.blocks[event.block]
         known = self.known_zero[event.block]
         pages = event.pages
@@ -393,6 +478,15 @@ class RamSection:
     def save_complete(self, ctx: SaveContext) -> None:
         self._saver.complete()
 
+    #: RAM goes on in postcopy (QEMU's has_postcopy).
+    supports_postcopy = True
+
+    def save_postcopy_switch(self, ctx: SaveContext) -> None:
+        self._saver.postcopy_switch()
+
+    def save_complete_postcopy(self, ctx: SaveContext) -> None:
+        self._saver.complete_postcopy()
+
     def save_cleanup(self) -> None:
         saver, self._saver = self._saver, None
         if saver is not None:
@@ -402,7 +496,8 @@ class RamSection:
 
     def load_setup(self, ctx: LoadContext) -> wire_ram.RamBodyDecoder:
         caps, params = ctx.config.caps, ctx.config.params
-        loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0)
+        loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0,
+                                          ctx.postcopy)
         if caps.multifd:
             if not ctx.multifd_channels:
                 raise LoadError("multifd is not supported by current protocol")

@@ -22,6 +22,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from vmigrate.machine.memory import PAGE_SIZE
 from vmigrate.migration.channel import Channel
 from vmigrate.migration.config import Capabilities, MigrationConfig
 from vmigrate.migration.qemu_file import QEMUFileIn, QEMUFileOut
@@ -33,6 +34,8 @@ from vmigrate.trace import trace
 if TYPE_CHECKING:
     from vmigrate.machine.devices import DeviceModel
     from vmigrate.migration.multifd import MultifdSender
+    from vmigrate.migration.postcopy import PageRequests
+    from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ class SaveContext:
     on_sync: Callable[[int], None]
     #: A ≥1 s dirty-rate period ended (auto-converge); gets (dirty bytes, transferred bytes).
     on_period: Callable[[int, int], None]
+    #: A postcopy destination's page requests (None without ``postcopy-ram``).
+    page_requests: "PageRequests | None" = None
 
 
 @dataclass
@@ -72,6 +77,8 @@ class LoadContext:
     config: MigrationConfig
     #: The multifd channels, in channel-id order (empty without multifd).
     multifd_channels: list[Channel] = field(default_factory=list)
+    #: The postcopy state of an attempt with ``postcopy-ram`` (None without).
+    postcopy: "PostcopyIncoming | None" = None
 
 
 class SaveVMHandlers(Protocol):
@@ -94,6 +101,13 @@ class SaveVMHandlers(Protocol):
     def first_copy_done(self) -> bool: ...  # every byte went out once
 
     def save_complete(self, ctx: SaveContext) -> None: ...  # the END body, guest stopped
+
+    #: Whether the section goes on after the switch to postcopy (QEMU's has_postcopy).
+    supports_postcopy: bool
+
+    def save_postcopy_switch(self, ctx: SaveContext) -> None: ...  # guest stopped, before the device state
+
+    def save_complete_postcopy(self, ctx: SaveContext) -> None: ...  # the END body after postcopy
 
     def save_cleanup(self) -> None: ...  # any outcome
 
@@ -188,10 +202,12 @@ class SaveVM:
         self.f.flush()
 
     def setup(self) -> None:
-        """Header (unless already sent) and every live section's START."""
+        """Header (unless already sent), POSTCOPY_ADVISE with ``postcopy-ram``, every live section's START."""
         f = self.f
         trace("savevm_state_setup")
         self._header()
+        if self.ctx.config.caps.postcopy_ram:
+            f.put(stream.postcopy_advise(PAGE_SIZE, PAGE_SIZE))
         for s in self.registry.live:
             trace("savevm_section_start", id=s.idstr, section_id=s.section_id)
             f.put(stream.section_start(s.section_id, s.idstr, s.instance_id, s.version_id))
@@ -236,6 +252,57 @@ class SaveVM:
             f.put(device.encode())
         f.put(stream.eof())
         f.put(stream.vmdesc(vmstate.vmdesc_json(devices)))
+        f.flush()
+
+    def postcopy_switch(self) -> None:
+        """The guest is stopped: the switch-over of docs/qemu/postcopy.md §3.
+
+        Sections that cannot go on in postcopy end here; the others discard
+        what the destination must fault for.  The device state travels in
+        one PACKAGED blob between LISTEN and RUN, because the destination
+        must read all of it before the main channel can carry pages that
+        its faulting guest waits for.
+        """
+        trace("savevm_state_postcopy_switch")
+        f = self.f
+        for s in self.registry.live:
+            if not s.supports_postcopy:
+                f.put(stream.section_end(s.section_id))
+                s.save_complete(self.ctx)
+                f.put(stream.footer(s.section_id))
+        for s in self.registry.live:
+            if s.supports_postcopy:
+                s.save_postcopy_switch(self.ctx)
+        f.put(stream.ping(2))
+        package = b"".join([stream.postcopy_listen(), *(d.encode() for d in self.registry.device_sections()),
+                            stream.ping(3), stream.postcopy_run()])
+        trace("qemu_savevm_send_packaged", length=len(package))
+        f.put(stream.packaged(package))
+        f.put(stream.ping(4))
+        f.flush()
+
+    def postcopy_iterate(self) -> bool:
+        """One PART of each postcopy section; True when all were done."""
+        f = self.f
+        done = True
+        for s in self.registry.live:
+            if s.supports_postcopy:
+                f.put(stream.section_part(s.section_id))
+                done = s.save_iterate(self.ctx) and done
+                f.put(stream.footer(s.section_id))
+        f.flush()
+        return done
+
+    def complete_postcopy(self) -> None:
+        """END of each postcopy section, then EOF: no device state (it went in the package) and no vmdesc."""
+        trace("savevm_state_complete_postcopy")
+        f = self.f
+        for s in self.registry.live:
+            if s.supports_postcopy:
+                f.put(stream.section_end(s.section_id))
+                s.save_complete_postcopy(self.ctx)
+                f.put(stream.footer(s.section_id))
+        f.put(stream.eof())
         f.flush()
 
     def cleanup(self) -> None:
@@ -307,6 +374,9 @@ class LoadVM:
                     self.on_command(event)
                 elif isinstance(event, stream.EOF):
                     seen_eof = True
+                    if self.ctx.postcopy is not None and self.ctx.postcopy.placing:
+                        # A postcopy source sends no VM description and waits for SHUT.
+                        return
                 elif isinstance(event, stream.VMDescription):
                     return
                 elif section is not None:

@@ -55,13 +55,15 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # Source: migrate; destination: a multifd channel refused before the stream began.
     S.NONE: frozenset({S.SETUP, S.ACTIVE, S.FAILED}),
     S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING}),
-    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.COMPLETED, S.FAILED, S.CANCELLING}),
-    S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
+    # Source: migrate-start-postcopy took effect; destination: POSTCOPY_LISTEN.
+    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.FAILED, S.CANCELLING}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED}),
-    S.POSTCOPY_ACTIVE: frozenset(),
-    S.POSTCOPY_PAUSED: frozenset(),
-    S.POSTCOPY_RECOVER: frozenset(),
+    # A broken channel or migrate-pause pauses a postcopy (docs/qemu/postcopy.md §7).
+    S.POSTCOPY_ACTIVE: frozenset({S.POSTCOPY_PAUSED, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER, S.FAILED, S.CANCELLING}),
+    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLING}),
     S.WAIT_UNPLUG: frozenset(),
     S.COLO: frozenset(),
     S.COMPLETED: frozenset(),

@@ -1,0 +1,83 @@
+"""Postcopy pieces both sides share with the RAM section (QEMU's migration/postcopy-ram.c).
+
+The source keeps a :class:`PageRequests` queue that the return-path thread
+fills with the destination's page requests and the migration thread drains
+before its background scan (docs/qemu/postcopy.md §5).  The switch-over
+discards every page still dirty on the source (:func:`discard_ranges`,
+docs/qemu/postcopy.md §3 step 4).  The destination's state machine and its
+userfaultfd fault service are :mod:`.postcopy_incoming`.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from vmigrate.machine.memory import PAGE_SIZE
+from vmigrate.migration.stats import RamStats
+
+#: QEMU packs at most this many ranges into one POSTCOPY_RAM_DISCARD command (MAX_DISCARDS_PER_COMMAND).
+MAX_DISCARDS_PER_COMMAND = 12
+
+
+def discard_ranges(bitmap: np.ndarray) -> list[tuple[int, int]]:
+    """Runs of set bits of a per-page bitmap as ``(start, length)`` byte ranges, found in one pass."""
+    edges = np.diff(np.concatenate(([False], bitmap, [False])).view(np.int8))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return [(int(s) * PAGE_SIZE, int(e - s) * PAGE_SIZE) for s, e in zip(starts, ends)]
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page indices as ``(first, count)`` runs of consecutive pages (offsets into *pages* follow)."""
+    if not pages.size:
+        return []
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    bounds = np.concatenate(([0], breaks, [pages.size]))
+    return [(int(pages[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+@dataclass(frozen=True)
+class PageRequest:
+    block: str
+    first: int
+    count: int
+
+
+class PageRequests:
+    """Page requests from the return path, waiting for the migration thread.
+
+    The migration thread may be asleep in the rate limiter when a request
+    arrives; :attr:`urgent` wakes it (QEMU's rate_limit_sem).
+    """
+
+    def __init__(self, stats: RamStats) -> None:
+        """Each request counts in *stats* (``postcopy-requests``)."""
+        self._queue: collections.deque[PageRequest] = collections.deque()
+        self._lock = threading.Lock()
+        self.urgent = threading.Event()
+        self._stats = stats
+
+    def put(self, block: str, start: int, length: int) -> None:
+        with self._lock:
+            self._queue.append(PageRequest(block, start // PAGE_SIZE, max(1, length // PAGE_SIZE)))
+            self._stats.postcopy_requests += 1
+        self.urgent.set()
+
+    def take(self) -> PageRequest | None:
+        with self._lock:
+            if self._queue:
+                return self._queue.popleft()
+            self.urgent.clear()
+            return None
+
+    def pending(self) -> bool:
+        return bool(self._queue)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._queue.clear()
+            self.urgent.clear()
