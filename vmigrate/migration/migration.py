@@ -19,6 +19,9 @@ import time
 import uuid as uuidlib
 from typing import Callable
 
+import numpy as np
+
+from vmigrate.machine.memory import PAGE_SIZE
 from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError, CommandChannel, FdChannel,
                                         MigrationAddress, ZeroCopySocket, connect, parse_uri)
 from vmigrate.migration.config import MigrationConfig
@@ -35,12 +38,14 @@ from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
 from vmigrate.migration.status import MigrationStatus, StatusMachine
 from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.tls import client_channel
-from vmigrate.migration.wire import NEED_DATA, WireError, return_path
+from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream
 from vmigrate.trace import trace
 
 log = logging.getLogger(__name__)
 S = MigrationStatus
 POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER})
+#: How long a postcopy recovery waits for each answer of the destination.
+RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
 UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "background-snapshot",
@@ -81,7 +86,10 @@ class MigrationManager:
         if args.get("resume"):
             if self.outgoing_status != S.POSTCOPY_PAUSED:
                 raise MigrationError("Cannot resume if there is no paused migration")
-            raise MigrationError("vmigrate does not implement postcopy recovery yet")
+            if caps.release_ram:
+                raise MigrationError("Postcopy recovery cannot work when release-ram capability is set")
+            self.outgoing.resume(uri, named_fds)
+            return
         if self.outgoing_running:
             raise MigrationError("There's a migration process in progress")
         runstate = self.host.runstate.state
@@ -111,6 +119,15 @@ class MigrationManager:
         """``migrate_cancel``: always succeeds; only acts on a running attempt."""
         if self.outgoing is not None:
             self.outgoing.cancel()
+
+    def pause(self) -> None:
+        """``migrate-pause`` (docs/qemu/states.md §8): the source, else the destination, in postcopy-active."""
+        if self.outgoing_status == S.POSTCOPY_ACTIVE:
+            self.outgoing.pause()
+        elif self.incoming.status.status == S.POSTCOPY_ACTIVE:
+            self.incoming.pause()
+        else:
+            raise MigrationError("migrate-pause is currently only supported during postcopy-active state")
 
     def start_postcopy(self) -> None:
         """``migrate-start-postcopy`` after its checks: a sticky request, even to a finished attempt."""
@@ -187,6 +204,14 @@ class OutgoingSession:
         self.page_requests = PageRequests(self.stats) if config.caps.postcopy_ram else None
         #: The guest was handed over: whatever happens now, the source must not run it again.
         self.postcopy_started = False
+        #: The main channel, its return-path reader and file (replaced by a postcopy recovery).
+        self.channel: Channel | None = None
+        self.rp: ReturnPathReader | None = None
+        #: ``migrate resume=true`` hands the paused thread a way to reconnect.
+        self._resume = threading.Event()
+        self._resume_factory: Callable[[], Channel] | None = None
+        self._was_running = False
+        self._stopped = False
         self.auto_converge = AutoConverge(host.vcpus)
         self.total_ram = sum(b.size for b in host.ram_blocks)
         self.start_ms = now_ms()
@@ -203,29 +228,33 @@ class OutgoingSession:
     def start(self, uri: str, named_fds: dict[str, int]) -> None:
         self.status.transition(S.NONE, S.SETUP)
         try:
-            addr = parse_uri(uri)
-            fd = None
-            if addr.kind == "fd":
-                fd = named_fds.pop(addr.fdname, None)
-                if fd is None:
-                    raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
+            channel_factory, addr = self._channel_factory(uri, named_fds)
         except MigrationError as err:
             if err.desc != INVALID_PROTOCOL:
                 self.error_desc = err.desc
             self.status.transition(S.SETUP, S.FAILED)
             raise
+        self.thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
+                                       daemon=True)
+        self.thread.start()
+
+    def _channel_factory(self, uri: str, named_fds: dict[str, int]) -> tuple[Callable[[], Channel],
+                                                                             MigrationAddress]:
+        """What opens the main channel for *uri* (from the migration thread); MigrationError if it cannot."""
+        addr = parse_uri(uri)
         channel_factory: Callable[[], Channel]
-        if addr.kind == "exec":
-            channel_factory = lambda: CommandChannel(addr.command, outgoing=True)  # noqa: E731
-        elif addr.kind == "fd":
+        if addr.kind == "fd":
+            fd = named_fds.pop(addr.fdname, None)
+            if fd is None:
+                raise MigrationError(f"File descriptor named '{addr.fdname}' has not been found")
             channel_factory = lambda: FdChannel(fd)  # noqa: E731
+        elif addr.kind == "exec":
+            channel_factory = lambda: CommandChannel(addr.command, outgoing=True)  # noqa: E731
         else:
             channel_factory = lambda: connect(addr)  # noqa: E731
         if self.config.params.tls_creds:
             channel_factory = self._secured(channel_factory, addr)
-        self.thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
-                                       daemon=True)
-        self.thread.start()
+        return channel_factory, addr
 
     def _secured(self, factory: Callable[[], Channel], addr: MigrationAddress) -> Callable[[], Channel]:
         """*factory*'s channels wrapped as TLS clients (QEMU's migration_tls_channel_connect).
@@ -260,6 +289,7 @@ class OutgoingSession:
             if status == S.CANCELLING or self.status.transition(status, S.CANCELLING):
                 break
         self.shutdown_channel()
+        self._resume.set()
         multifd = self.multifd
         if multifd is not None:
             multifd.fail("Channel shut down")
@@ -327,25 +357,23 @@ class OutgoingSession:
 
     def _run(self, channel_factory: Callable[[], Channel], addr: MigrationAddress) -> None:
         runstate = self.host.runstate
-        channel: Channel | None = None
-        rp: ReturnPathReader | None = None
         saver: SaveVM | None = None
-        was_running = runstate.running
-        stopped = False
+        self._was_running = runstate.running
+        self._stopped = False
         try:
-            channel = channel_factory()
+            self.channel = channel = channel_factory()
             self.file = f = QEMUFileOut(channel, self.limiter)
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
             self.expected_downtime = self.config.params.downtime_limit
             thread_start = now_ms()
-            window = _Window(self, f)
             self.multifd = self._open_multifd(addr, channel, channel_factory)
             ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
                               self.multifd, self._phase, self._pass_event, self._period_end, self.page_requests)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
             caps = self.config.caps
-            rp = self._open_return_path(channel, saver) if caps.return_path or caps.postcopy_ram else None
+            if caps.return_path or caps.postcopy_ram:
+                self.rp = self._open_return_path(channel, saver)
             try:
                 saver.setup()
             except ChannelError:
@@ -353,26 +381,18 @@ class OutgoingSession:
             self.status.transition(S.SETUP, S.ACTIVE)
             self.setup_time = int(now_ms() - thread_start)
             trace("migration_thread_setup_complete")
+            window = _Window(self, f)
             while self.status.status in (S.ACTIVE, S.POSTCOPY_ACTIVE):
-                if self.status.status == S.POSTCOPY_ACTIVE:
-                    if self._postcopy_iteration(saver, f, rp):
+                try:
+                    if self._turn(saver, window):
                         break
-                elif not f.rate_limited():
-                    if self._postcopy_due(saver):
-                        stopped = True
-                        was_running = self._postcopy_start(saver) or was_running
-                        continue
-                    if self._iteration(saver):
-                        stopped = True
-                        was_running = self._complete(saver, f, rp) or was_running
-                        break
-                if self.status.status == S.CANCELLING:
-                    raise MigrationCancelled()
-                if f.error:
-                    raise ChannelError(f.error)
-                if rp is not None and rp.error:
-                    raise ChannelError(rp.error)
-                window.step()
+                except ChannelError as err:
+                    if self.status.status != S.POSTCOPY_ACTIVE:
+                        raise
+                    # The destination runs the guest and lacks pages only this side has.
+                    self._postcopy_pause(str(err))
+                    self._postcopy_recover(saver)
+                    window = _Window(self, self.file)
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
         except MigrationCancelled:
@@ -381,6 +401,7 @@ class OutgoingSession:
             log.error("%s", err)
             self._fail(None)
         except (ChannelError, OSError, ValueError) as err:
+            rp = self.rp
             if rp is not None:
                 # The destination's own verdict explains a broken pipe better.
                 rp.join(timeout=2)
@@ -390,23 +411,127 @@ class OutgoingSession:
             log.exception("outgoing migration failed")
             self._fail(str(err))
         finally:
-            self._finish(was_running, stopped)
+            self._finish(self._was_running, self._stopped)
             if saver is not None:
                 saver.cleanup()
             if self.multifd is not None:
                 self.multifd.close()
             self.multifd = None
-            if channel is not None:
-                if rp is not None:
-                    channel.shutdown()
-                    rp.join(timeout=10)
-                try:
-                    channel.close()
-                except (ChannelError, OSError):
-                    pass
-            self.file = None
+            self._close_link()
             # QEMU's cleanup bottom half.
             self.status.transition(S.CANCELLING, S.CANCELLED)
+
+    def _turn(self, saver: SaveVM, window: "_Window") -> bool:
+        """One turn of QEMU's migration_thread loop; True when the migration is over."""
+        f, rp = self.file, self.rp
+        if self.status.status == S.POSTCOPY_ACTIVE:
+            if self._postcopy_iteration(saver, f, rp):
+                return True
+        elif not f.rate_limited():
+            if self._postcopy_due(saver):
+                self._stopped = True
+                self._was_running = self._postcopy_start(saver) or self._was_running
+                return False
+            if self._iteration(saver):
+                self._stopped = True
+                self._was_running = self._complete(saver, f, rp) or self._was_running
+                return True
+        if self.status.status == S.CANCELLING:
+            raise MigrationCancelled()
+        if f.error:
+            raise ChannelError(f.error)
+        if rp is not None and rp.error:
+            raise ChannelError(rp.error)
+        window.step()
+        return False
+
+    def _close_link(self) -> None:
+        """Close the main channel and end its return-path reader."""
+        channel, rp = self.channel, self.rp
+        self.channel = self.rp = self.file = None
+        if channel is None:
+            return
+        if rp is not None:
+            channel.shutdown()
+            rp.join(timeout=10)
+        try:
+            channel.close()
+        except (ChannelError, OSError):
+            pass
+
+    # -- postcopy recovery (docs/qemu/postcopy.md §7) -----------------------------------
+
+    def _postcopy_pause(self, reason: str) -> None:
+        log.warning("postcopy paused: %s", reason)
+        trace("postcopy_pause", reason=reason)
+        self._close_link()
+        self.status.transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED)
+
+    def _postcopy_recover(self, saver: SaveVM) -> None:
+        """Wait in ``postcopy-paused`` for ``migrate resume=true`` (or a cancel), then the handshake.
+
+        A failed handshake pauses again, and the next ``resume`` tries anew.
+        """
+        while True:
+            self._resume.wait()
+            self._resume.clear()
+            if self.status.status == S.CANCELLING:
+                raise MigrationCancelled()
+            factory = self._resume_factory
+            try:
+                channel = factory()
+            except ChannelError as err:
+                log.error("postcopy resume: %s", err)
+                self.error_desc = str(err)
+                continue
+            if not self.status.transition(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER):
+                channel.close()
+                raise MigrationCancelled()
+            self.channel = channel
+            self.file = f = QEMUFileOut(channel, self.limiter)
+            saver.set_file(f)
+            self.rp = rp = ReturnPathReader(channel, {b.idstr: b.size for b in self.host.ram_blocks},
+                                            self.page_requests)
+            rp.start()
+            try:
+                self._resume_handshake(saver, f, rp)
+            except ChannelError as err:
+                log.error("postcopy resume handshake failed: %s", err)
+                self._close_link()
+                if not self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED):
+                    raise MigrationCancelled()
+                continue
+            self.limiter.set_rate(self.config.params.max_postcopy_bandwidth)
+            self.limiter.new_window()
+            return
+
+    def _resume_handshake(self, saver: SaveVM, f: QEMUFileOut, rp: "ReturnPathReader") -> None:
+        """RECV_BITMAP per block, the bitmaps back, RESUME, RESUME_ACK; then ``postcopy-active``.
+
+        The new connection carries no header: the destination is mid-stream.
+        Whatever the destination has not received becomes dirty again, so
+        nothing it lacks is lost and nothing it has is sent twice.
+        """
+        blocks = [b.idstr for b in self.host.ram_blocks]
+        for name in blocks:
+            f.put(stream.recv_bitmap(name))
+        f.flush()
+        bitmaps = rp.wait_bitmaps(blocks, RESUME_TIMEOUT)
+        saver.postcopy_resume(bitmaps)
+        f.put(stream.postcopy_resume())
+        f.flush()
+        rp.wait_resume_ack(RESUME_TIMEOUT)
+        if not self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE):
+            raise MigrationCancelled()
+
+    def resume(self, uri: str, named_fds: dict[str, int]) -> None:
+        """``migrate uri=... resume=true`` on a paused attempt: connect from the migration thread."""
+        self._resume_factory, _ = self._channel_factory(uri, named_fds)
+        self._resume.set()
+
+    def pause(self) -> None:
+        """``migrate-pause``: break the channel; the migration thread pauses on the error."""
+        self.shutdown_channel()
 
     def _open_multifd(self, addr: MigrationAddress, channel: Channel,
                       connect_channel: Callable[[], Channel]) -> MultifdSender | None:
@@ -593,6 +718,34 @@ class ReturnPathReader(threading.Thread):
         self.page_requests = page_requests
         self.error: str | None = None
         self.pongs: list[int] = []
+        #: A recovery's answers: received bitmaps by block, and RESUME_ACK.
+        self._bitmaps: dict[str, np.ndarray] = {}
+        self._resumed = False
+        self._answer = threading.Condition()
+
+    def wait_bitmaps(self, blocks: list[str], timeout: float) -> dict[str, np.ndarray]:
+        """The destination's received bitmap for each of *blocks*; ChannelError if they do not come."""
+        with self._answer:
+            if not self._answer.wait_for(lambda: self.error or all(b in self._bitmaps for b in blocks), timeout):
+                raise ChannelError("postcopy recovery: no received bitmap from the destination")
+        if self.error:
+            raise ChannelError(self.error)
+        return dict(self._bitmaps)
+
+    def wait_resume_ack(self, timeout: float) -> None:
+        with self._answer:
+            if not self._answer.wait_for(lambda: self.error or self._resumed, timeout):
+                raise ChannelError("postcopy recovery: no RESUME_ACK from the destination")
+        if self.error:
+            raise ChannelError(self.error)
+
+    def _answered(self, event: object) -> None:
+        with self._answer:
+            if isinstance(event, return_path.RpRecvBitmap):
+                self._bitmaps[event.block] = event.received(self.blocks[event.block] // PAGE_SIZE)
+            else:
+                self._resumed = True
+            self._answer.notify_all()
 
     def run(self) -> None:
         decoder = return_path.ReturnPathDecoder(self.blocks)
@@ -612,6 +765,9 @@ class ReturnPathReader(threading.Thread):
                     if isinstance(event, return_path.RpPong):
                         trace("source_return_path_thread_pong", value=event.value)
                         self.pongs.append(event.value)
+                    elif isinstance(event, (return_path.RpRecvBitmap, return_path.RpResumeAck)):
+                        trace("source_return_path_thread_recovery", event=type(event).__name__)
+                        self._answered(event)
                     elif isinstance(event, return_path.RpReqPages) and self.page_requests is not None:
                         trace("migrate_handle_rp_req_pages", rbname=event.block, start=event.start,
                               len=event.length)
@@ -620,6 +776,9 @@ class ReturnPathReader(threading.Thread):
                         raise WireError(f"RP: unexpected {type(event).__name__}")
         except (ChannelError, WireError) as err:
             self.error = str(err)
+        finally:
+            with self._answer:
+                self._answer.notify_all()
 
 
 class _Window:

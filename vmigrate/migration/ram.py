@@ -186,6 +186,23 @@ class RamSaver:
                 f.put(stream.postcopy_ram_discard(block.idstr, ranges[i:i + MAX_DISCARDS_PER_COMMAND]))
         self._channel = wire_ram.ChannelState()
 
+    def postcopy_resume(self, received: dict[str, np.ndarray]) -> None:
+        """After a recovery every page the destination lacks is dirty again (docs/qemu/postcopy.md §7.2).
+
+        Queued requests are dropped: the destination sends its outstanding
+        ones again, and the next record names its block.
+        """
+        remaining = 0
+        for block, bitmap in zip(self.blocks, self.bitmaps):
+            got = received.get(block.idstr)
+            if got is not None:
+                np.logical_not(got[:block.npages], out=bitmap)
+            remaining += int(np.count_nonzero(bitmap))
+        self.stats.remaining_pages = remaining
+        self._channel = wire_ram.ChannelState()
+        if self.ctx.page_requests is not None:
+            self.ctx.page_requests.clear()
+
     def complete_postcopy(self) -> None:
         """END body of a postcopy migration: whatever is still dirty (nothing, normally), EOS."""
         f = self.ctx.file
@@ -486,6 +503,9 @@ class RamSection:
 
     def save_complete_postcopy(self, ctx: SaveContext) -> None:
         self._saver.complete_postcopy()
+
+    def save_postcopy_resume(self, ctx: SaveContext, received: dict[str, np.ndarray]) -> None:
+        self._saver.postcopy_resume(received)
 
     def save_cleanup(self) -> None:
         saver, self._saver = self._saver, None

@@ -32,6 +32,8 @@ from vmigrate.migration.wire import WireError, stream, vmstate
 from vmigrate.trace import trace
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from vmigrate.machine.devices import DeviceModel
     from vmigrate.migration.multifd import MultifdSender
     from vmigrate.migration.postcopy import PageRequests
@@ -109,6 +111,9 @@ class SaveVMHandlers(Protocol):
 
     def save_complete_postcopy(self, ctx: SaveContext) -> None: ...  # the END body after postcopy
 
+    def save_postcopy_resume(self, ctx: SaveContext,
+                             received: dict[str, "np.ndarray"]) -> None: ...  # a recovery's received bitmaps
+
     def save_cleanup(self) -> None: ...  # any outcome
 
     def load_setup(self, ctx: LoadContext) -> stream.BodyDecoder: ...
@@ -183,6 +188,16 @@ class SaveVM:
         self.uuid = uuid
         self._header_sent = False
         self._set_up: list[SaveVMHandlers] = []
+
+    def set_file(self, f: QEMUFileOut) -> None:
+        """A postcopy recovery's new connection."""
+        self.f = self.ctx.file = f
+
+    def postcopy_resume(self, received: dict[str, "np.ndarray"]) -> None:
+        """The destination's received bitmaps (block -> one bool per page) after a recovery."""
+        for s in self.registry.live:
+            if s.supports_postcopy:
+                s.save_postcopy_resume(self.ctx, received)
 
     def _header(self) -> None:
         if self._header_sent:
