@@ -16,11 +16,14 @@ ROW = re.compile(r"^\| `([\w-]+)` \| ([a-z ]+) \|")
 
 
 def documented_fields() -> dict[str, dict[str, str]]:
-    """Record type → field → documented type, from the table under each ``## `TYPE` record``."""
+    """Record type → field → documented type, from the table under each ``## `TYPE` record``.
+
+    Any other heading ends a record's table (``### The forecast`` documents a field's members).
+    """
     fields: dict[str, dict[str, str]] = {}
     current = None
     for line in DOC.read_text(encoding="utf-8").splitlines():
-        if line.startswith("## "):
+        if line.startswith("#"):
             match = HEADING.match(line)
             current = match.group(1) if match else None
             if current:
@@ -42,8 +45,11 @@ def record_problems(records: list[dict]) -> list[str]:
     schema = documented_fields()
     kinds = [next(iter(r)) for r in records]
     problems = []
-    if not kinds or kinds[0] != "run" or kinds[-1] != "summary" or set(kinds[1:-1]) != {"sample"}:
-        problems.append(f"record order is not run, sample..., summary: {kinds[:3]}...{kinds[-2:]}")
+    middle = kinds[1:-1]
+    if (not kinds or kinds[0] != "run" or kinds[-1] != "summary" or "sample" not in middle
+            or not set(middle) <= {"sample", "postcopy", "stall"}
+            or any(middle.count(k) > 1 for k in ("postcopy", "stall"))):
+        problems.append(f"record order is not run, sample... (postcopy, stall at most once), summary: {kinds}")
     for number, record in enumerate(records, 1):
         if len(record) != 1:
             problems.append(f"record {number} has keys {sorted(record)}, not one")

@@ -77,7 +77,7 @@ def test_records_are_the_documented_ones(tmp_path):
 
 
 def test_the_doc_has_every_record_type():
-    assert set(documented_fields()) == {"run", "sample", "summary"}
+    assert set(documented_fields()) == {"run", "sample", "postcopy", "stall", "summary"}
     assert set(documented_fields()["sample"]) == set(Sample.__dataclass_fields__)
 
 

@@ -4,7 +4,12 @@ Works against vmigrate VMs and real QEMU alike: it only uses QMP commands
 both have.  Samples of ``query-migrate`` are kept as JSON records for
 ``--json`` and ``--json-log`` (docs/client-json.md) and for ``--plot``; the
 exit status says how the migration ended (0 completed, 1 failed, 2
-cancelled or interrupted).
+cancelled or interrupted, a stalled migration included).
+
+Beyond QEMU, each sample carries a convergence forecast
+(:mod:`vmigrate.migration.forecast`); ``--postcopy`` switches to postcopy
+on it or at a fixed time, and ``--stall`` gives up on a migration that no
+longer moves (:mod:`vmigrate.cli.steer`, docs/client-json.md).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from typing import Callable, TextIO
 
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.plot import plot_runs, require_matplotlib
+from vmigrate.cli.steer import Steering, forecast_line
 from vmigrate.harness.migrate import MigrationRun, Sample
+from vmigrate.harness.postcopy import PostcopyPlan
 from vmigrate.harness.runlog import RunLog
+from vmigrate.migration.forecast import STALL_AFTER, ConvergenceForecast
 from vmigrate.qmp.client import QMPClient, QMPClientError
 
 
@@ -36,6 +44,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="plot remaining bytes, throughput and dirty rate with passes, switchover and downtime")
     p.add_argument("--interval", type=float, default=0.2, help="sampling interval in seconds")
     p.add_argument("--timeout", type=float, default=600.0, help="give up (cancel) after this many seconds")
+    p.add_argument("--postcopy", metavar="auto|after=SECONDS",
+                   help="switch to postcopy when the forecast misses --max-precopy (auto) or at a fixed time; "
+                        "sets postcopy-ram on both sides")
+    p.add_argument("--max-precopy", type=float, metavar="SECONDS",
+                   help="with --postcopy auto: the longest precopy, counted from the start")
+    p.add_argument("--stall", type=float, default=STALL_AFTER, metavar="SECONDS",
+                   help="cancel (or with --postcopy auto, switch) after this long without progress")
     p.set_defaults(func=run)
 
 
@@ -106,6 +121,9 @@ def render(s: Sample, extra_lines: list[str] = ()):
     table.add_row("dirty rate", f"{human_bytes(s.dirty_rate)}/s")
     table.add_row("expected downtime", "-" if s.expected_downtime is None else f"{s.expected_downtime} ms")
     table.add_row("throttle", f"{s.throttle} %")
+    forecast = forecast_line(s, human_bytes)
+    if forecast is not None:
+        table.add_row("forecast", forecast)
     for line in extra_lines:
         table.add_row("", line)
     bar = ProgressBar(total=max(s.total, 1), completed=done if s.status != "completed" else max(s.total, 1))
@@ -176,35 +194,45 @@ class ProgressLines:
         if key == self._last and s.t - self._last_t < PROGRESS_EVERY:
             return
         self._last, self._last_t = key, s.t
+        forecast = forecast_line(s, human_bytes)
         self.console.print(f"t={s.t:.1f}s {s.status} pass {s.passes}: sent {human_bytes(s.transferred)}, "
                            f"remaining {human_bytes(s.remaining)} of {human_bytes(s.total)}, "
-                           f"{s.mbps:.0f} Mbit/s, dirty {human_bytes(s.dirty_rate)}/s", highlight=False)
+                           f"{s.mbps:.0f} Mbit/s, dirty {human_bytes(s.dirty_rate)}/s"
+                           + ("" if forecast is None else f"; {forecast}"), highlight=False)
 
 
 def follow(run: MigrationRun, interval: float, timeout: float, records: JsonRecords, console,
-           extra: Callable[[], list[str]] = lambda: []) -> None:
+           extra: Callable[[], list[str]] = lambda: [], plan: PostcopyPlan | None = None) -> None:
     """Sample until the migration ends, each sample a record, with a live view unless they go to stdout.
 
-    Ctrl-C cancels the migration.
+    Each sample is steered (:class:`Steering`: postcopy per *plan*, stalls);
+    its notes are lines of their own, or of the live view.  Ctrl-C cancels
+    the migration.
     """
+    def say(line: str) -> None:
+        if not records.stdout and not console.is_terminal:
+            console.print(line, highlight=False)
+
+    steer = Steering(run, plan, records, say)
+
     def record(s: Sample) -> None:
         records.write("sample", s.__dict__)
 
     def show(s: Sample) -> None:
         record(s)
-        live.update(render(s, extra()))
+        live.update(render(s, extra() + steer.notes))
 
     try:
         if records.stdout:
-            run.wait(timeout, interval, record)
+            run.wait(timeout, interval, record, steer)
         elif not console.is_terminal:
             lines = ProgressLines(console)
-            run.wait(timeout, interval, lambda s: (record(s), lines.show(s)))
+            run.wait(timeout, interval, lambda s: (record(s), lines.show(s)), steer)
         else:
             from rich.live import Live
 
             with Live(render(Sample(0, "setup")), console=console, refresh_per_second=10) as live:
-                run.wait(timeout, interval, show)
+                run.wait(timeout, interval, show, steer)
     except KeyboardInterrupt:
         run.wait(0.0, 0.05)
         run.finish()
@@ -213,12 +241,12 @@ def follow(run: MigrationRun, interval: float, timeout: float, records: JsonReco
 
 
 def drive(run: MigrationRun, interval: float, timeout: float, records: JsonRecords, console,
-          extra: Callable[[], list[str]] = lambda: []) -> RunLog:
+          extra: Callable[[], list[str]] = lambda: [], plan: PostcopyPlan | None = None) -> RunLog:
     """Start a prepared migration and follow it to its end: the records, the summary, the log."""
     log = RunLog(run=run.describe(), samples=run.samples)
     records.write("run", log.run)
     run.start()
-    follow(run, interval, timeout, records, console, extra)
+    follow(run, interval, timeout, records, console, extra, plan)
     run.settle_final()
     log.summary = run.summary()
     records.write("summary", log.summary)
@@ -232,6 +260,16 @@ def run(args: argparse.Namespace) -> int:
 
     caps = parse_caps(args.cap)
     params = parse_params(args.param)
+    plan = None
+    if args.postcopy is not None:
+        try:
+            plan = PostcopyPlan.parse(args.postcopy, args.max_precopy)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+        caps = [c for c in caps if c["capability"] != "postcopy-ram"] + [{"capability": "postcopy-ram",
+                                                                          "state": True}]
+    elif args.max_precopy is not None:
+        raise CLIError("--max-precopy needs --postcopy auto")
     if args.plot:
         require_matplotlib()
     try:
@@ -239,11 +277,11 @@ def run(args: argparse.Namespace) -> int:
         dst = QMPClient(args.dest_qmp) if args.dest_qmp else None
     except (OSError, ValueError) as err:
         raise CLIError(f"cannot connect to QMP: {err}") from None
-    mig = MigrationRun(src, args.uri, dst)
+    mig = MigrationRun(src, args.uri, dst, forecaster=ConvergenceForecast(args.stall))
     records = JsonRecords(args.json, args.json_log)
     try:
         mig.prepare(caps, params)
-        log = drive(mig, args.interval, args.timeout, records, Console())
+        log = drive(mig, args.interval, args.timeout, records, Console(), plan=plan)
     except QMPClientError as err:
         raise CLIError(err.desc) from None
     except TimeoutError as err:

@@ -11,12 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from vmigrate.migration.forecast import ConvergenceForecast, ForecastSample
 from vmigrate.qmp.client import QMPClient
 
 #: The states a migration ends in (QAPI MigrationStatus).
 FINAL = frozenset({"completed", "failed", "cancelled"})
 #: How long a migration may take to stop after ``migrate_cancel``.
 CANCEL_TIMEOUT = 30.0
+#: QEMU 7.2's default ``downtime-limit`` in ms (migration/migration.c), for a source that does not report one.
+DEFAULT_DOWNTIME_LIMIT = 300
 
 
 @dataclass
@@ -33,17 +36,25 @@ class Sample:
     passes: int = 0
     expected_downtime: int | None = None
     throttle: int = 0
+    forecast: dict | None = None
 
     @classmethod
     def from_info(cls, t: float, info: dict) -> "Sample":
+        """The sample of one answer; ``forecast`` is vmigrate's own ``x-vmigrate-forecast`` if it has one."""
         ram = info.get("ram", {})
         return cls(
             t=t, status=info.get("status", "none"), transferred=ram.get("transferred", 0),
             remaining=ram.get("remaining", 0), total=ram.get("total", 0), mbps=ram.get("mbps", 0.0),
             dirty_rate=ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096),
             passes=ram.get("dirty-sync-count", 0), expected_downtime=info.get("expected-downtime"),
-            throttle=info.get("cpu-throttle-percentage", 0),
+            throttle=info.get("cpu-throttle-percentage", 0), forecast=info.get("x-vmigrate-forecast"),
         )
+
+    def forecast_input(self, downtime_limit_ms: int) -> ForecastSample:
+        """What :class:`ConvergenceForecast` takes: ``mbps`` is Mbit/s of 10**6 bits (ram.c's rate window)."""
+        return ForecastSample(t=self.t, remaining=self.remaining, transferred=self.transferred,
+                              dirty_rate=self.dirty_rate, bandwidth=self.mbps * 1e6 / 8,
+                              downtime_limit_ms=downtime_limit_ms)
 
 
 def bound_uri(uri: str, info: dict) -> str:
@@ -93,6 +104,9 @@ class MigrationRun:
     t0: float = 0.0
     capabilities: dict[str, bool] = field(default_factory=dict)
     parameters: dict = field(default_factory=dict)
+    forecaster: ConvergenceForecast = field(default_factory=ConvergenceForecast)
+    downtime_limit: int = DEFAULT_DOWNTIME_LIMIT
+    postcopy_t: float | None = None
 
     def prepare(self, caps: list[dict], params: dict) -> None:
         """Capabilities (``events`` always on) and parameters on both sides; the destination listening."""
@@ -103,6 +117,8 @@ class MigrationRun:
             side.execute("migrate-set-capabilities", {"capabilities": caps})
             if params:
                 side.execute("migrate-set-parameters", params)
+        self.downtime_limit = self.src.execute("query-migrate-parameters").get("downtime-limit",
+                                                                               DEFAULT_DOWNTIME_LIMIT)
         if self.dst is not None:
             info = self.dst.execute("query-migrate")
             if "socket-address" not in info:
@@ -128,17 +144,22 @@ class MigrationRun:
     def sample(self) -> Sample:
         info = self.src.execute("query-migrate")
         s = Sample.from_info(time.monotonic() - self.t0, info)
+        forecast = self.forecaster.update(s.forecast_input(self.downtime_limit))
+        if s.forecast is None and s.status not in FINAL and s.status != "setup":
+            s.forecast = forecast.to_qmp()
         self.samples.append(s)
         if s.status in FINAL:
             self.final = info
         return s
 
-    def wait(self, timeout: float, interval: float,
-             on_sample: Callable[[Sample], None] = lambda s: None) -> bool:
+    def wait(self, timeout: float, interval: float, on_sample: Callable[[Sample], None] = lambda s: None,
+             steer: Callable[[Sample], bool] = lambda s: False) -> bool:
         """Sample until the source ends, cancelling after *timeout* s; True if it had to be cancelled.
 
-        *on_sample* sees every sample, the final one included.  TimeoutError
-        if the migration does not stop within :data:`CANCEL_TIMEOUT` of the cancel.
+        *on_sample* sees every sample, the final one included; *steer* sees
+        each one before the end and returns True to cancel (a stall).
+        TimeoutError if the migration does not stop within
+        :data:`CANCEL_TIMEOUT` of the cancel.
         """
         deadline = time.monotonic() + timeout
         cancel_deadline = None
@@ -148,7 +169,7 @@ class MigrationRun:
             if s.status in FINAL:
                 return cancel_deadline is not None
             now = time.monotonic()
-            if cancel_deadline is None and now > deadline:
+            if cancel_deadline is None and (now > deadline or steer(s)):
                 self.cancel()
                 cancel_deadline = now + CANCEL_TIMEOUT
             elif cancel_deadline is not None and now > cancel_deadline:
@@ -183,6 +204,11 @@ class MigrationRun:
     def cancel(self) -> None:
         self.src.execute("migrate_cancel")
 
+    def start_postcopy(self) -> None:
+        """``migrate-start-postcopy``: the source switches at its next iteration (docs/qemu/postcopy.md §2)."""
+        self.src.execute("migrate-start-postcopy")
+        self.postcopy_t = time.monotonic() - self.t0
+
     def summary(self) -> dict:
         ram = self.final.get("ram", {})
         return {
@@ -198,4 +224,5 @@ class MigrationRun:
             "normal-pages": ram.get("normal"),
             "mbps": ram.get("mbps"),
             "error-desc": self.final.get("error-desc"),
+            "postcopy-start-s": None if self.postcopy_t is None else round(self.postcopy_t, 3),
         }

@@ -2,7 +2,8 @@
 
 One record a line, each an object whose one key names its type: ``run``
 (what migrated where, first), ``sample`` (one ``query-migrate`` each) and
-``summary`` (last); docs/client-json.md documents every field.
+``summary`` (last), with ``postcopy`` and ``stall`` among the samples when
+they happen; docs/client-json.md documents every field.
 ``vmigrate plot`` reads logs to draw and compare runs, so what a plot marks
 (passes, switchover, downtime) is derived here from the records alone.
 """
@@ -26,6 +27,8 @@ class RunLog:
     run: dict = field(default_factory=dict)
     samples: list[Sample] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    postcopy: dict | None = None
+    stall: dict | None = None
 
 
 def read_log(path: str | Path) -> RunLog:
@@ -39,7 +42,7 @@ def read_log(path: str | Path) -> RunLog:
                 (kind, body), = json.loads(line).items()
                 if kind == "sample":
                     log.samples.append(Sample(**body))
-                elif kind in ("run", "summary"):
+                elif kind in ("run", "summary", "postcopy", "stall"):
                     setattr(log, kind, body)
                 else:
                     raise ValueError(f"unknown record type '{kind}'")
