@@ -94,12 +94,12 @@ def migrate_start_postcopy(vm, args, monitor):
 
 @command("migrate-pause")
 def migrate_pause(vm, args, monitor):
-    raise QMPError("migrate-pause is currently only supported during postcopy-active state")
+    vm.migration.pause()
 
 
 @command("migrate-recover")
 def migrate_recover(vm, args, monitor):
-    raise QMPError("Migrate recover can only be run when postcopy is paused.")
+    vm.migration.incoming.recover(args["uri"])
 
 
 @command("query-colo-status")

@@ -63,6 +63,9 @@ class IncomingMigration:
         self.postcopy: PostcopyIncoming | None = None
         #: The fault thread and the loading thread both write to the return path.
         self._rp_lock = threading.Lock()
+        #: ``migrate-recover``'s accepted connection, handed to the paused loading thread.
+        self._recovery = threading.Condition()
+        self._recovery_channel: Channel | None = None
 
     def start(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (docs/qemu/states.md §9).
@@ -252,8 +255,8 @@ class IncomingMigration:
         try:
             host.global_state.runstate = None
             ctx = LoadContext(config, self._multifd_channels, postcopy)
-            loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid,
-                            lambda cmd: self._command(cmd, channel))
+            loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid, self._command,
+                            self._await_recovery)
             try:
                 trace("loadvm_state_setup")
                 loader.run(QEMUFileIn(channel))
@@ -275,10 +278,6 @@ class IncomingMigration:
                 log.exception("incoming migration failed")
             self.error_desc = f"load of migration failed: {err}"
             trace("process_incoming_migration_co_end", error_desc=self.error_desc)
-            if postcopy is not None and postcopy.state >= PostcopyState.RUNNING:
-                # The guest runs here already and the source holds the pages it lacks.
-                self._postcopy_broken(postcopy, str(err))
-                return
             if postcopy is not None:
                 postcopy.end()
             if self._rp is not None:
@@ -292,10 +291,12 @@ class IncomingMigration:
             self._close_listener()
             self.status.fail()
         finally:
-            try:
-                channel.close()
-            except (ChannelError, OSError):
-                pass
+            channel = self._channel
+            if channel is not None:
+                try:
+                    channel.close()
+                except (ChannelError, OSError):
+                    pass
             self._channel = None
             self._close_listener()
 
@@ -306,16 +307,69 @@ class IncomingMigration:
         with self._rp_lock:
             rp.write(message)
 
-    def _postcopy_broken(self, postcopy: PostcopyIncoming, reason: str) -> None:
-        """The main channel broke after the guest started here.
+    # -- postcopy recovery (docs/qemu/postcopy.md §7) -------------------------------------
 
-        QEMU 7.2 pauses (docs/qemu/postcopy.md §7.1); vmigrate has no recovery
-        yet, so the migration fails, but the guest keeps its registration:
-        a vCPU that touches a missing page waits rather than reading zeros.
-        """
-        log.error("postcopy broke after the guest started: %s", reason)
+    def pause(self) -> None:
+        """``migrate-pause`` here: break the main channel; the loading thread pauses on it."""
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()
+
+    def recover(self, uri: str) -> None:
+        """``migrate-recover``: listen for the source's recovery connection."""
+        if self.status.status != S.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        # As for migrate-incoming, QEMU announces this whatever the events capability.
+        self.host.emit_event("MIGRATION", {"status": S.SETUP.value})
+        addr = parse_uri(uri, incoming=True)
+        if addr.kind not in ("tcp", "unix"):
+            raise MigrationError(f"vmigrate recovers postcopy over tcp: and unix: only, not '{addr.kind}:'")
         self._close_listener()
-        self.status.fail()
+        listener = self.listener = Listener(addr)
+        threading.Thread(target=self._accept_recovery, args=(listener,), name="incoming recovery",
+                         daemon=True).start()
+
+    def _accept_recovery(self, listener: Listener) -> None:
+        try:
+            channel = listener.accept()
+        except ChannelError:
+            return
+        secured = self._configure(channel)
+        if secured is None:
+            return
+        with self._recovery:
+            self._recovery_channel = secured[0]
+            self._recovery.notify_all()
+
+    def _await_recovery(self, reason: str) -> QEMUFileIn:
+        """The stream broke while the guest runs here: pause, and wait for ``migrate-recover``'s connection.
+
+        The guest keeps running; a vCPU that touches a page it lacks waits,
+        and its request is sent again once the link is back.
+        """
+        log.warning("postcopy paused: %s", reason)
+        trace("postcopy_pause_incoming", reason=reason)
+        old, self._channel, self._rp = self._channel, None, None
+        if old is not None:
+            old.close()
+        status = self.status.status
+        if status == S.POSTCOPY_RECOVER:
+            self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)
+        elif not self.status.transition(S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED):
+            raise LoadError(reason)
+        with self._recovery:
+            self._recovery_channel = None
+            while self._recovery_channel is None:
+                if self._closing.is_set():
+                    raise LoadError(f"postcopy paused and never recovered: {reason}")
+                self._recovery.wait(INPUT_POLL_MS / 1000)
+            channel, self._recovery_channel = self._recovery_channel, None
+        self._close_listener()
+        self._channel = channel
+        if channel.bidirectional:
+            self._rp = channel
+        self.status.transition(S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER)
+        return QEMUFileIn(channel)
 
     def _close_listener(self) -> None:
         """The transport is done with: ``socket-address`` disappears from query-migrate."""
@@ -323,7 +377,8 @@ class IncomingMigration:
         if listener is not None:
             listener.close()
 
-    def _command(self, cmd: "stream.Command", channel: Channel) -> None:
+    def _command(self, cmd: "stream.Command") -> None:
+        channel = self._channel
         if cmd.cmd == stream.MIG_CMD_OPEN_RETURN_PATH:
             self._rp_opened = True
             if channel.bidirectional:
@@ -339,11 +394,30 @@ class IncomingMigration:
             self._send_rp(return_path.pong(value))
         elif cmd.cmd == stream.MIG_CMD_PACKAGED:
             trace("loadvm_handle_cmd_packaged", length=stream.decode_packaged(cmd.payload))
+        elif cmd.cmd == stream.MIG_CMD_RECV_BITMAP:
+            self._recv_bitmap(stream.decode_recv_bitmap(cmd.payload))
+        elif cmd.cmd == stream.MIG_CMD_POSTCOPY_RESUME:
+            self._postcopy_resume()
         elif cmd.cmd in (stream.MIG_CMD_POSTCOPY_ADVISE, stream.MIG_CMD_POSTCOPY_RAM_DISCARD,
                          stream.MIG_CMD_POSTCOPY_LISTEN, stream.MIG_CMD_POSTCOPY_RUN):
             self._postcopy_command(cmd)
         else:
             raise LoadError(f"vmigrate does not implement the {cmd.name} stream command yet")
+
+    def _recv_bitmap(self, block: str) -> None:
+        """RECV_BITMAP: what this side has received, so the source sends the rest again."""
+        if self.status.status != S.POSTCOPY_RECOVER or self.postcopy is None:
+            raise LoadError("loadvm_handle_recv_bitmap: only allowed in postcopy-recover")
+        self._send_rp(self.postcopy.received_bitmap(block))
+
+    def _postcopy_resume(self) -> None:
+        """POSTCOPY_RESUME: back to postcopy-active, RESUME_ACK, then the outstanding requests again."""
+        if self.status.status != S.POSTCOPY_RECOVER or self.postcopy is None:
+            log.error("loadvm_postcopy_handle_resume: Illegal resume received in %s", self.status.status)
+            return
+        self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
+        self._send_rp(return_path.resume_ack(1))
+        self.postcopy.resumed()
 
     def _postcopy_command(self, cmd: "stream.Command") -> None:
         """The postcopy commands (QEMU's loadvm_postcopy_handle_*), with its texts."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.userfaultfd import Fault, UserfaultError, UserfaultFd
+from vmigrate.migration.channel import ChannelError
 from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.wire import return_path, stream
@@ -127,6 +128,11 @@ class PostcopyIncoming:
         self._rp_lock = threading.Lock()
         #: Pages filled with zeros in place, for UFFDIO_COPY where UFFDIO_ZEROPAGE is refused.
         self._zeros = np.zeros((64, PAGE_SIZE), dtype=np.uint8)
+
+    @property
+    def running(self) -> bool:
+        """The guest runs here: a broken stream pauses instead of failing."""
+        return self.state == PostcopyState.RUNNING
 
     @property
     def placing(self) -> bool:
@@ -301,7 +307,11 @@ class PostcopyIncoming:
         self.request(name, page)
 
     def request(self, block: str, page: int) -> None:
-        """REQ_PAGES_ID when the block differs from the last request's, else REQ_PAGES."""
+        """REQ_PAGES_ID when the block differs from the last request's, else REQ_PAGES.
+
+        While the link is down a request goes nowhere; it stays recorded and
+        is sent again after the recovery.
+        """
         start = page * PAGE_SIZE
         with self._rp_lock:
             if block != self._last_requested_block:
@@ -309,4 +319,22 @@ class PostcopyIncoming:
                 self._last_requested_block = block
             else:
                 message = return_path.req_pages(start, PAGE_SIZE)
-            self._send_rp(message)
+            try:
+                self._send_rp(message)
+            except ChannelError as err:
+                log.debug("page request not sent: %s", err)
+                self._last_requested_block = None
+
+    def received_bitmap(self, block: str) -> bytes:
+        """RP RECV_BITMAP for *block*: the message and the bitmap blob (docs/qemu/postcopy.md §7.2)."""
+        if block not in self.received:
+            raise LoadError(f"loadvm_handle_recv_bitmap: failed to find block '{block}'")
+        return return_path.recv_bitmap(block, self.received[block])
+
+    def resumed(self) -> None:
+        """The recovery is done: every request still outstanding is sent again, the first with its block."""
+        with self._rp_lock:
+            self._last_requested_block = None
+        for name, requested in self._requested.items():
+            for page in np.flatnonzero(requested & ~self.received[name]):
+                self.request(name, int(page))

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from vmigrate.machine.memory import PAGE_SIZE
-from vmigrate.migration.channel import Channel
+from vmigrate.migration.channel import Channel, ChannelError
 from vmigrate.migration.config import Capabilities, MigrationConfig
 from vmigrate.migration.qemu_file import QEMUFileIn, QEMUFileOut
 from vmigrate.migration.rate_limit import RateLimiter
@@ -330,12 +330,16 @@ class LoadVM:
     """The incoming section loop (QEMU's qemu_loadvm_state): records to the sections that own them."""
 
     def __init__(self, registry: SectionRegistry, ctx: LoadContext, machine_type: str, uuid: str | None,
-                 on_command: Callable[[stream.Command], None]) -> None:
+                 on_command: Callable[[stream.Command], None],
+                 recover: Callable[[str], QEMUFileIn] | None = None) -> None:
+        """*recover* is called when the stream breaks while a postcopy guest runs here: it
+        returns the recovery connection's file, or raises to give up (docs/qemu/postcopy.md §7)."""
         self.registry = registry
         self.ctx = ctx
         self.machine_type = machine_type
         self.uuid = uuid
         self.on_command = on_command
+        self.recover = recover
 
     def run(self, fin: QEMUFileIn) -> None:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
@@ -347,10 +351,25 @@ class LoadVM:
                 set_up.append(s)
                 bodies[s.idstr] = s.load_setup(self.ctx)
             bodies.update(self.registry.device_bodies())
-            self._read(fin, stream.StreamDecoder(bodies, known_capabilities=KNOWN_CAPABILITIES), live)
+            decoder = stream.StreamDecoder(bodies, known_capabilities=KNOWN_CAPABILITIES)
+            while True:
+                try:
+                    self._read(fin, decoder, live)
+                    return
+                except (WireError, LoadError, ChannelError, OSError) as err:
+                    if not self._recoverable():
+                        raise
+                    fin = self.recover(str(err))
+                # The recovery connection goes on mid-stream: no header, no configuration.
+                decoder = stream.StreamDecoder(bodies, header=False, require_configuration=False,
+                                               sections_seen=decoder.sections)
         finally:
             for s in set_up:
                 s.load_cleanup()
+
+    def _recoverable(self) -> bool:
+        postcopy = self.ctx.postcopy
+        return self.recover is not None and postcopy is not None and postcopy.running
 
     def _read(self, fin: QEMUFileIn, decoder: stream.StreamDecoder, live: dict[str, SaveVMHandlers]) -> None:
         section: SaveVMHandlers | None = None

@@ -437,12 +437,15 @@ class StreamDecoder:
     the configuration section, False forbids it, None accepts either.
     ``known_capabilities`` (the MigrationCapability names of the schema), when
     given, rejects an unknown name in the configuration's capability list.
+    ``sections`` seeds the section table: a recovery connection's PART
+    sections refer to sections started on the broken one.
     """
 
     bodies: Mapping[str, BodyDecoder]
     header: bool = True
     require_configuration: bool | None = True
     known_capabilities: Container[str] | None = None
+    sections_seen: Mapping[int, Section] | None = None
     _in: InputBuffer = field(default_factory=InputBuffer, init=False, repr=False)
     _state: int = field(default=_S_HEADER, init=False)
     _sections: dict[int, Section] = field(default_factory=dict, init=False, repr=False)
@@ -453,6 +456,8 @@ class StreamDecoder:
     def __post_init__(self) -> None:
         if not self.header:
             self._state = _S_TOP
+        if self.sections_seen is not None:
+            self._sections.update(self.sections_seen)
 
     # public API
 
