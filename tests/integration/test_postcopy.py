@@ -133,11 +133,16 @@ def test_postcopy_to_paused_destination(spawn_shm):
     assert guest_counter(shm / "src.ram") == passes, "the source guest must stay frozen"
 
 
-def test_running_destination_faults_pages_from_source(spawn_shm):
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt"])
+def test_running_destination_faults_pages_from_source(spawn_shm, preempt):
     """Without ``-S`` the destination guest runs from POSTCOPY_RUN on while the background scan is
-    held to 8 MiB/s: its accesses to missing pages fault and become page requests (§4.3, §5)."""
+    held to 8 MiB/s: its accesses to missing pages fault and become page requests (§4.3, §5),
+    answered on the main channel or, with ``postcopy-preempt``, on the second one (§6)."""
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
+    if preempt:
+        for vm in (src, dst):
+            vm.set_caps(**{"postcopy-preempt": True})
     info, dinfo = postcopy(src, dst, uri, **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB})
 
     assert dinfo["status"] == "completed", dinfo
@@ -238,3 +243,19 @@ def test_destination_without_postcopy_rejects_advise(spawn_shm):
 def spawn_shm(shm, spawn):
     """``spawn`` after ``shm``: the processes stop before the RAM directory goes."""
     return spawn, shm
+
+
+def test_release_ram_frees_the_source_as_pages_go(spawn_shm):
+    """``release-ram`` (§9): once in postcopy a sent page is freed on the source, so its RAM file
+    ends up mostly holes, while the destination has every page."""
+    spawn, shm = spawn_shm
+    src, dst, uri = start_pair(spawn, shm, AB, "-S")
+    src.set_caps(**{"release-ram": True})
+    before = (shm / "src.ram").stat().st_blocks * 512
+    info, dinfo = postcopy(src, dst, uri, **{"max-bandwidth": 8 * MIB})
+
+    assert dinfo["status"] == "completed", dinfo
+    assert info["ram"]["postcopy-bytes"] > 0
+    after = (shm / "src.ram").stat().st_blocks * 512
+    assert after < before // 4, (before, after)
+    assert_ab_pattern(shm / "dst.ram")

@@ -75,9 +75,11 @@ def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str) -> Non
     assert first_difference(src.ram, dst.ram, src.size) is None
 
 
-def test_vmigrate_destination_faults_from_qemu_source(machines: Machines) -> None:
+@pytest.mark.parametrize("preempt", [False, True], ids=["main-channel", "preempt"])
+def test_vmigrate_destination_faults_from_qemu_source(machines: Machines, preempt: bool) -> None:
     """vmigrate -> QEMU -> vmigrate, postcopy both times: the last hop's running ``checksum`` guest
-    faults on pages the QEMU source (which holds the RAM but runs nothing) must serve (§4.3, §5).
+    faults on pages the QEMU source (which holds the RAM but runs nothing) must serve (§4.3, §5);
+    with ``postcopy-preempt`` they come on the second channel (§6).
 
     QEMU ``-M none`` has no vCPU, so only the vmigrate guest can raise page
     requests; the result equal to tests/checksum_ref.py proves each served
@@ -89,8 +91,9 @@ def test_vmigrate_destination_faults_from_qemu_source(machines: Machines) -> Non
     wait_for(lambda: first.ram.read_bytes()[:8] == b"VMIGRATE" and header(first)[1] > 10, 10,
              "the computation to be under way")
     middle = machines.qemu("64M", "-incoming", "tcp:127.0.0.1:0")
+    caps = {**POSTCOPY, "postcopy-preempt": preempt}
     for m in (first, middle):
-        m.vm.set_caps(**POSTCOPY)
+        m.vm.set_caps(**caps)
     postcopy(first, middle, after=0.5, **{"max-bandwidth": 8 * MIB})
     interrupted = header(first)[1]
     assert interrupted < rounds, "the first source must not have finished by itself"
@@ -98,7 +101,7 @@ def test_vmigrate_destination_faults_from_qemu_source(machines: Machines) -> Non
     assert first_difference(first.ram, middle.ram, first.size) is None, "QEMU holds the frozen state"
 
     last = machines.vmigrate("64M", *guest, "--incoming", "tcp:127.0.0.1:0")
-    last.vm.set_caps(**POSTCOPY)
+    last.vm.set_caps(**caps)
     info = postcopy(middle, last, after=0.3, **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 4 * MIB})
 
     assert header(last)[1] >= interrupted, "the last guest continues the computation, not restarts it"

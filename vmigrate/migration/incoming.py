@@ -63,9 +63,12 @@ class IncomingMigration:
         self.postcopy: PostcopyIncoming | None = None
         #: The fault thread and the loading thread both write to the return path.
         self._rp_lock = threading.Lock()
-        #: ``migrate-recover``'s accepted connection, handed to the paused loading thread.
+        #: ``migrate-recover``'s accepted connections (main, preempt), handed to the paused loading thread.
         self._recovery = threading.Condition()
         self._recovery_channel: Channel | None = None
+        self._recovery_preempt: Channel | None = None
+        #: The postcopy-preempt channel, accepted after the main one.
+        self._preempt_channel: Channel | None = None
 
     def start(self, uri: str, named_fds: dict[str, int] | None = None) -> None:
         """``migrate-incoming`` / ``--incoming URI`` (docs/qemu/states.md §9).
@@ -145,6 +148,17 @@ class IncomingMigration:
             try:
                 self._accept_multifd(listener, config)
             except (WireError, MultifdError, TlsError) as err:
+                channel.close()
+                self._fail_setup(str(err))
+                return
+            except ChannelError:
+                channel.close()
+                return
+        elif config.caps.postcopy_preempt:
+            # The second connection is the preempt channel; QEMU reads neither before both are there.
+            try:
+                self._preempt_channel = self._secure(listener.accept(), config)
+            except TlsError as err:
                 channel.close()
                 self._fail_setup(str(err))
                 return
@@ -252,6 +266,9 @@ class IncomingMigration:
         postcopy = self.postcopy = PostcopyIncoming(
             host.ram_blocks, self._send_rp, host.vcpus.thread_ids,
             config.caps.postcopy_blocktime) if config.caps.postcopy_ram else None
+        if postcopy is not None:
+            postcopy.preempt_channel = self._preempt_channel
+            postcopy.on_preempt_broken = self.pause
         try:
             host.global_state.runstate = None
             ctx = LoadContext(config, self._multifd_channels, postcopy)
@@ -279,6 +296,7 @@ class IncomingMigration:
             self.error_desc = f"load of migration failed: {err}"
             trace("process_incoming_migration_co_end", error_desc=self.error_desc)
             if postcopy is not None:
+                self._close_preempt()
                 postcopy.end()
             if self._rp is not None:
                 try:
@@ -298,7 +316,20 @@ class IncomingMigration:
                 except (ChannelError, OSError):
                     pass
             self._channel = None
+            self._close_preempt()
             self._close_listener()
+
+    def _close_preempt(self) -> None:
+        """Close the preempt channel; its loader's error is then expected, not a reason to pause."""
+        preempt, self._preempt_channel = self._preempt_channel, None
+        if self.postcopy is not None:
+            self.postcopy.preempt_channel = None
+        if preempt is not None:
+            preempt.shutdown()
+            try:
+                preempt.close()
+            except (ChannelError, OSError):
+                pass
 
     def _send_rp(self, message: bytes) -> None:
         rp = self._rp
@@ -310,7 +341,8 @@ class IncomingMigration:
     # -- postcopy recovery (docs/qemu/postcopy.md §7) -------------------------------------
 
     def pause(self) -> None:
-        """``migrate-pause`` here: break the main channel; the loading thread pauses on it."""
+        """``migrate-pause`` here (or a broken preempt channel): break the main channel; the loading
+        thread pauses on it."""
         channel = self._channel
         if channel is not None:
             channel.shutdown()
@@ -337,8 +369,17 @@ class IncomingMigration:
         secured = self._configure(channel)
         if secured is None:
             return
+        channel, config = secured
+        preempt = None
+        if config.caps.postcopy_preempt:
+            try:
+                preempt = self._secure(listener.accept(), config)
+            except (ChannelError, TlsError) as err:
+                log.error("postcopy recovery: no preempt channel: %s", err)
+                channel.close()
+                return
         with self._recovery:
-            self._recovery_channel = secured[0]
+            self._recovery_channel, self._recovery_preempt = channel, preempt
             self._recovery.notify_all()
 
     def _await_recovery(self, reason: str) -> QEMUFileIn:
@@ -352,6 +393,7 @@ class IncomingMigration:
         old, self._channel, self._rp = self._channel, None, None
         if old is not None:
             old.close()
+        self._close_preempt()
         status = self.status.status
         if status == S.POSTCOPY_RECOVER:
             self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)
@@ -364,6 +406,7 @@ class IncomingMigration:
                     raise LoadError(f"postcopy paused and never recovered: {reason}")
                 self._recovery.wait(INPUT_POLL_MS / 1000)
             channel, self._recovery_channel = self._recovery_channel, None
+            self._preempt_channel, self._recovery_preempt = self._recovery_preempt, None
         self._close_listener()
         self._channel = channel
         if channel.bidirectional:
@@ -417,6 +460,7 @@ class IncomingMigration:
             return
         self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_ACTIVE)
         self._send_rp(return_path.resume_ack(1))
+        self.postcopy.restart_preempt(self._preempt_channel)
         self.postcopy.resumed()
 
     def _postcopy_command(self, cmd: "stream.Command") -> None:

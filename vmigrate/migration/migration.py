@@ -48,8 +48,7 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "background-snapshot",
-                              "postcopy-preempt", "x-ignore-shared")
+UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "background-snapshot", "x-ignore-shared")
 
 
 def now_ms() -> float:
@@ -207,6 +206,7 @@ class OutgoingSession:
         #: The main channel, its return-path reader and file (replaced by a postcopy recovery).
         self.channel: Channel | None = None
         self.rp: ReturnPathReader | None = None
+        self.preempt: QEMUFileOut | None = None
         #: ``migrate resume=true`` hands the paused thread a way to reconnect.
         self._resume = threading.Event()
         self._resume_factory: Callable[[], Channel] | None = None
@@ -295,9 +295,9 @@ class OutgoingSession:
             multifd.fail("Channel shut down")
 
     def shutdown_channel(self) -> None:
-        f = self.file
-        if f is not None:
-            f.shutdown()
+        for f in (self.file, self.preempt):
+            if f is not None:
+                f.shutdown()
         handshaking = self._handshaking
         if handshaking is not None:
             handshaking.shutdown()
@@ -367,9 +367,12 @@ class OutgoingSession:
                 raise MigrationCancelled()
             self.expected_downtime = self.config.params.downtime_limit
             thread_start = now_ms()
+            self._addr = addr
+            self.preempt = self._open_preempt(channel_factory)
             self.multifd = self._open_multifd(addr, channel, channel_factory)
             ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
-                              self.multifd, self._phase, self._pass_event, self._period_end, self.page_requests)
+                              self.multifd, self._phase, self._pass_event, self._period_end, self.page_requests,
+                              self.preempt)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
             caps = self.config.caps
             if caps.return_path or caps.postcopy_ram:
@@ -440,13 +443,31 @@ class OutgoingSession:
             raise MigrationCancelled()
         if f.error:
             raise ChannelError(f.error)
+        if self.preempt is not None and self.preempt.error:
+            raise ChannelError(self.preempt.error)
         if rp is not None and rp.error:
             raise ChannelError(rp.error)
         window.step()
         return False
 
+    def _open_preempt(self, factory: Callable[[], Channel]) -> QEMUFileOut | None:
+        """The postcopy-preempt channel: a second connection to the same address, no handshake
+        (docs/qemu/postcopy.md §6); never rate-limited, since a faulting guest waits on it."""
+        if not self.config.caps.postcopy_preempt:
+            return None
+        if not self._addr.multi_channel:
+            raise ChannelError("postcopy-preempt needs a tcp: or unix: migration URI")
+        return QEMUFileOut(factory(), RateLimiter(0))
+
     def _close_link(self) -> None:
-        """Close the main channel and end its return-path reader."""
+        """Close the main and preempt channels and end the return-path reader."""
+        preempt, self.preempt = self.preempt, None
+        if preempt is not None:
+            preempt.shutdown()
+            try:
+                preempt.channel.close()
+            except (ChannelError, OSError):
+                pass
         channel, rp = self.channel, self.rp
         self.channel = self.rp = self.file = None
         if channel is None:
@@ -489,7 +510,14 @@ class OutgoingSession:
                 raise MigrationCancelled()
             self.channel = channel
             self.file = f = QEMUFileOut(channel, self.limiter)
-            saver.set_file(f)
+            try:
+                self.preempt = self._open_preempt(factory)
+            except ChannelError as err:
+                log.error("postcopy resume: %s", err)
+                self._close_link()
+                self.status.transition(S.POSTCOPY_RECOVER, S.POSTCOPY_PAUSED)
+                continue
+            saver.set_file(f, self.preempt)
             self.rp = rp = ReturnPathReader(channel, {b.idstr: b.size for b in self.host.ram_blocks},
                                             self.page_requests)
             rp.start()

@@ -31,16 +31,20 @@ import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.userfaultfd import Fault, UserfaultError, UserfaultFd
-from vmigrate.migration.channel import ChannelError
+from vmigrate.migration.channel import Channel, ChannelError
 from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.savevm import LoadError
-from vmigrate.migration.wire import return_path, stream
+from vmigrate.migration.qemu_file import READ_CHUNK
+from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream
+from vmigrate.migration.wire import ram as wire_ram
 from vmigrate.trace import trace
 
 log = logging.getLogger(__name__)
 
 #: How long the fault thread waits for a fault before it checks whether it should stop.
 FAULT_POLL_SECONDS = 0.1
+#: How long the end of a load waits for the preempt channel's last pages and EOS.
+PREEMPT_DRAIN_SECONDS = 10.0
 
 
 class PostcopyState(enum.IntEnum):
@@ -128,6 +132,11 @@ class PostcopyIncoming:
         self._rp_lock = threading.Lock()
         #: Pages filled with zeros in place, for UFFDIO_COPY where UFFDIO_ZEROPAGE is refused.
         self._zeros = np.zeros((64, PAGE_SIZE), dtype=np.uint8)
+        #: The postcopy-preempt channel (set before LISTEN with ``postcopy-preempt``), its loader,
+        #: and what to do when it breaks (pause the migration, as a broken main channel does).
+        self.preempt_channel: Channel | None = None
+        self.on_preempt_broken: Callable[[], None] = lambda: None
+        self._preempt_thread: threading.Thread | None = None
 
     @property
     def running(self) -> bool:
@@ -198,7 +207,45 @@ class PostcopyIncoming:
             block.faulting = True
         self._thread = threading.Thread(target=self._serve_faults, name="fault handler", daemon=True)
         self._thread.start()
+        self._start_preempt()
         trace("postcopy_ram_enable_notify")
+
+    def _start_preempt(self) -> None:
+        channel = self.preempt_channel
+        if channel is not None:
+            self._preempt_thread = threading.Thread(target=self._load_preempt, args=(channel,),
+                                                    name="postcopy preempt", daemon=True)
+            self._preempt_thread.start()
+
+    def _load_preempt(self, channel: Channel) -> None:
+        """The preempt channel's loader: bare RAM records up to an EOS, with its own "last block"
+        (docs/qemu/postcopy.md §6).  A broken channel pauses the migration."""
+        records = wire_ram.RecordStream(wire_ram.RamBodyDecoder(
+            {name: b.size for name, b in self.blocks.items()}, variable_runs=True))
+        try:
+            while not records.finished:
+                data = channel.read(READ_CHUNK)
+                if not data:
+                    raise ChannelError("the postcopy preempt channel closed before its EOS")
+                records.feed(data)
+                while (event := records.next_event()) is not NEED_DATA:
+                    if isinstance(event, wire_ram.RamPages):
+                        self.place_pages(event.block, event.pages, event.data)
+                    elif isinstance(event, wire_ram.RamZeroPages):
+                        self.place_zero_pages(event.block, event.pages, event.fill)
+                    elif not isinstance(event, wire_ram.RamEOS):
+                        raise WireError(f"unexpected {type(event).__name__} on the postcopy preempt channel")
+        except (ChannelError, WireError, UserfaultError, OSError) as err:
+            if not self._stop.is_set() and channel is self.preempt_channel:
+                log.warning("postcopy preempt channel: %s", err)
+                self.on_preempt_broken()
+
+    def restart_preempt(self, channel: Channel | None) -> None:
+        """A recovery's new preempt channel gets a new loader."""
+        self.preempt_channel = channel
+        if self._preempt_thread is not None:
+            self._preempt_thread.join(timeout=5)
+        self._start_preempt()
 
     def run(self) -> None:
         """POSTCOPY_RUN: the device state is in; the guest may start (the caller starts it)."""
@@ -207,7 +254,17 @@ class PostcopyIncoming:
         self.state = PostcopyState.RUNNING
 
     def end(self) -> None:
-        """Every page is in (or the load is over): unregister and stop the fault thread."""
+        """Every page is in (or the load is over): unregister and stop the fault thread.
+
+        The preempt channel ends with its own EOS, which may come after the
+        main channel's EOF: its loader is waited for first.
+        """
+        preempt = self._preempt_thread
+        if preempt is not None:
+            preempt.join(timeout=PREEMPT_DRAIN_SECONDS)
+            if preempt.is_alive() and self.preempt_channel is not None:
+                self.preempt_channel.shutdown()
+                preempt.join(timeout=5)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

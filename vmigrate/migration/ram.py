@@ -20,7 +20,7 @@ from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool
 from vmigrate.migration.multifd import MultifdReceiver
-from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges
+from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
 from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
@@ -81,6 +81,9 @@ class RamSaver:
         self._period_xfer = 0
         #: After the switch to postcopy: plain pages only, page requests first.
         self.in_postcopy = False
+        #: The postcopy-preempt channel's own "last block", and whether it sent last.
+        self._preempt_channel = wire_ram.ChannelState()
+        self._on_preempt = False
 
     def remaining_bytes(self) -> int:
         return self.stats.remaining_pages * PAGE_SIZE
@@ -184,6 +187,10 @@ class RamSaver:
             ranges = discard_ranges(bitmap)
             for i in range(0, len(ranges), MAX_DISCARDS_PER_COMMAND):
                 f.put(stream.postcopy_ram_discard(block.idstr, ranges[i:i + MAX_DISCARDS_PER_COMMAND]))
+            if self.config.caps.release_ram:
+                # What was sent and stayed clean is the destination's already.
+                for start, length in discard_ranges(~bitmap):
+                    block.discard(start, length)
         self._channel = wire_ram.ChannelState()
 
     def postcopy_resume(self, received: dict[str, np.ndarray]) -> None:
@@ -200,15 +207,29 @@ class RamSaver:
             remaining += int(np.count_nonzero(bitmap))
         self.stats.remaining_pages = remaining
         self._channel = wire_ram.ChannelState()
+        self._preempt_channel = wire_ram.ChannelState()
+        self._on_preempt = False
         if self.ctx.page_requests is not None:
             self.ctx.page_requests.clear()
 
+    def _release(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """``release-ram``: in postcopy a page is the destination's once encoded (the records are
+        a copy), so the source frees it at once (docs/qemu/postcopy.md §9)."""
+        if self.in_postcopy and self.config.caps.release_ram:
+            for first, count in page_runs(pages):
+                block.discard(first * PAGE_SIZE, count * PAGE_SIZE)
+
     def complete_postcopy(self) -> None:
-        """END body of a postcopy migration: whatever is still dirty (nothing, normally), EOS."""
+        """END body of a postcopy migration: whatever is still dirty (nothing, normally), EOS;
+        the preempt channel ends with an EOS of its own."""
         f = self.ctx.file
         while self._send_batch(f):
             pass
         f.put(wire_ram.eos())
+        preempt = self.ctx.preempt
+        if preempt is not None:
+            preempt.put(wire_ram.eos())
+            preempt.flush()
 
     def _serve_requests(self, f: QEMUFileOut, requests: PageRequests) -> bool:
         """Send the next requested pages that are still dirty; the scan goes on from there.
@@ -229,10 +250,34 @@ class RamSaver:
         if pages.size:
             bitmap[pages] = False
             self.stats.remaining_pages -= len(pages)
-            self._send_plain(f, block, pages)
-            f.flush()
+            preempt = self.ctx.preempt
+            if preempt is None:
+                self._send_plain(f, block, pages)
+                f.flush()
+            else:
+                self._send_preempt(preempt, block, pages)
         self._cursor_block, self._cursor_page = index, request.first + request.count
         return True
+
+    def _send_preempt(self, preempt: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
+        """Requested pages on the postcopy-preempt channel, flushed at once (docs/qemu/postcopy.md §6).
+
+        Each switch of channel resets the "last block" of the one switched
+        to, so its first record names the block, as QEMU's sender does.
+        """
+        if not self._on_preempt:
+            trace("postcopy_preempt_switch_channel", channel=1)
+            self._preempt_channel.reset()
+            self._on_preempt = True
+        records, counts = wire_ram.encode_pages(block.idstr, block.pages, pages, self._preempt_channel)
+        self._release(block, pages)
+        preempt.put(records)
+        preempt.flush()
+        stats = self.stats
+        stats.duplicate += counts.zero_pages
+        stats.normal += counts.normal_pages
+        stats.account(counts.bytes, self._phase())
+        self.target_pages += len(pages)
 
     def cleanup(self) -> None:
         """Migration over (any outcome): dirty logging is no longer needed, nor the compression threads.
@@ -263,6 +308,10 @@ class RamSaver:
         block, pages = found
         self.stats.remaining_pages -= len(pages)
         if self.in_postcopy:
+            if self._on_preempt:
+                trace("postcopy_preempt_switch_channel", channel=0)
+                self._channel.reset()
+                self._on_preempt = False
             self._send_plain(f, block, pages)
         elif self.compress is not None and not self.xbzrle_active:
             self._send_compressed(f, block, pages)
@@ -276,6 +325,7 @@ class RamSaver:
 
     def _send_plain(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:
         records, counts = wire_ram.encode_pages(block.idstr, block.pages, pages, self._channel)
+        self._release(block, pages)
         f.put(records)
         stats = self.stats
         stats.duplicate += counts.zero_pages

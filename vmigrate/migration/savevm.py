@@ -70,6 +70,8 @@ class SaveContext:
     on_period: Callable[[int, int], None]
     #: A postcopy destination's page requests (None without ``postcopy-ram``).
     page_requests: "PageRequests | None" = None
+    #: The postcopy-preempt channel, for requested pages (None without ``postcopy-preempt``).
+    preempt: QEMUFileOut | None = None
 
 
 @dataclass
@@ -189,9 +191,10 @@ class SaveVM:
         self._header_sent = False
         self._set_up: list[SaveVMHandlers] = []
 
-    def set_file(self, f: QEMUFileOut) -> None:
-        """A postcopy recovery's new connection."""
+    def set_file(self, f: QEMUFileOut, preempt: QEMUFileOut | None) -> None:
+        """A postcopy recovery's new connections."""
         self.f = self.ctx.file = f
+        self.ctx.preempt = preempt
 
     def postcopy_resume(self, received: dict[str, "np.ndarray"]) -> None:
         """The destination's received bitmaps (block -> one bool per page) after a recovery."""
