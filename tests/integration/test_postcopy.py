@@ -259,3 +259,20 @@ def test_release_ram_frees_the_source_as_pages_go(spawn_shm):
     after = (shm / "src.ram").stat().st_blocks * 512
     assert after < before // 4, (before, after)
     assert_ab_pattern(shm / "dst.ram")
+
+
+def test_query_migrate_forecasts_that_precopy_cannot_converge(spawn_shm):
+    """Beyond QEMU: ``x-vmigrate-forecast`` in ``query-migrate`` says, from the measured rates,
+    that a guest dirtying faster than the link carries will never converge; postcopy then does."""
+    spawn, shm = spawn_shm
+    src, dst, uri = start_pair(spawn, shm, "stress:rate=64,wss=32M,tick=5")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= 3, 30, "three passes")
+    wait_for(lambda: src.migrate_status()["x-vmigrate-forecast"]["bandwidth"] > 0, 5, "a measured forecast")
+    forecast = src.migrate_status()["x-vmigrate-forecast"]
+    assert forecast["converges"] is False and "seconds" not in forecast, forecast
+    assert forecast["dirty-rate"] >= forecast["bandwidth"] > 0, forecast
+    src.cmd("migrate-start-postcopy")
+    assert src.wait_migration(FINAL, timeout=30)["status"] == "completed"
+    assert "x-vmigrate-forecast" not in src.migrate_status()

@@ -26,6 +26,7 @@ from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError,
                                         MigrationAddress, ZeroCopySocket, connect, parse_uri)
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
+from vmigrate.migration.forecast import ConvergenceForecast, ForecastSample
 from vmigrate.migration.incoming import IncomingMigration
 from vmigrate.migration.multifd import MultifdSender, open_channels
 from vmigrate.migration.options import MigrationOptions
@@ -222,6 +223,10 @@ class OutgoingSession:
         self.mbps = 0.0
         self.pages_per_second = 0
         self.threshold_size = 0
+        #: Beyond QEMU: whether precopy can finish, from the rates measured each window.
+        self.forecast = ConvergenceForecast()
+        #: Dirty pages at each bitmap sync: how much each pass left for the next.
+        self.pass_starts: list[int] = []
 
     # -- QMP --------------------------------------------------------------
 
@@ -345,6 +350,8 @@ class OutgoingSession:
                 info["compression"] = self.compression_stats.to_qmp()
             if self.auto_converge.percentage:
                 info["cpu-throttle-percentage"] = self.auto_converge.percentage
+            if status == S.ACTIVE:
+                info["x-vmigrate-forecast"] = self.forecast.forecast().to_qmp()
         elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
 
@@ -579,6 +586,7 @@ class OutgoingSession:
                              self.limiter.account)
 
     def _pass_event(self, count: int) -> None:
+        self.pass_starts.append(self.stats.remaining_pages)
         if self.config.caps.events:
             self.host.emit_event("MIGRATION_PASS", {"pass": count})
 
@@ -850,6 +858,15 @@ class _Window:
         session.pages_per_second = int((stats.pages_sent - self.pages0) / (dt / 1000))
         if stats.dirty_pages_rate and xfer > 10000:
             session.expected_downtime = int(stats.remaining_pages * 4096 / bw)
+        starts = session.pass_starts
+        if session.status.status == S.ACTIVE and len(starts) >= 3:
+            # Each pass leaves q of what it started with, whatever the guest's pattern; the
+            # dirty rate that matters is q × bandwidth (docs/qemu/convergence.md §4).
+            q = starts[-1] / max(starts[-2], 1)
+            session.forecast.update(ForecastSample(
+                t=(now - session.start_ms) / 1000, remaining=stats.remaining_pages * PAGE_SIZE,
+                transferred=self.total_bytes(), dirty_rate=q * bw * 1000,
+                bandwidth=bw * 1000, downtime_limit_ms=session.config.params.downtime_limit))
         trace("migrate_transferred", transferred=xfer, time_spent=int(dt), bandwidth=int(bw),
               threshold_size=session.threshold_size)
         session.limiter.new_window()
