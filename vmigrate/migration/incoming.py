@@ -112,6 +112,8 @@ class IncomingMigration:
         postcopy = self.postcopy
         if status == S.COMPLETED and postcopy is not None and postcopy.blocktime is not None:
             postcopy.blocktime.to_qmp(info)
+        if postcopy is not None and postcopy.placing:
+            info["x-vmigrate-page-latency"] = postcopy.latency_qmp()
 
     @property
     def yank_registered(self) -> bool:

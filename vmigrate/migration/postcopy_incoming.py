@@ -137,6 +137,10 @@ class PostcopyIncoming:
         self.preempt_channel: Channel | None = None
         self.on_preempt_broken: Callable[[], None] = lambda: None
         self._preempt_thread: threading.Thread | None = None
+        #: Beyond QEMU: seconds from each fault's request to its page in place.
+        self.latencies: list[float] = []
+        self._asked: dict[tuple[str, int], float] = {}
+        self._latency_lock = threading.Lock()
 
     @property
     def running(self) -> bool:
@@ -320,9 +324,27 @@ class PostcopyIncoming:
 
     def _placed(self, block: str, first: int, count: int) -> None:
         self.received[block][first:first + count] = True
-        self._requested[block][first:first + count] = False
+        requested = self._requested[block][first:first + count]
+        if requested.any():
+            now = time.monotonic()
+            with self._latency_lock:
+                for page in np.flatnonzero(requested) + first:
+                    asked = self._asked.pop((block, int(page)), None)
+                    if asked is not None:
+                        self.latencies.append(now - asked)
+        requested[:] = False
         if self.blocktime is not None:
             self.blocktime.placed(block, first, count)
+
+    def latency_qmp(self) -> dict:
+        """``x-vmigrate-page-latency``: page requests and their fault-to-placement time in ms."""
+        with self._latency_lock:
+            times = np.array(self.latencies) * 1000
+        if not times.size:
+            return {"requests": 0}
+        p50, p99 = np.percentile(times, [50, 99])
+        return {"requests": int(times.size), "p50-ms": round(float(p50), 3), "p99-ms": round(float(p99), 3),
+                "max-ms": round(float(times.max()), 3)}
 
     # -- faults -------------------------------------------------------------------------------
 
@@ -361,6 +383,8 @@ class PostcopyIncoming:
         if requested[page]:
             return
         requested[page] = True
+        with self._latency_lock:
+            self._asked[(name, page)] = time.monotonic()
         self.request(name, page)
 
     def request(self, block: str, page: int) -> None:
