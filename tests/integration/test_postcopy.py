@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
+from test_precopy import assert_ab_pattern, ram
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 from vmigrate.qmp.client import QMPClientError
@@ -44,10 +45,6 @@ def shm():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def ram(path: Path) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8)
-
-
 def header(path: Path) -> np.ndarray:
     """The guest's header words (guest.py: magic, counter, flags, result)."""
     head = path.read_bytes()[:32]
@@ -57,19 +54,6 @@ def header(path: Path) -> np.ndarray:
 
 def guest_counter(path: Path) -> int:
     return int(header(path)[1])
-
-
-def assert_ab_pattern(path: Path, start: int = 1 * MIB, end: int = 24 * MIB) -> int:
-    """Every page's first byte is the pass count or one less (a stopped guest): no gap anywhere.
-
-    A page the destination never got, or got stale, breaks the pattern.
-    """
-    mem = ram(path)
-    passes = int.from_bytes(mem[8:16].tobytes(), "little")
-    column = mem[start:end:4096]
-    ok = (column == passes % 256) | (column == (passes - 1) % 256)
-    assert ok.all(), f"ab pattern broken at page {int(np.flatnonzero(~ok)[0])} (passes {passes})"
-    return passes
 
 
 def statuses(vm) -> list[str]:

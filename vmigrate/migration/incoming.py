@@ -132,41 +132,30 @@ class IncomingMigration:
     # -- the incoming thread ------------------------------------------------
 
     def _accept(self) -> None:
-        """The first connection is the main channel; with multifd, the next N are its channels.
+        """The first connection is the main channel; with multifd, the next N are its channels;
+        with postcopy-preempt, the next one is the preempt channel.
 
         As in QEMU 7.2 the main channel is not read before every multifd
         channel has connected and sent a valid initial packet.
         """
         listener = self.listener
-        try:
-            channel = listener.accept()
-        except ChannelError:
-            return
-        secured = self._configure(channel)
+        secured = self._accept_configured(listener)
         if secured is None:
             return
         channel, config = secured
-        if config.caps.multifd:
-            try:
+        try:
+            if config.caps.multifd:
                 self._accept_multifd(listener, config)
-            except (WireError, MultifdError, TlsError) as err:
-                channel.close()
-                self._fail_setup(str(err))
-                return
-            except ChannelError:
-                channel.close()
-                return
-        elif config.caps.postcopy_preempt:
-            # The second connection is the preempt channel; QEMU reads neither before both are there.
-            try:
+            elif config.caps.postcopy_preempt:
+                # The second connection is the preempt channel; QEMU reads neither before both are there.
                 self._preempt_channel = self._secure(listener.accept(), config)
-            except TlsError as err:
-                channel.close()
-                self._fail_setup(str(err))
-                return
-            except ChannelError:
-                channel.close()
-                return
+        except (WireError, MultifdError, TlsError) as err:
+            channel.close()
+            self._fail_setup(str(err))
+            return
+        except ChannelError:
+            channel.close()
+            return
         threading.Thread(target=self._refuse_extra, args=(listener,), name="incoming extra", daemon=True).start()
         self._load(channel, config)
 
@@ -196,6 +185,15 @@ class IncomingMigration:
         secured = self._configure(channel)
         if secured is not None:
             self._load(*secured)
+
+    def _accept_configured(self, listener: Listener) -> tuple[Channel, MigrationConfig] | None:
+        """The next connection as a main channel, with the configuration; None once the listener
+        closed or the channel was refused."""
+        try:
+            channel = listener.accept()
+        except ChannelError:
+            return None
+        return self._configure(channel)
 
     def _configure(self, channel: Channel) -> tuple[Channel, MigrationConfig] | None:
         """The configuration as the main channel arrives, and the channel in TLS if it asks for it;
@@ -364,11 +362,7 @@ class IncomingMigration:
                          daemon=True).start()
 
     def _accept_recovery(self, listener: Listener) -> None:
-        try:
-            channel = listener.accept()
-        except ChannelError:
-            return
-        secured = self._configure(channel)
+        secured = self._accept_configured(listener)
         if secured is None:
             return
         channel, config = secured
