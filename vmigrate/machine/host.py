@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
-import platform
 
-_SYS_USERFAULTFD = {"x86_64": 323, "aarch64": 282}
-_UFFDIO_API = 0xC018AA3F
-_UFFD_API = 0xAA
-_UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
-
-
-class _UffdioApi(ctypes.Structure):
-    _fields_ = [("api", ctypes.c_uint64), ("features", ctypes.c_uint64), ("ioctls", ctypes.c_uint64)]
+from vmigrate.machine.userfaultfd import UFFD_FEATURE_PAGEFAULT_FLAG_WP, UserfaultError, available_features
 
 
 @functools.cache
 def userfaultfd_features() -> int | None:
     """The kernel's userfaultfd feature bits, or None if userfaultfd is unusable."""
-    number = _SYS_USERFAULTFD.get(platform.machine())
-    if number is None:
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = libc.syscall(number, os.O_CLOEXEC | os.O_NONBLOCK)
-    if fd < 0:
-        return None
     try:
-        api = _UffdioApi(_UFFD_API, 0, 0)
-        if libc.ioctl(fd, _UFFDIO_API, ctypes.byref(api)) != 0:
-            return None
-        return int(api.features)
-    finally:
-        os.close(fd)
+        return available_features()
+    except UserfaultError:
+        return None
 
 
 def postcopy_supported() -> bool:
@@ -42,7 +23,7 @@ def postcopy_supported() -> bool:
 
 def uffd_write_protect_supported() -> bool:
     features = userfaultfd_features()
-    return features is not None and bool(features & _UFFD_FEATURE_PAGEFAULT_FLAG_WP)
+    return features is not None and bool(features & UFFD_FEATURE_PAGEFAULT_FLAG_WP)
 
 
 _M_TRIM_THRESHOLD = -1

@@ -82,6 +82,7 @@ UFFDIO_COPY = _ioc(_IOC_READ | _IOC_WRITE, _NR_COPY, ctypes.sizeof(_Copy))
 UFFDIO_ZEROPAGE = _ioc(_IOC_READ | _IOC_WRITE, _NR_ZEROPAGE, ctypes.sizeof(_Zeropage))
 
 UFFD_API = 0xAA
+UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
 UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 # 1 << 7 is UFFD_FEATURE_SIGBUS (SIGBUS instead of a fault event): never requested.
 UFFD_FEATURE_THREAD_ID = 1 << 8
@@ -157,7 +158,7 @@ def _handshake(fd: int, features: int) -> int:
     return int(api.features)
 
 
-def _available_features() -> int:
+def available_features() -> int:
     """The kernel's feature bits, from a throwaway fd.
 
     UFFDIO_API may be done once per fd and fails on a feature the kernel lacks, so, as
@@ -179,7 +180,7 @@ class UserfaultFd:
 
     def __init__(self) -> None:
         #: The features enabled on this fd (a subset of MISSING_SHMEM | THREAD_ID).
-        self.features = _available_features() & _WANTED_FEATURES
+        self.features = available_features() & _WANTED_FEATURES
         self._fd: int | None = _open()
         try:
             _handshake(self._fd, self.features)
