@@ -131,6 +131,9 @@ def test_running_destination_faults_pages_from_source(spawn_shm, preempt):
 
     assert dinfo["status"] == "completed", dinfo
     assert info["ram"]["postcopy-requests"] > 0, info["ram"]
+    latency = dinfo["x-vmigrate-page-latency"]
+    assert 0 < latency["requests"] <= info["ram"]["postcopy-requests"], (latency, info["ram"])
+    assert 0 < latency["p50-ms"] <= latency["p99-ms"] <= latency["max-ms"], latency
     assert statuses(src) == ["setup", "active", "postcopy-active", "completed"]
     assert src.status() == "postmigrate"
     frozen = guest_counter(shm / "src.ram")
