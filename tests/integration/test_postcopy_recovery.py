@@ -104,8 +104,10 @@ def start_pair(spawn, shm: Path, guest: str = AB):
     return src, dst, f"tcp:127.0.0.1:{port_of(dst)}"
 
 
-def into_postcopy(src, uri: str, after: float = 1.0, **caps: bool) -> None:
-    """Migrate at :data:`SLOW`, switch to postcopy after *after* s, wait for postcopy-active."""
+def into_postcopy(src, dst, uri: str, after: float = 1.0, **caps: bool) -> None:
+    """Migrate at :data:`SLOW`, switch to postcopy after *after* s, wait for postcopy-active on
+    both sides: a destination that has not yet run the switch-over fails on a broken stream
+    instead of pausing (§7.1: only while its postcopy state is RUNNING)."""
     if caps:
         src.set_caps(**caps)
     src.cmd("migrate-set-parameters", **SLOW)
@@ -114,6 +116,7 @@ def into_postcopy(src, uri: str, after: float = 1.0, **caps: bool) -> None:
     assert src.migrate_status()["status"] == "active", "precopy must still be running at the switch"
     src.cmd("migrate-start-postcopy")
     wait_for(lambda: src.migrate_status()["status"] == "postcopy-active", 10, "postcopy-active")
+    wait_for(lambda: dst.migrate_status()["status"] == "postcopy-active", 10, "dst postcopy-active")
 
 
 def pause(by, src, dst) -> None:
@@ -147,7 +150,7 @@ def test_three_pause_recover_cycles(spawn_shm):
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
     seen = Statuses()
-    into_postcopy(src, uri)
+    into_postcopy(src, dst, uri)
 
     remaining = []
     for i in range(3):
@@ -238,7 +241,7 @@ def test_resume_refused_with_release_ram(spawn_shm):
     """
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
-    into_postcopy(src, uri, **{"release-ram": True})
+    into_postcopy(src, dst, uri, **{"release-ram": True})
     pause(src, src, dst)
     dst.cmd("migrate-recover", uri="tcp:127.0.0.1:0")
     expect_error(src, "Postcopy recovery cannot work when release-ram capability is set",
@@ -255,7 +258,7 @@ def test_cancel_paused_source(spawn_shm):
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
     seen = Statuses()
-    into_postcopy(src, uri)
+    into_postcopy(src, dst, uri)
     time.sleep(0.5)
     pause(dst, src, dst)
     frozen = guest_counter(shm / "src.ram")
@@ -276,7 +279,7 @@ def test_resume_to_dead_port_stays_paused(spawn_shm):
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
     seen = Statuses()
-    into_postcopy(src, uri)
+    into_postcopy(src, dst, uri)
     time.sleep(0.5)
     pause(src, src, dst)
     dst.cmd("migrate-recover", uri="tcp:127.0.0.1:0")
