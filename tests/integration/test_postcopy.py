@@ -263,3 +263,20 @@ def test_query_migrate_forecasts_that_precopy_cannot_converge(spawn_shm):
     src.cmd("migrate-start-postcopy")
     assert src.wait_migration(FINAL, timeout=30)["status"] == "completed"
     assert "x-vmigrate-forecast" not in src.migrate_status()
+
+
+def test_max_postcopy_bandwidth_applies_at_once(spawn_shm):
+    """Like QEMU, a new ``max-postcopy-bandwidth`` re-arms the limiter of a migration already in
+    postcopy: at 1 MiB/s the rest would take half a minute, unlimited it takes moments."""
+    spawn, shm = spawn_shm
+    src, dst, uri = start_pair(spawn, shm, AB, "-S")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 1 * MIB})
+    src.cmd("migrate", uri=uri)
+    time.sleep(0.5)
+    src.cmd("migrate-start-postcopy")
+    wait_for(lambda: src.migrate_status()["status"] == "postcopy-active", 10, "postcopy")
+    time.sleep(0.5)
+    assert src.migrate_status()["ram"]["remaining"] > 16 * MIB
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    assert src.wait_migration(FINAL, timeout=5)["status"] == "completed"
+    assert_ab_pattern(shm / "dst.ram")

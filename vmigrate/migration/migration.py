@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 import uuid as uuidlib
-from typing import Callable
+from typing import Callable, Collection
 
 import numpy as np
 
@@ -113,7 +113,7 @@ class MigrationManager:
         """``migrate-set-parameters``; a running attempt gets the parameters QEMU applies live."""
         changed = self.options.set_parameters(args)
         if self.outgoing is not None and changed:
-            self.outgoing.set_parameters(self.options.snapshot(), bandwidth_changed="max-bandwidth" in changed)
+            self.outgoing.set_parameters(self.options.snapshot(), changed)
 
     def cancel(self) -> None:
         """``migrate_cancel``: always succeeds; only acts on a running attempt."""
@@ -313,11 +313,15 @@ class OutgoingSession:
     def request_postcopy(self) -> None:
         self._postcopy_requested.set()
 
-    def set_parameters(self, config: MigrationConfig, bandwidth_changed: bool) -> None:
-        """New parameters for the running attempt; ``max-bandwidth`` re-arms the limiter."""
+    def set_parameters(self, config: MigrationConfig, changed: Collection[str]) -> None:
+        """New parameters for the running attempt; the bandwidth of the current phase re-arms the
+        limiter (``max-bandwidth`` in precopy, ``max-postcopy-bandwidth`` in postcopy)."""
         self.config = config
-        if bandwidth_changed and self.status.status in (S.SETUP, S.ACTIVE):
+        status = self.status.status
+        if "max-bandwidth" in changed and status in (S.SETUP, S.ACTIVE):
             self.limiter.set_rate(config.params.max_bandwidth)
+        elif "max-postcopy-bandwidth" in changed and status == S.POSTCOPY_ACTIVE:
+            self.limiter.set_rate(config.params.max_postcopy_bandwidth)
 
     def join(self, timeout: float) -> None:
         t = self.thread
