@@ -1,10 +1,11 @@
 """Precopy between two hosts: a link that goes down in the middle, plain and over TLS, and a TLS
 peer whose address its certificate does not name.
 
-TCP does not notice a dead link by itself: both sides wait, as QEMU's do.  What
-must hold: ``migrate_cancel`` frees the source at once, its guest runs on with
-its memory as it was; ``yank`` frees the destination, which ends ``failed``;
-and with the link back, a second migration completes with RAM equal.
+Left alone, a dead link fails both sides within DEAD_LINK_SECONDS (QEMU's wait
+for TCP's retransmission timeout, about 15 minutes).  Before that, what must
+hold: ``migrate_cancel`` frees the source at once, its guest runs on with its
+memory as it was; ``yank`` frees the destination, which ends ``failed``; and
+with the link back, a second migration completes with RAM equal.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from tls_certs import make_pki
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
+from vmigrate.migration.channel import DEAD_LINK_SECONDS
 
 MIB = 1 << 20
 GUEST = "stress:rate=50,wss=16M"
@@ -93,6 +95,28 @@ def test_link_cut_during_precopy(two_hosts, tmp_path, tls):
                                   np.fromfile(tmp_path / "again.ram", np.uint8))
         finally:
             again.close()
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_a_dead_link_fails_a_precopy_on_both_sides_by_itself(two_hosts, tmp_path):
+    """No cancel, no yank: the source fails with an ``error-desc`` and its guest runs on, the
+    destination fails too, each within DEAD_LINK_SECONDS of the cut plus a margin."""
+    src_host, dst_host = two_hosts
+    src = start(src_host, tmp_path, "src")
+    dst = start(dst_host, tmp_path, "dst", "--incoming", f"tcp:{dst_host.address}:4444")
+    try:
+        wait_for(lambda: (tmp_path / "src.ram").read_bytes()[:8] == MAGIC, 10, "the guest to start")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB})
+        src.cmd("migrate", uri=f"tcp:{dst_host.address}:4444")
+        wait_for(lambda: src.migrate_status().get("ram", {}).get("transferred", 0) > 4 * MIB, 30, "traffic")
+        dst_host.set_link(False)
+        info = src.wait_migration({"completed", "failed", "cancelled"}, timeout=DEAD_LINK_SECONDS + 10)
+        assert info["status"] == "failed" and info["error-desc"], info
+        assert src.status() == "running"
+        dinfo = dst.wait_migration({"completed", "failed"}, timeout=DEAD_LINK_SECONDS + 10)
+        assert dinfo["status"] == "failed" and dinfo["error-desc"].startswith("load of migration failed: ")
     finally:
         src.close()
         dst.close()

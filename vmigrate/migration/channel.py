@@ -209,12 +209,35 @@ class Channel:
         return False
 
 
+#: A TCP peer that acknowledges nothing for this long is gone (docs/postcopy.md, "Recovery").
+DEAD_LINK_SECONDS = 20
+_KEEPALIVE_INTERVAL = 2
+
+
+def _detect_dead_links(sock: socket.socket) -> None:
+    """Make a dead link an error within :data:`DEAD_LINK_SECONDS`, on either side.
+
+    QEMU leaves its sockets at the kernel's defaults: data that a cut link
+    never acknowledges is retransmitted for about 15 minutes, and a reader
+    with nothing to send waits for ever, so neither a precopy nor a postcopy
+    notices a cable pulled out.  A user timeout fails the writer, keepalive
+    probes the reader; a postcopy then pauses and can be recovered.
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    probes = 5
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, DEAD_LINK_SECONDS - probes * _KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _KEEPALIVE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_LINK_SECONDS * 1000)
+
+
 class SocketChannel(Channel):
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self.sock = sock
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _detect_dead_links(sock)
         self._closed = False
 
     def fileno(self) -> int:
