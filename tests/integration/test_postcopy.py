@@ -280,3 +280,29 @@ def test_max_postcopy_bandwidth_applies_at_once(spawn_shm):
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     assert src.wait_migration(FINAL, timeout=5)["status"] == "completed"
     assert_ab_pattern(shm / "dst.ram")
+
+
+def test_anonymous_destination_ram_faults_too(spawn_shm):
+    """A destination without ``--mem-path`` (private anonymous RAM, the other memory type
+    userfaultfd serves) runs its guest through postcopy; a second, precopy hop to a file-backed
+    VM then shows its RAM: the ab pattern unbroken, the guest further than the first source."""
+    spawn, shm = spawn_shm
+    src = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "src.ram"), "--guest", AB)
+    mid = spawn("vmigrate", "-m", "64M", "--guest", AB, "--incoming", "tcp:127.0.0.1:0")
+    port = mid.migrate_status()["socket-address"][0]["port"]
+    for vm in (src, mid):
+        vm.set_caps(**POSTCOPY)
+    wait_for(lambda: (shm / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
+    info, minfo = postcopy(src, mid, f"tcp:127.0.0.1:{port}",
+                           **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB})
+    assert minfo["status"] == "completed" and info["ram"]["postcopy-requests"] > 0, (minfo, info["ram"])
+    frozen = guest_counter(shm / "src.ram")
+
+    last = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "last.ram"), "--guest", AB, "-S",
+                 "--incoming", "tcp:127.0.0.1:0")
+    port = last.migrate_status()["socket-address"][0]["port"]
+    last.set_caps(**POSTCOPY)
+    mid.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    assert mid.wait_migration(FINAL, timeout=30)["status"] == "completed"
+    assert last.wait_migration(FINAL, timeout=10)["status"] == "completed"
+    assert assert_ab_pattern(shm / "last.ram") > frozen

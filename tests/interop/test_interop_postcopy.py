@@ -53,8 +53,9 @@ def header(machine: Machine) -> list[int]:
     return [int(w) for w in pages(machine.ram, machine.size)[0, :32].view("<u8")]
 
 
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 @pytest.mark.parametrize("src_kind,dst_kind", [("qemu", "vmigrate"), ("vmigrate", "qemu")])
-def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str) -> None:
+def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str, preempt: bool) -> None:
     """A random RAM pattern precopy cannot finish at 8 MiB/s in 1 s: the rest goes in postcopy,
     to a destination that runs (QEMU ``-M none`` and the idle guest touch no RAM, so the files
     must end byte-equal)."""
@@ -63,7 +64,7 @@ def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str) -> Non
     dst = machines.start(dst_kind, "64M", "-incoming", "tcp:127.0.0.1:0",
                          *(("--guest", "idle") if dst_kind == "vmigrate" else ()))
     for m in (src, dst):
-        m.vm.set_caps(**POSTCOPY)
+        m.vm.set_caps(**POSTCOPY, **{"postcopy-preempt": preempt})
 
     info = postcopy(src, dst, **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB})
 

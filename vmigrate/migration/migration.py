@@ -30,7 +30,7 @@ from vmigrate.migration.forecast import ConvergenceForecast, ForecastSample
 from vmigrate.migration.incoming import IncomingMigration
 from vmigrate.migration.multifd import MultifdSender, open_channels
 from vmigrate.migration.options import MigrationOptions
-from vmigrate.migration.postcopy import PageRequests
+from vmigrate.migration.postcopy import FastThreadSwitch, PageRequests
 from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.rate_limit import WINDOW_SECONDS, RateLimiter
@@ -204,6 +204,7 @@ class OutgoingSession:
         self.page_requests = PageRequests(self.stats) if config.caps.postcopy_ram else None
         #: The guest was handed over: whatever happens now, the source must not run it again.
         self.postcopy_started = False
+        self._fast_switch = FastThreadSwitch()
         #: The main channel, its return-path reader and file (replaced by a postcopy recovery).
         self.channel: Channel | None = None
         self.rp: ReturnPathReader | None = None
@@ -432,6 +433,7 @@ class OutgoingSession:
                 self.multifd.close()
             self.multifd = None
             self._close_link()
+            self._fast_switch.exit()
             # QEMU's cleanup bottom half.
             self.status.transition(S.CANCELLING, S.CANCELLED)
 
@@ -659,6 +661,7 @@ class OutgoingSession:
             raise MigrationCancelled()
         was_running = host.runstate.force_stop("finish-migrate")
         self.postcopy_started = True
+        self._fast_switch.enter()
         self.limiter.set_rate(self.config.params.max_postcopy_bandwidth)
         self.limiter.new_window()
         saver.postcopy_switch()

@@ -32,7 +32,7 @@ import numpy as np
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.userfaultfd import Fault, UserfaultError, UserfaultFd
 from vmigrate.migration.channel import Channel, ChannelError
-from vmigrate.migration.postcopy import page_runs
+from vmigrate.migration.postcopy import FastThreadSwitch, page_runs
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.qemu_file import READ_CHUNK
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream
@@ -141,6 +141,7 @@ class PostcopyIncoming:
         self.latencies: list[float] = []
         self._asked: dict[tuple[str, int], float] = {}
         self._latency_lock = threading.Lock()
+        self._fast_switch = FastThreadSwitch()
 
     @property
     def running(self) -> bool:
@@ -206,6 +207,7 @@ class PostcopyIncoming:
             raise LoadError(f"postcopy_ram_incoming_setup: {err}") from None
         if self._want_blocktime:
             self.blocktime = Blocktime(self._vcpu_tids())
+        self._fast_switch.enter()
         self.state = PostcopyState.LISTENING
         for block in self.blocks.values():
             block.faulting = True
@@ -276,6 +278,7 @@ class PostcopyIncoming:
             block.faulting = False
         uffd, self._uffd = self._uffd, None
         if uffd is not None:
+            self._fast_switch.exit()
             for block in self.blocks.values():
                 try:
                     uffd.unregister(block.address, block.size)
