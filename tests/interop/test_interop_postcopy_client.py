@@ -1,4 +1,4 @@
-"""``vmigrate migrate --postcopy`` between two real QEMU 7.2 processes.
+"""``vmigrate migrate --postcopy`` between two real QEMU 7.2 processes, and two vmigrate ones.
 
 At 8 MiB/s, 128 MiB of random RAM would take precopy ~16 s, so the client
 must switch: at a fixed time, or because the forecast misses
@@ -24,13 +24,17 @@ from ramfile import fill_garbage, fill_pattern, first_difference
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.parametrize("kind", ["qemu", "vmigrate"])
 @pytest.mark.parametrize("mode", [["after=1"], ["auto", "--max-precopy", "2"]], ids=["after", "auto"])
-def test_client_switches_qemu_to_postcopy(machines: Machines, mode: list[str]) -> None:
-    src = machines.qemu("256M")
+def test_client_switches_to_postcopy(machines: Machines, mode: list[str], kind: str) -> None:
+    """The same client drives QEMU 7.2 (its forecast computed from QEMU's counters) and vmigrate
+    (whose ``x-vmigrate-forecast`` it shows)."""
+    guest = ("--guest", "idle") if kind == "vmigrate" else ()
+    src = machines.start(kind, "256M", *guest)
     fill_pattern(src.ram, src.size, seed=3, random_pages=32768)
-    dst_ram = machines.ram_path("qemu")
+    dst_ram = machines.ram_path(kind)
     fill_garbage(dst_ram, src.size)
-    dst = machines.qemu("256M", "-incoming", "defer", ram=dst_ram)
+    dst = machines.start(kind, "256M", *guest, "-incoming", "defer", ram=dst_ram)
     result = subprocess.run(
         [sys.executable, "-m", "vmigrate", "migrate", "--qmp", str(src.vm.tool_sock), "--dest-qmp",
          str(dst.vm.tool_sock), "--json", "--param", "max-bandwidth=8M", "--postcopy", *mode,

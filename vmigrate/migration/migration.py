@@ -865,14 +865,21 @@ class _Window:
         session.pages_per_second = int((stats.pages_sent - self.pages0) / (dt / 1000))
         if stats.dirty_pages_rate and xfer > 10000:
             session.expected_downtime = int(stats.remaining_pages * 4096 / bw)
-        starts = session.pass_starts
-        if session.status.status == S.ACTIVE and len(starts) >= 3:
-            # Each pass leaves q of what it started with, whatever the guest's pattern; the
-            # dirty rate that matters is q × bandwidth (docs/qemu/convergence.md §4).
-            q = starts[-1] / max(starts[-2], 1)
+        if session.status.status == S.ACTIVE:
+            starts = session.pass_starts
+            if len(starts) >= 3:
+                # Each pass leaves q of what it started with, whatever the guest's pattern: the
+                # dirty rate that matters is q × bandwidth, applied to the current pass's size
+                # (what remains mid-pass dips before the next sync brings the dirt back).
+                dirty_rate = starts[-1] / max(starts[-2], 1) * bw * 1000
+                remaining = starts[-1] * PAGE_SIZE
+            else:
+                # During the first copy: the pages dirtied again per second, as QEMU counts them.
+                dirty_rate = stats.dirty_pages_rate * PAGE_SIZE
+                remaining = stats.remaining_pages * PAGE_SIZE
             session.forecast.update(ForecastSample(
-                t=(now - session.start_ms) / 1000, remaining=stats.remaining_pages * PAGE_SIZE,
-                transferred=self.total_bytes(), dirty_rate=q * bw * 1000,
+                t=(now - session.start_ms) / 1000, remaining=remaining,
+                transferred=self.total_bytes(), dirty_rate=dirty_rate,
                 bandwidth=bw * 1000, downtime_limit_ms=session.config.params.downtime_limit))
         trace("migrate_transferred", transferred=xfer, time_spent=int(dt), bandwidth=int(bw),
               threshold_size=session.threshold_size)
