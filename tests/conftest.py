@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,3 +31,21 @@ def spawn(tmp_path: Path):
     yield start
     for proc in procs:
         proc.close()
+
+
+@pytest.fixture
+def shm():
+    """A scratch directory on tmpfs, removed afterwards: postcopy's userfaultfd serves a shared
+    RAM file only on shmem (docs/postcopy.md), so RAM files that take part live here."""
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.fail("postcopy needs a writable tmpfs at /dev/shm for its shared RAM files")
+    path = Path(tempfile.mkdtemp(prefix="vmigrate-shm-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def spawn_shm(shm, spawn):
+    """``spawn`` after ``shm``: fixtures end in reverse, so the processes stop before their RAM
+    directory goes."""
+    return spawn, shm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
-from harness import Pair, wait_for
+from harness import wait_for
 
 
 def _caps(**states: bool) -> dict:
@@ -64,7 +64,7 @@ def test_incoming_on_a_busy_port(fresh_pair):
 def test_multifd_after_a_single_channel_incoming(fresh_pair, tmp_path):
     p = fresh_pair(incoming="defer")
     p.same("migrate-set-capabilities", _caps(events=True))
-    p.same("migrate-incoming", {"uri": f"exec:sleep 5 < /dev/null"})
+    p.same("migrate-incoming", {"uri": "exec:sleep 5 < /dev/null"})
     p.same("migrate-set-capabilities", _caps(multifd=True))
     p.same("query-migrate-capabilities")
     p.same("query-migrate")

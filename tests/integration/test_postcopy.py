@@ -10,9 +10,6 @@ so a RAM file on disk could not take part in postcopy at all.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,19 +27,6 @@ AB = "ab:end=24M"
 FINAL = {"completed", "failed", "cancelled"}
 POSTCOPY = {"postcopy-ram": True}
 
-
-@pytest.fixture
-def shm():
-    """A scratch directory on tmpfs, removed afterwards.
-
-    Requested before ``spawn`` by the tests so the processes have exited
-    (fixtures are torn down in reverse) before their RAM files are removed.
-    """
-    if not os.access("/dev/shm", os.W_OK):
-        pytest.fail("postcopy needs a writable tmpfs at /dev/shm for its shared RAM files")
-    path = Path(tempfile.mkdtemp(prefix="vmigrate-postcopy-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def header(path: Path) -> np.ndarray:
@@ -225,11 +209,6 @@ def test_destination_without_postcopy_rejects_advise(spawn_shm):
     start = guest_counter(shm / "src.ram")
     wait_for(lambda: guest_counter(shm / "src.ram") > start + 5, 10, "the source guest to keep running")
 
-
-@pytest.fixture
-def spawn_shm(shm, spawn):
-    """``spawn`` after ``shm``: the processes stop before the RAM directory goes."""
-    return spawn, shm
 
 
 def test_release_ram_frees_the_source_as_pages_go(spawn_shm):

@@ -12,16 +12,14 @@ userfaultfd registers a shared mapping only when it is shmem.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
-import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from test_postcopy import guest_counter
+from test_precopy import assert_ab_pattern
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 from vmigrate.qmp.client import QMPClientError
@@ -39,41 +37,9 @@ CYCLE = ["postcopy-paused", "postcopy-recover", "postcopy-active"]
 DST_CYCLE = ["postcopy-paused", "setup", "postcopy-recover", "postcopy-active"]
 
 
-@pytest.fixture
-def shm():
-    """A scratch directory on tmpfs, removed after the processes (``spawn_shm`` orders them)."""
-    if not os.access("/dev/shm", os.W_OK):
-        pytest.fail("postcopy needs a writable tmpfs at /dev/shm for its shared RAM files")
-    path = Path(tempfile.mkdtemp(prefix="vmigrate-pcrecover-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture
-def spawn_shm(shm, spawn):
-    """``spawn`` after ``shm``: the processes stop before the RAM directory goes."""
-    return spawn, shm
 
-
-def ram(path: Path) -> np.ndarray:
-    return np.fromfile(path, dtype=np.uint8)
-
-
-def guest_counter(path: Path) -> int:
-    head = path.read_bytes()[:16]
-    assert head[:8] == MAGIC, "the guest never initialised its header"
-    return int.from_bytes(head[8:16], "little")
-
-
-def assert_ab_pattern(path: Path, start: int = 1 * MIB, end: int = 24 * MIB) -> int:
-    """Every page's first byte is the pass count or one less: a page lost or left stale by a
-    pause breaks it.  Only meaningful on a stopped guest (a running one writes as we read)."""
-    mem = ram(path)
-    passes = int.from_bytes(mem[8:16].tobytes(), "little")
-    column = mem[start:end:4096]
-    ok = (column == passes % 256) | (column == (passes - 1) % 256)
-    assert ok.all(), f"ab pattern broken at page {int(np.flatnonzero(~ok)[0])} (passes {passes})"
-    return passes
 
 
 class Statuses:

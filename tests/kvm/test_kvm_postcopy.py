@@ -9,13 +9,9 @@ gap.  RAM lives on /dev/shm: userfaultfd serves shared memory only there.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import pytest
 
 from test_kvm_migration import assert_letters_in_sequence, counter
 from vmigrate.harness.waiting import wait_for
@@ -23,12 +19,6 @@ from vmigrate.harness.waiting import wait_for
 MIB = 1 << 20
 FINAL = {"completed", "failed", "cancelled"}
 
-
-@pytest.fixture
-def shm():
-    path = Path(tempfile.mkdtemp(prefix="vmigrate-kvm-postcopy-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_kvm_guest_runs_on_the_destination_during_postcopy(spawn, shm):

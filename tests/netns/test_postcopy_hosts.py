@@ -11,10 +11,8 @@ no page lost.  RAM files are on tmpfs: userfaultfd needs shmem.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,14 +44,6 @@ def shape(host, rate: str = "40mbit") -> str:
         pytest.skip(f"cannot shape the link with tc (netem or tbf): {tbf.stderr.decode().strip()}")
     return "tbf"
 
-
-@pytest.fixture
-def shm():
-    if not os.access("/dev/shm", os.W_OK):
-        pytest.fail("postcopy needs a writable tmpfs at /dev/shm for its shared RAM files")
-    path = Path(tempfile.mkdtemp(prefix="vmigrate-pchosts-", dir="/dev/shm"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def statuses(vm) -> list[str]:

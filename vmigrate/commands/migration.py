@@ -12,7 +12,7 @@ from vmigrate.commands import command
 from vmigrate.machine import host
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.wire import WireError
-from vmigrate.qmp.errors import NotYetImplemented, QMPError
+from vmigrate.qmp.errors import QMPError
 
 log = logging.getLogger(__name__)
 
