@@ -53,18 +53,20 @@ def header(machine: Machine) -> list[int]:
     return [int(w) for w in pages(machine.ram, machine.size)[0, :32].view("<u8")]
 
 
-@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+@pytest.mark.parametrize("caps", [{}, {"postcopy-preempt": True}, {"compress": True}],
+                         ids=["plain", "preempt", "compress"])
 @pytest.mark.parametrize("src_kind,dst_kind", [("qemu", "vmigrate"), ("vmigrate", "qemu")])
-def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str, preempt: bool) -> None:
-    """A random RAM pattern precopy cannot finish at 8 MiB/s in 1 s: the rest goes in postcopy,
-    to a destination that runs (QEMU ``-M none`` and the idle guest touch no RAM, so the files
-    must end byte-equal)."""
+def test_plain_postcopy(machines: Machines, src_kind: str, dst_kind: str, caps: dict) -> None:
+    """A random RAM pattern precopy cannot finish at 8 MiB/s in 1 s: the rest goes in postcopy
+    (with the preempt channel, or compressed pages placed whole, §1, §6), to a destination
+    that runs (QEMU ``-M none`` and the idle guest touch no RAM, so the files must end
+    byte-equal)."""
     src = machines.start(src_kind, "64M", *(("--guest", "idle") if src_kind == "vmigrate" else ()))
     fill_pattern(src.ram, src.size, seed=21, random_pages=8000)
     dst = machines.start(dst_kind, "64M", "-incoming", "tcp:127.0.0.1:0",
                          *(("--guest", "idle") if dst_kind == "vmigrate" else ()))
     for m in (src, dst):
-        m.vm.set_caps(**POSTCOPY, **{"postcopy-preempt": preempt})
+        m.vm.set_caps(**POSTCOPY, **caps)
 
     info = postcopy(src, dst, **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB})
 

@@ -204,20 +204,37 @@ class DecompressPool:
         self._pool.shutdown(wait=True)
 
 
+def inflate_pages(buf, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Whole pages from compressed records, into fresh memory: a postcopy destination places
+    them atomically (docs/qemu/postcopy.md §1).  A page whose stream inflates short was a
+    missing, hence zero, page before: the rest stays zero."""
+    view = memoryview(buf)
+    out = np.zeros((len(starts), PAGE_SIZE), dtype=np.uint8)
+    for i, (start, length) in enumerate(zip(starts.tolist(), lengths.tolist())):
+        data = _inflate(view, start, length)
+        out[i, :len(data)] = np.frombuffer(data, np.uint8)
+    return out
+
+
+def _inflate(view: memoryview, start: int, length: int) -> bytes:
+    """QEMU inflates into the page with 4096 bytes of room and requires the stream's end."""
+    d = zlib.decompressobj()
+    try:
+        data = d.decompress(view[start:start + length], PAGE_SIZE + 1)
+    except zlib.error:
+        raise WireError("decompress data failed") from None
+    if not d.eof or len(data) > PAGE_SIZE:
+        raise WireError("decompress data failed")
+    return data
+
+
 def _inflate_into(block: RAMBlock, offsets: np.ndarray, view: memoryview, starts: np.ndarray,
                   lengths: np.ndarray) -> None:
-    """QEMU inflates into the page with 4096 bytes of room and requires the stream's end."""
     pages = block.pages
     full: list[bytes] = []
     full_idx: list[int] = []
     for offset, start, length in zip(offsets.tolist(), starts.tolist(), lengths.tolist()):
-        d = zlib.decompressobj()
-        try:
-            data = d.decompress(view[start:start + length], PAGE_SIZE + 1)
-        except zlib.error:
-            data, d = b"", None
-        if d is None or not d.eof or len(data) > PAGE_SIZE:
-            raise WireError("decompress data failed")
+        data = _inflate(view, start, length)
         if len(data) == PAGE_SIZE:
             full.append(data)
             full_idx.append(offset >> 12)

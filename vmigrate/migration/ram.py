@@ -18,7 +18,7 @@ import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.vcpus import VcpuBackend
-from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool
+from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool, inflate_pages
 from vmigrate.migration.multifd import MultifdReceiver
 from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
 from vmigrate.migration.postcopy_incoming import PostcopyIncoming
@@ -151,6 +151,10 @@ class RamSaver:
                 break
             if time.monotonic() > deadline:
                 break
+        if self.compress is not None and self.config.caps.postcopy_ram:
+            # The switch to postcopy may follow any PART: no compressed page may be left
+            # to come out after this section's end.
+            self.compress.flush()
         if self.multifd is not None:
             self.multifd.sync()
         f.put(wire_ram.eos())
@@ -179,8 +183,6 @@ class RamSaver:
         its block again, as after any reset of QEMU's "last sent block".
         """
         f = self.ctx.file
-        if self.compress is not None:
-            self.compress.flush()
         self.sync()
         self.in_postcopy = True
         for block, bitmap in zip(self.blocks, self.bitmaps):
@@ -442,6 +444,7 @@ class RamLoader:
             self.postcopy.mark_received(block, pages)
 
     def _not_in_postcopy(self, what: str) -> None:
+        """XBZRLE deltas need the page's old contents, which a postcopy destination lacks."""
         if self.postcopy is not None and self.postcopy.placing:
             raise LoadError(f"{what} page received in postcopy")
 
@@ -456,7 +459,10 @@ class RamLoader:
     def load_compressed(self, event: "wire_ram.RamCompressedRun") -> None:
         if self.decompress is None:
             raise WireError("Received an unexpected compressed page")
-        self._not_in_postcopy("compressed")
+        if self.postcopy is not None and self.postcopy.placing:
+            self.postcopy.place_pages(event.block, event.pages,
+                                      inflate_pages(event.buf, event.starts, event.lengths))
+            return
         self._received(event.block, event.pages)
         self.decompress.load(self.blocks[event.block], event.offsets, event.buf, event.starts, event.lengths)
         self.known_zero[event.block][event.pages] = False
