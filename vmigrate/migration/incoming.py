@@ -279,13 +279,14 @@ class IncomingMigration:
                 loader.run(QEMUFileIn(channel))
             finally:
                 self._multifd_channels = []
-            if postcopy is not None and postcopy.placing:
+            in_postcopy = postcopy is not None and postcopy.placing
+            if postcopy is not None:
                 postcopy.end()
+            if in_postcopy:
+                # The guest runs already: its run state was decided by POSTCOPY_RUN.
                 self._close_listener()
                 self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
             else:
-                if postcopy is not None:
-                    postcopy.end()
                 self._finish_load()
             if self._rp is not None:
                 self._send_rp(return_path.shut(0))

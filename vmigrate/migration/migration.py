@@ -212,6 +212,8 @@ class OutgoingSession:
         #: ``migrate resume=true`` hands the paused thread a way to reconnect.
         self._resume = threading.Event()
         self._resume_factory: Callable[[], Channel] | None = None
+        #: Where the main channel goes (the preempt channel goes there too).
+        self._addr: MigrationAddress | None = None
         self._was_running = False
         self._stopped = False
         self.auto_converge = AutoConverge(host.vcpus)
@@ -567,7 +569,7 @@ class OutgoingSession:
 
     def resume(self, uri: str, named_fds: dict[str, int]) -> None:
         """``migrate uri=... resume=true`` on a paused attempt: connect from the migration thread."""
-        self._resume_factory, _ = self._channel_factory(uri, named_fds)
+        self._resume_factory, self._addr = self._channel_factory(uri, named_fds)
         self._resume.set()
 
     def pause(self) -> None:
