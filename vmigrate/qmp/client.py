@@ -71,7 +71,8 @@ class QMPClient:
             self.greeting_line = self.read_line()
             self.greeting = json.loads(self.greeting_line)
             if "QMP" not in self.greeting:
-                raise QMPClientError("GenericError", f"{address} did not greet like a QMP server")
+                raise QMPClientError("GenericError", f"{address} did not greet like a QMP server: "
+                                     f"{self.greeting_line[:200]!r}")
             if negotiate:
                 self.execute("qmp_capabilities", {"enable": list(capabilities)} if capabilities else None)
         except BaseException:
