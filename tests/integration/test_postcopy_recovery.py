@@ -105,7 +105,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_three_pause_recover_cycles(spawn_shm):
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
+def test_three_pause_recover_cycles(spawn_shm, preempt):
     """Three pauses in one postcopy migration, issued alternately on the source and the
     destination (§7.1), each followed by the §7.2 handshake; the states are QEMU's (§8), no page
     goes missing (ab pattern) and the destination guest runs on.
@@ -115,8 +116,9 @@ def test_three_pause_recover_cycles(spawn_shm):
     """
     spawn, shm = spawn_shm
     src, dst, uri = start_pair(spawn, shm)
+    dst.set_caps(**{"postcopy-preempt": preempt})
     seen = Statuses()
-    into_postcopy(src, dst, uri)
+    into_postcopy(src, dst, uri, **{"postcopy-preempt": preempt})
 
     remaining = []
     for i in range(3):

@@ -38,18 +38,20 @@ def status(machine: Machine) -> str:
     return machine.vm.migrate_status()["status"]
 
 
+@pytest.mark.parametrize("preempt", [False, True], ids=["plain", "preempt"])
 @pytest.mark.parametrize("src_kind,dst_kind", [("qemu", "vmigrate"), ("vmigrate", "qemu")])
-def test_pause_and_recover_twice(machines: Machines, src_kind: str, dst_kind: str) -> None:
+def test_pause_and_recover_twice(machines: Machines, src_kind: str, dst_kind: str, preempt: bool) -> None:
     """A random RAM pattern still in postcopy after two pauses at 4 MiB/s: the first pause is
     the source's ``migrate-pause``, the second the destination's; each side implements its half
-    of §7 against the other's QEMU counterpart, and the files end equal."""
+    of §7 against the other's QEMU counterpart (with preempt, both channels are re-made, §6),
+    and the files end equal."""
     src = machines.start(src_kind, "64M", *(("--guest", "idle") if src_kind == "vmigrate" else ()))
     # The idle guest writes no RAM, so filling its file after start is what the migration sees.
     fill_pattern(src.ram, src.size, seed=31, random_pages=12000)
     dst = machines.start(dst_kind, "64M", "-incoming", "tcp:127.0.0.1:0",
                          *(("--guest", "idle") if dst_kind == "vmigrate" else ()))
     for m in (src, dst):
-        m.vm.set_caps(**POSTCOPY)
+        m.vm.set_caps(**POSTCOPY, **{"postcopy-preempt": preempt})
 
     src.vm.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 4 * MIB})
     src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port(dst)}")
