@@ -29,9 +29,9 @@ from vmigrate.machine.softcpu import SoftVcpus
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.migration import MigrationManager
 from vmigrate.migration.port import MigrationHost
-from vmigrate.migration.tls import TlsCreds
 from vmigrate.migration.ram import RamSection
 from vmigrate.migration.savevm import SectionRegistry
+from vmigrate.objects import UserObjects
 from vmigrate.qapi.schema import load as load_schema
 from vmigrate.qmp.server import QMPServer
 
@@ -58,8 +58,8 @@ class VMConfig:
     qmp: list[str] = field(default_factory=list)
     incoming: str | None = None
     start_paused: bool = False
-    #: ``--object`` instances, as QEMU's ``-object`` (only ``tls-creds-x509`` so far).
-    objects: list[TlsCreds] = field(default_factory=list)
+    #: ``--object`` instances, as QEMU's ``-object``; ``object-add`` adds more.
+    objects: UserObjects = field(default_factory=UserObjects)
 
 
 class VM:
@@ -86,7 +86,7 @@ class VM:
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
             global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
             machine_type=self.machine_type, emit_event=self.emit_event,
-            tls_creds={obj.id: obj for obj in config.objects}))
+            objects=config.objects))
         self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
         self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()

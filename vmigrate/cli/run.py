@@ -10,7 +10,7 @@ from vmigrate.cli.main import CLIError
 from vmigrate.trace import setup_logging, trace
 
 if TYPE_CHECKING:
-    from vmigrate.migration.tls import TlsCreds
+    from vmigrate.objects import UserObjects
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -61,11 +61,11 @@ def config_from_args(args: argparse.Namespace):
     accel, dirty_ring_size = parse_accel(args.accel)
     if args.serial is not None and accel != "kvm":
         raise CLIError("--serial needs --accel kvm (the software vCPU has no UART)")
-    objects = [parse_object(text) for text in args.object]
-    ids = [obj.id for obj in objects]
-    for obj_id in ids:
-        if ids.count(obj_id) > 1:
-            raise CLIError(f"Duplicate ID '{obj_id}' for object")
+    from vmigrate.objects import UserObjects
+
+    objects = UserObjects()
+    for text in args.object:
+        add_object(objects, text)
     return VMConfig(
         objects=objects, memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
         dirty_ring_size=dirty_ring_size, serial=args.serial,
@@ -73,9 +73,10 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
-def parse_object(text: str) -> "TlsCreds":
+def add_object(objects: "UserObjects", text: str) -> None:
     """``--object TYPE,KEY=VALUE,...``, checked as QEMU's -object checks it (at start, files loaded)."""
-    from vmigrate.migration.tls import TlsCreds, TlsCredsError
+    from vmigrate.errors import VMError
+    from vmigrate.objects import DuplicateObject
 
     kind, *pairs = text.split(",")
     options: dict[str, str] = {}
@@ -84,13 +85,12 @@ def parse_object(text: str) -> "TlsCreds":
         if not sep:
             raise CLIError(f"Invalid parameter '{key}'")
         options[key] = value
-    if kind != "tls-creds-x509":
-        raise CLIError(f"Parameter 'qom-type' does not accept value '{kind}'" if kind
-                       else "Parameter 'qom-type' is missing")
     try:
-        return TlsCreds.from_options(options)
-    except TlsCredsError as err:
-        raise CLIError(str(err)) from None
+        objects.add(kind, options)
+    except DuplicateObject:
+        raise CLIError(f"Duplicate ID '{options['id']}' for object") from None
+    except VMError as err:
+        raise CLIError(err.desc) from None
 
 
 def parse_accel(text: str | None) -> tuple[str, int]:

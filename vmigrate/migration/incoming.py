@@ -215,7 +215,7 @@ class IncomingMigration:
         try:
             if params.tls_authz:
                 raise TlsError("vmigrate does not implement tls-authz yet")
-            return server_channel(channel, self.host.tls_creds, params.tls_creds)
+            return server_channel(channel, self.host.objects, params.tls_creds)
         except TlsError:
             channel.close()
             raise

@@ -278,7 +278,7 @@ class OutgoingSession:
             try:
                 if self.status.status == S.CANCELLING:
                     raise MigrationCancelled()
-                return client_channel(channel, self.host.tls_creds, params.tls_creds, params.tls_hostname or addr.host)
+                return client_channel(channel, self.host.objects, params.tls_creds, params.tls_hostname or addr.host)
             except (ChannelError, MigrationCancelled):
                 channel.close()
                 raise

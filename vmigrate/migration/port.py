@@ -16,7 +16,6 @@ from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.savevm import SectionRegistry
-from vmigrate.migration.tls import TlsCreds
 
 
 @dataclass(frozen=True)
@@ -35,5 +34,5 @@ class MigrationHost:
     machine_type: str
     #: Sends a QMP event from any thread.
     emit_event: Callable[[str, dict | None], None]
-    #: The ``tls-creds-x509`` objects by id, which the ``tls-creds`` parameter names (QEMU's object tree).
-    tls_creds: Mapping[str, TlsCreds]
+    #: The user-created objects by id (QEMU's ``/objects``), which ``tls-creds`` and ``tls-authz`` name.
+    objects: Mapping[str, object]

@@ -128,30 +128,32 @@ def _build_context(directory: str, endpoint: str, verify_peer: bool) -> ssl.SSLC
     return context
 
 
-def get_creds(creds: Mapping[str, TlsCreds], creds_id: str, endpoint: str) -> TlsCreds:
+def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds:
     """QEMU's migration_tls_get_creds and qcrypto_tls_creds_check_endpoint, with their texts."""
-    found = creds.get(creds_id)
+    found = objects.get(creds_id)
     if found is None:
         raise TlsError(f"No TLS credentials with id '{creds_id}'")
+    if not isinstance(found, TlsCreds):
+        raise TlsError(f"Object with id '{creds_id}' is not TLS credentials")
     if found.endpoint != endpoint:
         raise TlsError(f"Expected TLS credentials for a {endpoint} endpoint")
     return found
 
 
-def client_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str,
+def client_channel(channel: Channel, objects: Mapping[str, object], creds_id: str,
                    hostname: str) -> "TlsChannel":
     """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's
     host; a unix socket has none, which only ``verify-peer=off`` credentials can do without."""
-    found = get_creds(creds, creds_id, "client")
+    found = get_creds(objects, creds_id, "client")
     if not hostname and found.verify_peer:
         # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
         raise TlsError("No hostname for certificate validation")
     return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname or None)
 
 
-def server_channel(channel: Channel, creds: Mapping[str, TlsCreds], creds_id: str) -> "TlsChannel":
+def server_channel(channel: Channel, objects: Mapping[str, object], creds_id: str) -> "TlsChannel":
     """The destination's side (migration_tls_channel_process_incoming)."""
-    found = get_creds(creds, creds_id, "server")
+    found = get_creds(objects, creds_id, "server")
     return TlsChannel(_socket_channel(channel), found.context, server_side=True, hostname=None)
 
 

@@ -1,0 +1,76 @@
+"""User-creatable objects: QEMU's ``/objects`` container, filled by ``-object`` and ``object-add``.
+
+An object is created from its type's properties (strings, as ``-object``
+gives them; QMP's booleans and numbers are turned into the same strings) and
+kept by id; the engines look objects up by id through a read-only
+:class:`~typing.Mapping` (the ``tls-creds`` and ``tls-authz`` parameters name
+them).  The types known here are the ones migration uses; QEMU's texts for
+the refusals are in ``qom/object_interfaces.c``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from vmigrate.errors import VMError
+from vmigrate.migration.tls import TlsCreds, TlsCredsError
+
+#: Each type's constructor: properties (without ``qom-type``) -> the object.
+OBJECT_TYPES: dict[str, Callable[[Mapping[str, str]], object]] = {
+    "tls-creds-x509": TlsCreds.from_options,
+}
+
+
+class DuplicateObject(VMError):
+    """An id already in use; ``-object`` and ``object-add`` word this differently."""
+
+
+def property_text(value: Any) -> str:
+    """A QMP property value as ``-object`` would spell it (QEMU visits both into the same object)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+class UserObjects(Mapping[str, object]):
+    def __init__(self) -> None:
+        self._objects: dict[str, object] = {}
+        self._lock = threading.Lock()
+
+    def add(self, qom_type: str, props: Mapping[str, str]) -> object:
+        """Create an object of *qom_type* from *props* (which hold its ``id``); VMError if refused."""
+        factory = OBJECT_TYPES.get(qom_type)
+        if factory is None:
+            raise VMError(f"Parameter 'qom-type' does not accept value '{qom_type}'" if qom_type
+                          else "Parameter 'qom-type' is missing")
+        obj_id = props.get("id")
+        if obj_id is None:
+            raise VMError("Parameter 'id' is missing")
+        if obj_id in self._objects:
+            raise DuplicateObject(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
+        try:
+            obj = factory(props)
+        except TlsCredsError as err:
+            raise VMError(str(err)) from None
+        with self._lock:
+            if obj_id in self._objects:
+                raise DuplicateObject(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
+            self._objects[obj_id] = obj
+        return obj
+
+    def delete(self, obj_id: str) -> None:
+        """``object-del``."""
+        with self._lock:
+            if self._objects.pop(obj_id, None) is None:
+                raise VMError(f"object '{obj_id}' not found")
+
+    def __getitem__(self, obj_id: str) -> object:
+        return self._objects[obj_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._objects))
+
+    def __len__(self) -> int:
+        return len(self._objects)
