@@ -16,6 +16,7 @@ from typing import Any
 
 from vmigrate.errors import VMError
 from vmigrate.migration.tls import TlsCreds, TlsCredsError
+from vmigrate.qapi.schema import load as load_schema
 
 #: Each type's constructor: properties (without ``qom-type``) -> the object.
 OBJECT_TYPES: dict[str, Callable[[Mapping[str, str]], object]] = {
@@ -27,11 +28,21 @@ class DuplicateObject(VMError):
     """An id already in use; ``-object`` and ``object-add`` word this differently."""
 
 
-def property_text(value: Any) -> str:
-    """A QMP property value as ``-object`` would spell it (QEMU visits both into the same object)."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
+def flat_properties(props: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """``object-add``'s typed properties as ``-object`` spells them (QEMU visits both into the same
+    object): booleans ``on``/``off``, lists and nested objects as dotted keys (``rules.0.match``)."""
+    out: dict[str, str] = {}
+    for key, value in props.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flat_properties(value, f"{name}."))
+        elif isinstance(value, list):
+            out.update(flat_properties({str(i): v for i, v in enumerate(value)}, f"{name}."))
+        elif isinstance(value, bool):
+            out[name] = "on" if value else "off"
+        else:
+            out[name] = str(value)
+    return out
 
 
 class UserObjects(Mapping[str, object]):
@@ -43,6 +54,8 @@ class UserObjects(Mapping[str, object]):
         """Create an object of *qom_type* from *props* (which hold its ``id``); VMError if refused."""
         factory = OBJECT_TYPES.get(qom_type)
         if factory is None:
+            if qom_type in load_schema().enum_values("ObjectType"):
+                raise VMError(f"vmigrate does not implement objects of type '{qom_type}' yet")
             raise VMError(f"Parameter 'qom-type' does not accept value '{qom_type}'" if qom_type
                           else "Parameter 'qom-type' is missing")
         obj_id = props.get("id")

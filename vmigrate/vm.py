@@ -68,6 +68,8 @@ class VM:
         self.loop = loop
         self.package = PACKAGE
         self.schema = load_schema()
+        #: QEMU's ``/objects``: ``--object``'s, then ``object-add``'s.
+        self.objects = config.objects
         self.ram = RAMBlock("ram", config.memory, config.mem_path)
         self.vcpus = self._make_vcpus(config)
         if config.incoming is not None:
@@ -86,7 +88,7 @@ class VM:
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
             global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
             machine_type=self.machine_type, emit_event=self.emit_event,
-            objects=config.objects))
+            objects=self.objects))
         self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
         self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()

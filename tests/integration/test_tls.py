@@ -130,3 +130,29 @@ def test_cancel_interrupts_a_stalled_handshake(spawn, tmp_path):
     assert src.status() == "running"
     conn.close()
     silent.close()
+
+
+def test_credentials_added_over_qmp(spawn, tmp_path):
+    """``object-add`` creates the credentials a running VM then migrates with, as ``--object``
+    does at start; ``object-del`` removes them, and the next migration names what is missing."""
+    server, client = make_pki(tmp_path / "pki")
+    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "src.ram"), "--guest", GUEST)
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "dst.ram"),
+                "--guest", GUEST, "-S", "--incoming", "defer")
+    src.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls9", "dir": str(client), "endpoint": "client"})
+    dst.cmd("object-add", **{"qom-type": "tls-creds-x509", "id": "tls9", "dir": str(server), "endpoint": "server"})
+    for vm in (src, dst):
+        vm.cmd("migrate-set-parameters", **{"tls-creds": "tls9"})
+    uri = listen_with_data(tmp_path / "src.ram", dst, "tcp:127.0.0.1:0", seed=9)
+    info = migrate_in_passes(src, uri, passes=1, bandwidth=64 * MIB)
+    assert info["status"] == "completed", info
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
+
+    src.cmd("object-del", id="tls9")
+    src.cmd("cont")
+    with socket.socket() as listener:  # as in QEMU, the credentials are looked up once connected
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{listener.getsockname()[1]}")
+        failed = src.wait_migration({"completed", "failed"})
+    assert failed == {"status": "failed", "error-desc": "No TLS credentials with id 'tls9'"}, failed

@@ -7,6 +7,7 @@ import os
 from vmigrate import QEMU_VERSION
 from vmigrate.commands import command
 from vmigrate.machine.runstate import NEEDS_RESET
+from vmigrate.objects import flat_properties
 from vmigrate.qmp.errors import QMPError
 
 
@@ -67,6 +68,17 @@ def query_commands(vm, args, monitor):
 @command("query-qmp-schema")
 def query_qmp_schema(vm, args, monitor):
     return vm.schema.introspect()
+
+
+@command("object-add")
+def object_add(vm, args, monitor):
+    props = dict(args)
+    vm.objects.add(props.pop("qom-type"), flat_properties(props))
+
+
+@command("object-del")
+def object_del(vm, args, monitor):
+    vm.objects.delete(args["id"])
 
 
 @command("getfd")
