@@ -156,3 +156,28 @@ def test_credentials_added_over_qmp(spawn, tmp_path):
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{listener.getsockname()[1]}")
         failed = src.wait_migration({"completed", "failed"})
     assert failed == {"status": "failed", "error-desc": "No TLS credentials with id 'tls9'"}, failed
+
+
+def test_postcopy_with_preempt_over_tls(spawn_shm, tmp_path):
+    """Every channel of a postcopy migration is a TLS session: the main channel with its return
+    path, which carries the page requests, and the preempt channel that answers them."""
+    spawn, shm = spawn_shm
+    server, client = make_pki(tmp_path / "pki")
+    guest = ("--guest", "ab:end=16M")
+    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(shm / "src.ram"), *guest,
+                *creds(client, "client"))
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(shm / "dst.ram"), *guest,
+                "--incoming", "defer", *creds(server, "server"))
+    for vm in (src, dst):
+        vm.set_caps(**{"postcopy-ram": True, "postcopy-preempt": True})
+        vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = dst.migrate_status()["socket-address"][0]["port"]
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB, "max-postcopy-bandwidth": 4 * MIB})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    wait_for(lambda: src.migrate_status()["status"] == "active", 10, "precopy")
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_migration({"completed", "failed"}, timeout=30)
+    assert info["status"] == "completed", info
+    assert info["ram"]["postcopy-requests"] > 0, info["ram"]
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"

@@ -18,6 +18,7 @@ import pytest
 from machines import Machine, Machines
 from ramfile import fill_garbage, fill_pattern, first_difference
 from tls_certs import CA, make_pki, write_creds
+from test_interop_postcopy import postcopy
 from transport import Transport, migrate
 
 pytestmark = pytest.mark.timeout(90)
@@ -86,3 +87,21 @@ def test_refused_certificate_same_error_desc(machines: Machines, tmp_path, src_k
         "hostname": "Certificate does not match the hostname example.com",
         "ca": "The certificate hasn't got a known issuer"}[case]}
     assert src.vm.status() == "running"
+
+
+@pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
+def test_tls_postcopy_with_preempt(machines: Machines, tmp_path, src_kind) -> None:
+    """Postcopy with ``postcopy-preempt`` over TLS (docs/postcopy.md): the preempt channel is a
+    second TLS session, made by each side with the other implementation's library."""
+    server, client = make_pki(tmp_path / "pki")
+    dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
+    idle = ("--guest", "idle")
+    src = start(machines, src_kind, client, "client", *(idle if src_kind == "vmigrate" else ()), multifd=False)
+    fill_pattern(src.ram, src.size, seed=11, random_pages=8000)
+    dst = start(machines, dst_kind, server, "server", "-incoming", "tcp:127.0.0.1:0",
+                *(idle if dst_kind == "vmigrate" else ()), multifd=False)
+    for m in (src, dst):
+        m.vm.set_caps(**{"postcopy-ram": True, "postcopy-preempt": True})
+    info = postcopy(src, dst, **{"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 8 << 20})
+    assert info["ram"]["postcopy-bytes"] > 0, info["ram"]
+    assert first_difference(src.ram, dst.ram, src.size) is None
