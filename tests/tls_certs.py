@@ -3,7 +3,8 @@
 A CA signs a server certificate (subjectAltName IP:127.0.0.1 and
 DNS:localhost) and a client certificate; each directory holds the files
 one endpoint needs, under QEMU's names.  A second, unrelated CA gives the
-"wrong CA" case.
+"wrong CA" case; a leaf may have a richer subject (what tls-authz checks) or
+be expired.
 """
 
 from __future__ import annotations
@@ -52,15 +53,18 @@ class CA:
     def pem(self) -> bytes:
         return self.cert.public_bytes(serialization.Encoding.PEM)
 
-    def issue(self, common_name: str, server: bool) -> tuple[bytes, bytes]:
-        """(certificate, key) PEMs for a server (with the SANs) or a client."""
+    def issue(self, subject: str | x509.Name, server: bool, expired: bool = False) -> tuple[bytes, bytes]:
+        """(certificate, key) PEMs for a server (with the SANs) or a client; *subject* is a common
+        name or a whole name; an *expired* one ended yesterday."""
         key = _key()
         now = datetime.datetime.now(datetime.timezone.utc)
+        start, end = (now - datetime.timedelta(days=30), now - datetime.timedelta(days=1)) if expired else \
+            (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(self.cert.subject)
+        name = _name(subject) if isinstance(subject, str) else subject
+        builder = (x509.CertificateBuilder().subject_name(name).issuer_name(self.cert.subject)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(days=1))
-                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .not_valid_before(start).not_valid_after(end)
                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                    .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, key_cert_sign=False,
                                                 crl_sign=False, content_commitment=False, data_encipherment=False,
@@ -73,11 +77,13 @@ class CA:
         return builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM), _pem_key(key)
 
 
-def write_creds(directory: Path, ca: CA, endpoint: str, trusted_ca: CA | None = None) -> Path:
-    """*directory* with ca-cert.pem (*trusted_ca*, default *ca*) and the endpoint's own pair signed by *ca*."""
+def write_creds(directory: Path, ca: CA, endpoint: str, trusted_ca: CA | None = None,
+                subject: str | x509.Name | None = None, expired: bool = False) -> Path:
+    """*directory* with ca-cert.pem (*trusted_ca*, default *ca*) and the endpoint's own pair signed by
+    *ca* (subject ``CN=vmigrate test ENDPOINT`` unless given)."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "ca-cert.pem").write_bytes((trusted_ca or ca).pem)
-    cert, key = ca.issue(f"vmigrate test {endpoint}", server=endpoint == "server")
+    cert, key = ca.issue(subject or f"vmigrate test {endpoint}", server=endpoint == "server", expired=expired)
     (directory / f"{endpoint}-cert.pem").write_bytes(cert)
     (directory / f"{endpoint}-key.pem").write_bytes(key)
     return directory

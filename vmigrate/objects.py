@@ -15,12 +15,15 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from vmigrate.errors import VMError
+from vmigrate.migration.authz import AuthzError, ListAuthz, SimpleAuthz
 from vmigrate.migration.tls import TlsCreds, TlsCredsError
 from vmigrate.qapi.schema import load as load_schema
 
 #: Each type's constructor: properties (without ``qom-type``) -> the object.
 OBJECT_TYPES: dict[str, Callable[[Mapping[str, str]], object]] = {
     "tls-creds-x509": TlsCreds.from_options,
+    "authz-simple": SimpleAuthz.from_options,
+    "authz-list": ListAuthz.from_options,
 }
 
 
@@ -65,7 +68,7 @@ class UserObjects(Mapping[str, object]):
             raise DuplicateObject(f"attempt to add duplicate property '{obj_id}' to object (type 'container')")
         try:
             obj = factory(props)
-        except TlsCredsError as err:
+        except (TlsCredsError, AuthzError) as err:
             raise VMError(str(err)) from None
         with self._lock:
             if obj_id in self._objects:

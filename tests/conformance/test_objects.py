@@ -35,3 +35,18 @@ def test_malformed_object_add(fresh_pair):
     p.same("object-add", {"qom-type": "tls-creds-x509", "id": "x", "colour": "blue"})
     p.same("object-add", {"qom-type": "tls-creds-x509", "id": "x", "endpoint": "middle"})
     p.same("object-del")
+
+
+def test_authz_objects(fresh_pair):
+    """``authz-list`` rules arrive as a JSON list (``-object`` cannot spell them in QEMU)."""
+    p = fresh_pair()
+    p.same("object-add", {"qom-type": "authz-simple", "id": "auth0", "identity": "CN=client"})
+    p.same("object-add", {"qom-type": "authz-list", "id": "auth1", "policy": "allow",
+                          "rules": [{"match": "CN=*", "policy": "deny", "format": "glob"},
+                                    {"match": "CN=ok"}]})
+    p.same("object-add", {"qom-type": "authz-list", "id": "auth2", "policy": "maybe"})
+    p.same("object-add", {"qom-type": "authz-list", "id": "auth3", "rules": [{"policy": "deny"}]})
+    p.same("object-add", {"qom-type": "authz-simple", "id": "auth4"})
+    p.same("migrate-set-parameters", {"tls-authz": "auth1"})
+    p.same("object-del", {"id": "auth1"})
+    p.same("object-del", {"id": "auth0"})

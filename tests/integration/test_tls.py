@@ -1,4 +1,5 @@
-"""TLS between two vmigrate processes: x509 credentials, multifd, the return path, refusals."""
+"""TLS between two vmigrate processes: x509 credentials, multifd, the return path, refusals,
+tls-authz and expired certificates."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
 from procs import listen_with_data, migrate_in_passes, ram_files_equal
 from tls_certs import CA, make_pki, write_creds
+from vmigrate.harness.launcher import VMStartError
 from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -22,11 +27,12 @@ def creds(directory: Path, endpoint: str, verify_peer: str = "on") -> tuple[str,
 
 
 def start_pair(spawn, tmp_path: Path, src_dir: Path, dst_dir: Path, multifd: bool = False,
-               uri: str = "tcp:127.0.0.1:0", src_params: dict | None = None, dst_params: dict | None = None):
+               uri: str = "tcp:127.0.0.1:0", src_params: dict | None = None, dst_params: dict | None = None,
+               dst_objects: tuple[str, ...] = ()):
     src = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "src.ram"),
                 "--guest", GUEST, *creds(src_dir, "client"))
     dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "dst.ram"),
-                "--guest", GUEST, "-S", "--incoming", "defer", *creds(dst_dir, "server"))
+                "--guest", GUEST, "-S", "--incoming", "defer", *creds(dst_dir, "server"), *dst_objects)
     for vm, params in ((src, src_params), (dst, dst_params)):
         vm.set_caps(events=True, multifd=multifd, **{"return-path": True})
         vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 3, **(params or {})})
@@ -181,3 +187,74 @@ def test_postcopy_with_preempt_over_tls(spawn_shm, tmp_path):
     assert info["status"] == "completed", info
     assert info["ram"]["postcopy-requests"] > 0, info["ram"]
     assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+
+
+#: The client certificate's subject for the tls-authz tests, and the DN QEMU's check sees for it.
+CLIENT_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example, Inc"),
+                            x509.NameAttribute(NameOID.COMMON_NAME, "client.example")])
+CLIENT_DN = "O=Example\\, Inc,CN=client.example"
+
+
+def authz_pki(root: Path) -> tuple[Path, Path]:
+    ca = CA()
+    return write_creds(root / "server", ca, "server"), write_creds(root / "client", ca, "client", subject=CLIENT_SUBJECT)
+
+
+@pytest.mark.parametrize("authz,allowed", [
+    ("authz-simple,id=auth0,identity=O=Example\\,, Inc,,CN=client.example", True),
+    ("authz-simple,id=auth0,identity=CN=client.example", False),
+    ("authz-list,id=auth0,rules.0.match=*CN=client.ex?mple,rules.0.policy=allow,rules.0.format=glob", True),
+    ("authz-list,id=auth0,policy=allow,rules.0.match=O=Example*,rules.0.policy=deny,rules.0.format=glob", False),
+], ids=["simple-allowed", "simple-denied", "list-allowed", "list-denied"])
+def test_tls_authz(spawn, tmp_path, authz, allowed):
+    """The destination checks the client certificate's DN with the authz object, on every channel."""
+    server, client = authz_pki(tmp_path / "pki")
+    src, dst, uri = start_pair(spawn, tmp_path, client, server, multifd=True, dst_objects=("--object", authz),
+                               dst_params={"tls-authz": "auth0"})
+    if allowed:
+        info = migrate_in_passes(src, uri, passes=1, bandwidth=64 * MIB)
+        assert info["status"] == "completed", info
+        assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+        assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
+        return
+    src.cmd("migrate", uri=uri)
+    info, dst_info = _refused(src, dst)
+    assert dst_info == {"status": "failed", "error-desc": f"TLS x509 authz check for {CLIENT_DN} is denied"}
+    # The session was up when the destination closed it: the source fails on its next read or
+    # write (QEMU 7.2's says "Cannot write to TLS channel: Input/output error"; docs/tls.md).
+    assert info["error-desc"]
+    assert dst.status() == "inmigrate"
+
+
+@pytest.mark.parametrize("authz_id,desc", [("nope", "Cannot find QAuthZ object ID nope"),
+                                           ("tls0", "Object 'tls0' is not a QAuthZ subclass")])
+def test_tls_authz_object_checked_at_the_handshake(spawn, tmp_path, authz_id, desc):
+    server, client = authz_pki(tmp_path / "pki")
+    src, dst, uri = start_pair(spawn, tmp_path, client, server, dst_params={"tls-authz": authz_id})
+    src.cmd("migrate", uri=uri)
+    _, dst_info = _refused(src, dst)
+    assert dst_info == {"status": "failed", "error-desc": desc}
+
+
+@pytest.mark.parametrize("endpoint", ["server", "client"])
+def test_expired_certificate(spawn, tmp_path, endpoint):
+    """Refused at start by the sanity check (QEMU's texts); loaded with sanity-check=off, the peer
+    refuses it in the handshake with GnuTLS's verdict as QEMU words it."""
+    ca = CA()
+    dirs = {end: write_creds(tmp_path / end, ca, end, expired=end == endpoint) for end in ("server", "client")}
+    own = dirs[endpoint]
+    with pytest.raises(VMStartError, match=f"The {endpoint} certificate {own}/{endpoint}-cert.pem has expired"):
+        spawn("vmigrate", "-m", "32M", "--object", f"tls-creds-x509,id=tls0,dir={own},endpoint={endpoint}")
+    objects = {end: ("--object", f"tls-creds-x509,id=tls0,dir={path},endpoint={end},sanity-check=off")
+               for end, path in dirs.items()}
+    src = spawn("vmigrate", "-m", "32M", *objects["client"])
+    dst = spawn("vmigrate", "-m", "32M", "--incoming", "defer", *objects["server"])
+    for vm in (src, dst):
+        vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}")
+    info, dst_info = _refused(src, dst)
+    if endpoint == "server":
+        assert info["error-desc"] == "The certificate is not trusted"
+    else:
+        assert dst_info == {"status": "failed", "error-desc": "The certificate is not trusted"}

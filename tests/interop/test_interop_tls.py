@@ -7,19 +7,25 @@ sides, as an operator would set up QEMU.  QEMU speaks GnuTLS, vmigrate
 Python's ``ssl`` (OpenSSL): the RAM must arrive intact over the main
 channel and over multifd channels, and a certificate that does not match
 fails the source with QEMU's own ``error-desc``, its guest still running.
+A destination with ``tls-authz`` refuses the other kind's client by its
+certificate's DN, and an expired certificate is refused with QEMU's text.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from machines import Machine, Machines
 from ramfile import fill_garbage, fill_pattern, first_difference
 from tls_certs import CA, make_pki, write_creds
 from test_interop_postcopy import postcopy
 from transport import Transport, migrate
+from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,3 +111,96 @@ def test_tls_postcopy_with_preempt(machines: Machines, tmp_path, src_kind) -> No
     info = postcopy(src, dst, **{"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 8 << 20})
     assert info["ram"]["postcopy-bytes"] > 0, info["ram"]
     assert first_difference(src.ram, dst.ram, src.size) is None
+
+
+#: The client certificate's subject for tls-authz, and the DN QEMU 7.2's check printed for it.
+CLIENT_SUBJECT = x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "GB"),
+                            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Example, Inc"),
+                            x509.NameAttribute(NameOID.COMMON_NAME, "client.example")])
+CLIENT_DN = "C=GB,O=Example\\, Inc,CN=client.example"
+
+
+def authz_object(kind: str, allowed: bool) -> tuple[str, str]:
+    """An authz-list whose glob rule allows or denies the client: QEMU 7.2's -object takes the rules
+    only as JSON (``rules.0.match=`` is "Invalid parameter"), vmigrate's in keyval form."""
+    policy = "allow" if allowed else "deny"
+    if kind == "qemu":
+        rule = {"match": "*,CN=client.ex?mple", "policy": policy, "format": "glob"}
+        return "-object", json.dumps({"qom-type": "authz-list", "id": "auth0", "policy": "deny", "rules": [rule]})
+    return "--object", (f"authz-list,id=auth0,policy=deny,rules.0.match=*,,CN=client.ex?mple,"
+                        f"rules.0.policy={policy},rules.0.format=glob")
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "denied"])
+@pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
+def test_tls_authz(machines: Machines, tmp_path, src_kind, allowed) -> None:
+    """A destination with tls-authz checks the other kind's client certificate DN the same way."""
+    ca = CA()
+    server = write_creds(tmp_path / "server", ca, "server")
+    client = write_creds(tmp_path / "client", ca, "client", subject=CLIENT_SUBJECT)
+    dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
+    src = start(machines, src_kind, client, "client", multifd=False, **{"max-bandwidth": 10 << 30})
+    fill_pattern(src.ram, src.size, seed=3, random_pages=1024)
+    if src_kind == "vmigrate":
+        src.vm.cmd("stop")  # the RAM file is written by the test, not a guest
+
+    def start_dst() -> Machine:
+        ram = machines.ram_path(dst_kind)
+        fill_garbage(ram, src.size)
+        return start(machines, dst_kind, server, "server", "-incoming", "defer", "-S",
+                     *authz_object(dst_kind, allowed), multifd=False, ram=ram, **{"tls-authz": "auth0"})
+
+    if allowed:
+        dst = migrate(Transport("tcp", machines.ramdir), src, start_dst)
+        assert src.vm.migrate_status()["status"] == "completed"
+        assert dst.vm.migrate_status() == {"status": "completed"}
+        assert first_difference(src.ram, dst.ram, src.size) is None
+        return
+    dst = start_dst()
+    dst.vm.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    (address,) = dst.vm.migrate_status()["socket-address"]
+    src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{address['port']}")
+    info = src.vm.wait_migration({"completed", "failed"})
+    assert info["status"] == "failed" and info["error-desc"], info
+    assert src.vm.status() in ("running", "paused")
+    denied = f"TLS x509 authz check for {CLIENT_DN} is denied"
+    if dst_kind == "qemu":
+        # QEMU prints the refusal and keeps listening; its source's error-desc is this.
+        wait_for(lambda: denied in dst.vm.log(), 10, "QEMU's refusal")
+        assert dst.vm.migrate_status()["socket-address"]
+    else:
+        assert info["error-desc"] == "Cannot write to TLS channel: Input/output error"
+        assert dst.vm.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": denied}
+    dst.require_alive()
+
+
+@pytest.mark.parametrize("endpoint", ["server", "client"])
+@pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
+def test_expired_certificate(machines: Machines, tmp_path, src_kind, endpoint) -> None:
+    """An expired certificate, loaded with sanity-check=off, is refused by the other kind with
+    QEMU's text for GnuTLS's verdict (QEMU's own time check comes after and is not reached)."""
+    ca = CA()
+    dirs = {end: write_creds(tmp_path / end, ca, end, expired=end == endpoint) for end in ("server", "client")}
+    dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
+    kinds = {"client": src_kind, "server": dst_kind}
+    vms = {}
+    for end in ("server", "client"):
+        flag = "-object" if kinds[end] == "qemu" else "--object"
+        obj = (flag, f"tls-creds-x509,id=tls0,dir={dirs[end]},endpoint={end},sanity-check=off")
+        args = ("-incoming", "defer") if end == "server" else ()
+        vms[end] = machines.start(kinds[end], SIZE, *obj, *args)
+        vms[end].vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst, src = vms["server"], vms["client"]
+    dst.vm.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    (address,) = dst.vm.migrate_status()["socket-address"]
+    src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{address['port']}")
+    info = src.vm.wait_migration({"completed", "failed"})
+    assert info["status"] == "failed", info
+    assert src.vm.status() == "running"
+    if endpoint == "server":
+        assert info["error-desc"] == "The certificate is not trusted"
+    elif dst_kind == "qemu":
+        wait_for(lambda: "The certificate is not trusted" in dst.vm.log(), 10, "QEMU's refusal")
+    else:
+        assert dst.vm.wait_migration({"completed", "failed"}) == {
+            "status": "failed", "error-desc": "The certificate is not trusted"}

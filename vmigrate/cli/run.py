@@ -29,8 +29,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")
     p.add_argument("--incoming", help="wait for an incoming migration: 'defer' or a URI")
     p.add_argument("--object", action="append", default=[], metavar="TYPE,id=ID,...",
-                   help="create an object, like QEMU's -object; so far only "
-                   "tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off] (repeatable)")
+                   help="create an object, like QEMU's -object (',,' is a literal comma): "
+                   "tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off][,sanity-check=on|off], "
+                   "authz-simple,id=ID,identity=DN, "
+                   "authz-list,id=ID[,policy=allow|deny][,rules.N.match=M,rules.N.policy=P[,rules.N.format=exact|glob]] "
+                   "(repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
@@ -78,7 +81,8 @@ def add_object(objects: "UserObjects", text: str) -> None:
     from vmigrate.errors import VMError
     from vmigrate.objects import DuplicateObject
 
-    kind, *pairs = text.split(",")
+    # QemuOpts' escape: ",," is a comma inside a value (a certificate DN for authz-simple).
+    kind, *pairs = [part.replace("\0", ",") for part in text.replace(",,", "\0").split(",")]
     options: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -207,15 +207,14 @@ class IncomingMigration:
 
     def _secure(self, channel: Channel, config: MigrationConfig) -> Channel:
         """With ``tls-creds`` set, every accepted channel is a TLS server session
-        (QEMU's migration_tls_channel_process_incoming); QEMU 7.2 only prints a failure
-        and keeps waiting, here the incoming migration fails with it."""
+        (QEMU's migration_tls_channel_process_incoming), its client checked by ``tls-authz``
+        when set; QEMU 7.2 only prints a failure and keeps waiting, here the incoming
+        migration fails with it."""
         params = config.params
         if not params.tls_creds:
             return channel
         try:
-            if params.tls_authz:
-                raise TlsError("vmigrate does not implement tls-authz yet")
-            return server_channel(channel, self.host.objects, params.tls_creds)
+            return server_channel(channel, self.host.objects, params.tls_creds, params.tls_authz)
         except TlsError:
             channel.close()
             raise

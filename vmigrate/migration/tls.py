@@ -19,13 +19,16 @@ under a lock, and socket I/O happens outside it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
+import re
 import ssl
 import threading
 from dataclasses import dataclass
 from typing import Mapping
 
+from vmigrate.migration.authz import Authz
 from vmigrate.migration.channel import Channel, ChannelError, SocketChannel
 
 log = logging.getLogger(__name__)
@@ -67,7 +70,7 @@ class TlsCreds:
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "TlsCreds":
         """``id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off]`` (QEMU's defaults: client, on)."""
-        unknown = set(options) - {"id", "dir", "endpoint", "verify-peer"}
+        unknown = set(options) - {"id", "dir", "endpoint", "verify-peer", "sanity-check"}
         if unknown:
             raise TlsCredsError(f"Invalid parameter '{sorted(unknown)[0]}'")
         if "id" not in options:
@@ -76,10 +79,13 @@ class TlsCreds:
         if endpoint not in ("client", "server"):
             raise TlsCredsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
         verify_peer = _on_off("verify-peer", options.get("verify-peer", "on"))
+        sanity_check = _on_off("sanity-check", options.get("sanity-check", "on"))
         directory = options.get("dir")
         if not directory:
             raise TlsCredsError("Missing 'dir' property value")
         context = _build_context(directory, endpoint, verify_peer)
+        if sanity_check:
+            _check_times(directory, endpoint)
         return cls(options["id"], directory, endpoint, verify_peer, context)
 
 
@@ -128,6 +134,58 @@ def _build_context(directory: str, endpoint: str, verify_peer: bool) -> ssl.SSLC
     return context
 
 
+def _der_items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(tag, content start, content end) of each DER element in ``data[start:end]``."""
+    items = []
+    while start < end:
+        tag, length, pos = data[start], data[start + 1], start + 2
+        if length & 0x80:
+            count = length & 0x7F
+            length, pos = int.from_bytes(data[pos:pos + count], "big"), pos + count
+        items.append((tag, pos, pos + length))
+        start = pos + length
+    return items
+
+
+def _validity(pem: str) -> tuple[datetime.datetime, datetime.datetime]:
+    """(notBefore, notAfter) of a PEM certificate: Certificate > TBSCertificate > the validity
+    SEQUENCE after [version], serial, signature algorithm and issuer (RFC 5280 §4.1).  Read
+    here because Python's ``ssl`` shows no certificate it has loaded."""
+    der = ssl.PEM_cert_to_DER_cert(pem)
+    (_, cert_start, cert_end), = _der_items(der, 0, len(der))
+    tbs = _der_items(der, *_der_items(der, cert_start, cert_end)[0][1:])
+    fields = tbs[1:] if tbs[0][0] == 0xA0 else tbs
+    times = []
+    for tag, start, end in _der_items(der, *fields[3][1:]):
+        text = der[start:end].decode("ascii")
+        if tag == 0x17:  # UTCTime: YYMMDDHHMMSSZ, years 1950-2049
+            text = ("19" if int(text[:2]) >= 50 else "20") + text
+        times.append(datetime.datetime.strptime(text, "%Y%m%d%H%M%SZ").replace(tzinfo=datetime.timezone.utc))
+    return times[0], times[1]
+
+
+def _check_times(directory: str, endpoint: str) -> None:
+    """The validity part of QEMU's sanity check (qcrypto_tls_creds_check_cert_times, on unless
+    ``sanity-check=off``): the endpoint's own certificate, then each CA certificate, with QEMU's
+    texts; QEMU's other sanity checks (constraints, key usage) are not made here."""
+    own = CLIENT_CERT if endpoint == "client" else SERVER_CERT
+    now = datetime.datetime.now(datetime.timezone.utc)
+    checks = [(os.path.join(directory, own), f"{endpoint} certificate"),
+              (os.path.join(directory, CA_CERT), "CA certificate")]
+    for path, what in checks:
+        try:
+            with open(path, encoding="ascii") as pem_file:
+                pems = re.findall(r"-----BEGIN CERTIFICATE-----.*?-----END CERTIFICATE-----", pem_file.read(), re.S)
+        except FileNotFoundError:
+            continue  # a client's own certificate is optional
+        for pem in pems:
+            not_before, not_after = _validity(pem)
+            if not_after < now:
+                raise TlsCredsError(f"The {what} {path} has expired")
+            if not_before > now:
+                raise TlsCredsError(f"The {what} {path} is not yet active")
+
+
 def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds:
     """QEMU's migration_tls_get_creds and qcrypto_tls_creds_check_endpoint, with their texts."""
     found = objects.get(creds_id)
@@ -151,10 +209,62 @@ def client_channel(channel: Channel, objects: Mapping[str, object], creds_id: st
     return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname or None)
 
 
-def server_channel(channel: Channel, objects: Mapping[str, object], creds_id: str) -> "TlsChannel":
-    """The destination's side (migration_tls_channel_process_incoming)."""
+def server_channel(channel: Channel, objects: Mapping[str, object], creds_id: str,
+                   authz_id: str = "") -> "TlsChannel":
+    """The destination's side (migration_tls_channel_process_incoming); with *authz_id* (``tls-authz``)
+    the client's certificate must be allowed by that object once the handshake is done."""
     found = get_creds(objects, creds_id, "server")
-    return TlsChannel(_socket_channel(channel), found.context, server_side=True, hostname=None)
+    session = TlsChannel(_socket_channel(channel), found.context, server_side=True, hostname=None)
+    # As in QEMU's qcrypto_tls_session_check_certificate, which verify-peer=off skips whole.
+    if authz_id and found.verify_peer:
+        _check_authz(objects, authz_id, session.peer_dn())
+    return session
+
+
+def _check_authz(objects: Mapping[str, object], authz_id: str, peername: str) -> None:
+    """QEMU's qauthz_is_allowed_by_id and the check after it, with their texts: the object is
+    looked up at every handshake (docs/tls.md, "Authorizing clients")."""
+    found = objects.get(authz_id)
+    if found is None:
+        raise TlsError(f"Cannot find QAuthZ object ID {authz_id}")
+    if not isinstance(found, Authz):
+        raise TlsError(f"Object '{authz_id}' is not a QAuthZ subclass")
+    if not found.is_allowed(peername):
+        log.info("TLS client %s refused by %s", peername, authz_id)
+        raise TlsError(f"TLS x509 authz check for {peername} is denied")
+
+
+#: OpenSSL's long attribute names (as ``getpeercert`` gives them) -> GnuTLS's, which
+#: ``gnutls_x509_crt_get_dn`` prints; each one checked against QEMU 7.2's denial text.
+_DN_NAMES = {
+    "countryName": "C", "stateOrProvinceName": "ST", "localityName": "L", "organizationName": "O",
+    "organizationalUnitName": "OU", "commonName": "CN", "emailAddress": "EMAIL", "domainComponent": "DC",
+    "userId": "UID", "streetAddress": "street", "title": "title", "serialNumber": "serialNumber",
+    "givenName": "givenName", "surname": "surName", "pseudonym": "pseudonym", "postalCode": "postalCode",
+    "businessCategory": "businessCategory", "dnQualifier": "dnQualifier", "initials": "initials",
+    "generationQualifier": "generationQualifier",
+}
+
+
+def _dn_escape(value: str) -> str:
+    """GnuTLS's escaping of an attribute value (lib/x509/dn.c): the RFC 4514 specials anywhere,
+    ``#`` and space first, space last."""
+    out = []
+    for i, char in enumerate(value):
+        if char in ',+"\\<>;' or (i == 0 and char in "# ") or (i == len(value) - 1 and char == " "):
+            out.append("\\")
+        out.append(char)
+    return "".join(out)
+
+
+def format_dn(subject: tuple) -> str:
+    """A certificate subject from ``SSLObject.getpeercert()`` as GnuTLS's ``gnutls_x509_crt_get_dn``
+    prints it, which is what QEMU hands to the authz object: the RDNs in the certificate's order
+    (not RFC 4514's reversed one), ``,`` between them, ``+`` inside a multi-valued one, e.g.
+    ``C=GB,O=Example\\, Inc,CN=client.example``.  An attribute GnuTLS has no name for keeps
+    OpenSSL's (GnuTLS would print its OID and DER in hex)."""
+    return ",".join("+".join(f"{_DN_NAMES.get(name, name)}={_dn_escape(value)}" for name, value in rdn)
+                    for rdn in subject)
 
 
 def _socket_channel(channel: Channel) -> SocketChannel:
@@ -168,9 +278,11 @@ def _socket_channel(channel: Channel) -> SocketChannel:
 #: (crypto/tlssession.c qcrypto_tls_session_check_certificate), which a QEMU
 #: source puts in its error-desc.
 _ISSUER_UNKNOWN = "The certificate hasn't got a known issuer"
+#: An expired or not yet valid certificate fails GnuTLS's chain verification before QEMU's
+#: own time checks, with its catch-all text (QEMU 7.2 verified for expired ones).
+_NOT_TRUSTED = "The certificate is not trusted"
 _VERIFY_TEXTS = {2: _ISSUER_UNKNOWN, 18: _ISSUER_UNKNOWN, 19: _ISSUER_UNKNOWN, 20: _ISSUER_UNKNOWN,
-                 21: _ISSUER_UNKNOWN, 9: "The certificate is not yet activated", 10: "The certificate has expired",
-                 23: "The certificate has been revoked"}
+                 21: _ISSUER_UNKNOWN, 9: _NOT_TRUSTED, 10: _NOT_TRUSTED, 23: "The certificate has been revoked"}
 _X509_V_ERR_HOSTNAME_MISMATCH, _X509_V_ERR_IP_ADDRESS_MISMATCH = 62, 64
 
 
@@ -199,6 +311,12 @@ class TlsChannel(Channel):
         self._send_lock = threading.Lock()
         self._eof = False
         self._handshake()
+
+    def peer_dn(self) -> str:
+        """The verified peer certificate's subject, as QEMU's authz check sees it (:func:`format_dn`)."""
+        with self._lock:
+            cert = self._ssl.getpeercert()
+        return format_dn(cert.get("subject", ()) if cert else ())
 
     def _handshake(self) -> None:
         while True:
