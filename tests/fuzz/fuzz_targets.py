@@ -11,6 +11,7 @@ vmigrate in tests/unit/vectors.
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -97,6 +98,31 @@ class Target:
     #: The only exception type the target may raise.
     error: type[BaseException] | tuple[type[BaseException], ...]
     corpus: tuple[str, ...]
+
+
+def mutate(rng: random.Random, seeds: list[bytes]) -> tuple[bytes, int]:
+    """One input: random bytes, or a corpus entry mutated (bits flipped, cut, bytes inserted,
+    deleted, another entry spliced in); and where to split it between two feeds."""
+    if not seeds or rng.randrange(10) == 0:
+        data = bytearray(rng.randbytes(rng.randrange(4097)))
+    else:
+        data = bytearray(rng.choice(seeds))
+        for _ in range(rng.randint(1, 8)):
+            at = rng.randint(0, len(data))
+            op = rng.choice(("flip", "cut", "insert", "delete", "splice"))
+            if op == "flip" and at < len(data):
+                data[at] ^= 1 << rng.randrange(8)
+            elif op == "cut":
+                del data[at:]
+            elif op == "insert":
+                data[at:at] = rng.randbytes(rng.randint(1, 64))
+            elif op == "delete":
+                del data[at:at + rng.randint(1, 256)]
+            elif op == "splice":
+                other = rng.choice(seeds)
+                start = rng.randint(0, len(other))
+                data[at:at] = other[start:start + rng.randint(1, 4096)]
+    return bytes(data), rng.randint(0, len(data))
 
 
 def _files(pattern: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fuzz_targets import TARGETS, corpus
+from fuzz_targets import TARGETS, corpus, mutate
 
 EXAMPLES = int(os.environ.get("VMIGRATE_FUZZ_EXAMPLES", "150"))
 #: What one input (at most a few hundred KiB) may make a decoder allocate.
@@ -25,26 +25,8 @@ MEMORY_LIMIT = 64 << 20
 
 @st.composite
 def mutated(draw, seeds: list[bytes]) -> tuple[bytes, int]:
-    if not seeds or draw(st.integers(0, 9)) == 0:
-        data = bytearray(draw(st.binary(max_size=4096)))
-    else:
-        data = bytearray(draw(st.sampled_from(seeds)))
-        for _ in range(draw(st.integers(1, 8))):
-            at = draw(st.integers(0, len(data)))
-            op = draw(st.sampled_from(("flip", "cut", "insert", "delete", "splice")))
-            if op == "flip" and at < len(data):
-                data[at] ^= 1 << draw(st.integers(0, 7))
-            elif op == "cut":
-                del data[at:]
-            elif op == "insert":
-                data[at:at] = draw(st.binary(min_size=1, max_size=64))
-            elif op == "delete":
-                del data[at:at + draw(st.integers(1, 256))]
-            elif op == "splice" and seeds:
-                other = draw(st.sampled_from(seeds))
-                start = draw(st.integers(0, len(other)))
-                data[at:at] = other[start:start + draw(st.integers(1, 4096))]
-    return bytes(data), draw(st.integers(0, len(data)))
+    """fuzz_targets.mutate, its choices drawn by hypothesis (so a failure replays)."""
+    return mutate(draw(st.randoms(use_true_random=False)), seeds)
 
 
 @pytest.fixture(scope="module", autouse=True)
