@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
+from vmigrate.migration import tls_psk
 from vmigrate.migration.authz import Authz
 from vmigrate.migration.channel import Channel, ChannelError, SocketChannel
 
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
+PSK_FILE = "keys.psk"
 #: Bytes read from the socket per call (one TLS record is at most ~16 KiB).
 RECV_CHUNK = 1 << 16
 
@@ -45,7 +47,7 @@ class TlsError(ChannelError):
 
 
 class TlsCredsError(ValueError):
-    """A ``tls-creds-x509`` object that cannot be created (the process does not start)."""
+    """A ``tls-creds-x509`` or ``tls-creds-psk`` object that cannot be created (the process does not start)."""
 
 
 def _on_off(name: str, value: str) -> bool:
@@ -70,23 +72,103 @@ class TlsCreds:
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> "TlsCreds":
         """``id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off]`` (QEMU's defaults: client, on)."""
-        unknown = set(options) - {"id", "dir", "endpoint", "verify-peer", "sanity-check"}
-        if unknown:
-            raise TlsCredsError(f"Invalid parameter '{sorted(unknown)[0]}'")
-        if "id" not in options:
-            raise TlsCredsError("Parameter 'id' is missing")
-        endpoint = options.get("endpoint", "client")
-        if endpoint not in ("client", "server"):
-            raise TlsCredsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+        obj_id, directory, endpoint = _common_options(
+            options, {"id", "dir", "endpoint", "verify-peer", "sanity-check"})
         verify_peer = _on_off("verify-peer", options.get("verify-peer", "on"))
         sanity_check = _on_off("sanity-check", options.get("sanity-check", "on"))
-        directory = options.get("dir")
-        if not directory:
-            raise TlsCredsError("Missing 'dir' property value")
         context = _build_context(directory, endpoint, verify_peer)
         if sanity_check:
             _check_times(directory, endpoint)
-        return cls(options["id"], directory, endpoint, verify_peer, context)
+        return cls(obj_id, directory, endpoint, verify_peer, context)
+
+
+def _common_options(options: Mapping[str, str], known: set[str]) -> tuple[str, str, str]:
+    """(id, dir, endpoint) with QEMU's texts for the properties every tls-creds type has."""
+    unknown = set(options) - known
+    if unknown:
+        raise TlsCredsError(f"Invalid parameter '{sorted(unknown)[0]}'")
+    if "id" not in options:
+        raise TlsCredsError("Parameter 'id' is missing")
+    endpoint = options.get("endpoint", "client")
+    if endpoint not in ("client", "server"):
+        raise TlsCredsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+    directory = options.get("dir")
+    if not directory:
+        raise TlsCredsError("Missing 'dir' property value")
+    return options["id"], directory, endpoint
+
+
+@dataclass(frozen=True)
+class PskCreds:
+    """One ``tls-creds-psk`` object (QEMU's crypto/tlscredspsk.c): a pre-shared key instead of
+    certificates.  ``DIR/keys.psk`` holds ``username:hexkey`` lines; a client proves its
+    ``username``'s key (default ``qemu``, read at creation as QEMU does), a server looks the
+    client's identity up in the file at each handshake (as GnuTLS's password file is read).
+    OpenSSL is given the keys through :mod:`vmigrate.migration.tls_psk`."""
+
+    id: str
+    dir: str
+    endpoint: str
+    context: ssl.SSLContext
+    callback: object  # the ctypes callback OpenSSL calls: kept alive with the context
+    #: No certificate to verify: a PSK proves both sides, and QEMU needs no ``tls-hostname``.
+    verify_peer: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> "PskCreds":
+        """``id=ID,dir=DIR[,endpoint=client|server][,username=NAME]`` (QEMU's defaults: client, qemu)."""
+        obj_id, directory, endpoint = _common_options(options, {"id", "dir", "endpoint", "username", "verify-peer"})
+        _on_off("verify-peer", options.get("verify-peer", "on"))  # accepted, as QEMU does; unused with PSK
+        path = _credential(directory, PSK_FILE, required=True)
+        assert path is not None
+        try:
+            if endpoint == "server":
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.verify_mode = ssl.CERT_NONE
+                context.num_tickets = 0  # as for x509 (see _build_context)
+                callback = tls_psk.install_server(context, lambda identity: _server_key(path, identity))
+            else:
+                username = options.get("username", "qemu")
+                key = _psk_lookup(path, username)
+                if key is None:
+                    raise TlsCredsError(f"Username {username} not found in PSK file {path}")
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+                callback = tls_psk.install_client(context, username, key)
+        except tls_psk.PskUnavailable as err:
+            raise TlsCredsError(str(err)) from None
+        # TLS 1.3 only: Python's default TLS 1.2 cipher list excludes PSK, and QEMU 7.2's GnuTLS
+        # negotiates TLS 1.3 with it (docs/tls.md, "PSK credentials").
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        return cls(obj_id, directory, endpoint, context, callback)
+
+
+def _server_key(path: str, identity: str) -> bytes | None:
+    """A server's key for the client's *identity*, looked up at each handshake; None refuses it."""
+    try:
+        return _psk_lookup(path, identity)
+    except TlsCredsError as err:
+        log.warning("TLS-PSK key for %r in %s: %s", identity, path, err)
+        return None
+
+
+def _psk_lookup(path: str, username: str) -> bytes | None:
+    """*username*'s key in a ``keys.psk`` file (QEMU's lookup_key: the first ``username:`` line);
+    None when absent.  A key that is not hex is refused with GnuTLS's text, as QEMU reports it."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as psk_file:
+            lines = psk_file.read().split("\n")
+    except OSError as err:
+        log.warning("Cannot read PSK file %s: %s", path, err)
+        return None
+    for line in lines:
+        if line.startswith(f"{username}:"):
+            try:
+                return bytes.fromhex(line[len(username) + 1:])
+            except ValueError:
+                raise TlsCredsError("Cannot set PSK client credentials: Error in parsing.") from None
+    return None
 
 
 def _credential(directory: str, name: str, required: bool) -> str | None:
@@ -186,12 +268,12 @@ def _check_times(directory: str, endpoint: str) -> None:
                 raise TlsCredsError(f"The {what} {path} is not yet active")
 
 
-def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds:
+def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds | PskCreds:
     """QEMU's migration_tls_get_creds and qcrypto_tls_creds_check_endpoint, with their texts."""
     found = objects.get(creds_id)
     if found is None:
         raise TlsError(f"No TLS credentials with id '{creds_id}'")
-    if not isinstance(found, TlsCreds):
+    if not isinstance(found, (TlsCreds, PskCreds)):
         raise TlsError(f"Object with id '{creds_id}' is not TLS credentials")
     if found.endpoint != endpoint:
         raise TlsError(f"Expected TLS credentials for a {endpoint} endpoint")
@@ -201,7 +283,7 @@ def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> Tl
 def client_channel(channel: Channel, objects: Mapping[str, object], creds_id: str,
                    hostname: str) -> "TlsChannel":
     """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's
-    host; a unix socket has none, which only ``verify-peer=off`` credentials can do without."""
+    host; a unix socket has none, which only PSK and ``verify-peer=off`` x509 credentials can do without."""
     found = get_creds(objects, creds_id, "client")
     if not hostname and found.verify_peer:
         # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
