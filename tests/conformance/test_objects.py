@@ -50,3 +50,14 @@ def test_authz_objects(fresh_pair):
     p.same("migrate-set-parameters", {"tls-authz": "auth1"})
     p.same("object-del", {"id": "auth1"})
     p.same("object-del", {"id": "auth0"})
+
+
+def test_psk_objects(fresh_pair, tmp_path):
+    (tmp_path / "keys.psk").write_text("qemu:00112233445566778899aabbccddeeff\n")
+    p = fresh_pair()
+    p.same("object-add", {"qom-type": "tls-creds-psk", "id": "psk0", "dir": str(tmp_path), "endpoint": "server"})
+    p.same("object-add", {"qom-type": "tls-creds-psk", "id": "psk1", "dir": str(tmp_path), "username": "qemu"})
+    p.same("object-add", {"qom-type": "tls-creds-psk", "id": "psk2", "dir": str(tmp_path), "username": "nobody"})
+    p.same("object-add", {"qom-type": "tls-creds-psk", "id": "psk3", "dir": str(tmp_path / "none")})
+    p.same("migrate-set-parameters", {"tls-creds": "psk1"})
+    p.same("object-del", {"id": "psk0"})
