@@ -93,3 +93,13 @@ def make_pki(root: Path) -> tuple[Path, Path]:
     """(server dir, client dir) under *root*, both trusting one fresh CA."""
     ca = CA()
     return write_creds(root / "server", ca, "server"), write_creds(root / "client", ca, "client")
+
+
+PSK_KEY = "0123456789abcdef0123456789abcdef"
+
+
+def write_psk(directory: Path, key: str = PSK_KEY, username: str = "qemu") -> Path:
+    """*directory* with the ``keys.psk`` QEMU's tls-creds-psk reads: ``username:hexkey`` lines."""
+    directory.mkdir(parents=True)
+    (directory / "keys.psk").write_text(f"other:{'ff' * 16}\n{username}:{key}\n")
+    return directory

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from procs import listen_with_data, migrate_in_passes, ram_files_equal
+from tls_certs import write_psk
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -14,14 +15,9 @@ MIB = 1 << 20
 GUEST = "stress:rate=100,wss=8M"
 
 
-def psk_dir(path: Path, key: str) -> Path:
-    path.mkdir()
-    (path / "keys.psk").write_text(f"qemu:{key}\n")
-    return path
-
-
 def start_pair(spawn, tmp_path: Path, server_key: str, client_key: str, uri: str, multifd: bool = False):
-    objects = {"client": psk_dir(tmp_path / "client", client_key), "server": psk_dir(tmp_path / "server", server_key)}
+    objects = {"client": write_psk(tmp_path / "client", client_key),
+               "server": write_psk(tmp_path / "server", server_key)}
     src = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "src.ram"),
                 "--guest", GUEST, "--object", f"tls-creds-psk,id=tls0,dir={objects['client']},username=qemu")
     dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--mem-path", str(tmp_path / "dst.ram"),

@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from machines import Machine, Machines
 from ramfile import fill_garbage, fill_pattern, first_difference
-from tls_certs import CA, make_pki, write_creds
+from tls_certs import CA, make_pki, write_creds, write_psk
 from test_interop_postcopy import postcopy
 from transport import Transport, migrate
 from vmigrate.harness.waiting import wait_for
@@ -32,14 +32,18 @@ pytestmark = pytest.mark.timeout(90)
 SIZE = "64M"
 
 
-def tls_object(directory: Path, endpoint: str) -> tuple[str, str]:
-    """The same option for both kinds (vmigrate's ``--object`` takes QEMU's ``-object`` syntax)."""
+def tls_object(directory: Path, endpoint: str, psk: bool = False) -> tuple[str, str]:
+    """The same option for both kinds (vmigrate's ``--object`` takes QEMU's ``-object`` syntax):
+    x509 credentials, or PSK ones (a client uses the key of ``username=qemu``)."""
+    if psk:
+        return "-object", (f"tls-creds-psk,id=tls0,dir={directory},endpoint={endpoint}"
+                           + (",username=qemu" if endpoint == "client" else ""))
     return "-object", f"tls-creds-x509,id=tls0,dir={directory},endpoint={endpoint},verify-peer=on"
 
 
 def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: str, multifd: bool,
-          ram: Path | None = None, **params) -> Machine:
-    obj = tls_object(directory, endpoint)
+          ram: Path | None = None, psk: bool = False, **params) -> Machine:
+    obj = tls_object(directory, endpoint, psk)
     if kind == "vmigrate":
         obj = ("--object", obj[1])
     vm = machines.start(kind, SIZE, *obj, *args, ram=ram)
@@ -48,18 +52,24 @@ def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: 
     return vm
 
 
+@pytest.mark.parametrize("psk", [False, True], ids=["x509", "psk"])
 @pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd"])
 @pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
-def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd) -> None:
-    server, client = make_pki(tmp_path / "pki")
+def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, psk) -> None:
+    """x509 or PSK credentials (GnuTLS on QEMU's side, OpenSSL on vmigrate's, docs/tls.md)."""
+    if psk:
+        server = client = write_psk(tmp_path / "psk")
+    else:
+        server, client = make_pki(tmp_path / "pki")
     dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
-    src = start(machines, src_kind, client, "client", multifd=multifd, **{"max-bandwidth": 10 << 30})
+    src = start(machines, src_kind, client, "client", multifd=multifd, psk=psk, **{"max-bandwidth": 10 << 30})
     fill_pattern(src.ram, src.size, seed=7, random_pages=4096)
 
     def start_dst() -> Machine:
         ram = machines.ram_path(dst_kind)
         fill_garbage(ram, src.size)
-        return start(machines, dst_kind, server, "server", "-incoming", "defer", "-S", multifd=multifd, ram=ram)
+        return start(machines, dst_kind, server, "server", "-incoming", "defer", "-S", multifd=multifd, ram=ram,
+                     psk=psk)
 
     if src_kind == "vmigrate":
         src.vm.cmd("stop")  # the RAM file is written by the test, not a guest
@@ -204,3 +214,28 @@ def test_expired_certificate(machines: Machines, tmp_path, src_kind, endpoint) -
     else:
         assert dst.vm.wait_migration({"completed", "failed"}) == {
             "status": "failed", "error-desc": "The certificate is not trusted"}
+
+
+@pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
+def test_wrong_psk_refused(machines: Machines, tmp_path, src_kind) -> None:
+    """The client's key differs from the server's: each side's refusal text."""
+    dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
+    dst = start(machines, dst_kind, write_psk(tmp_path / "server"), "server", "-incoming", "defer", multifd=False,
+                psk=True)
+    dst.vm.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    (address,) = dst.vm.migrate_status()["socket-address"]
+    src = start(machines, src_kind, write_psk(tmp_path / "client", key="ab" * 16), "client", multifd=False, psk=True)
+    src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{address['port']}")
+    info = src.vm.wait_migration({"completed", "failed"})
+    assert src.vm.status() == "running"
+    if dst_kind == "qemu":
+        # GnuTLS fails the binder and closes without an alert; QEMU prints it and keeps listening.
+        assert info == {"status": "failed", "error-desc": "TLS handshake failed: the peer closed the connection"}
+        wait_for(lambda: "TLS handshake failed: An illegal parameter has been received." in dst.vm.log(),
+                 10, "QEMU's refusal")
+        assert dst.vm.migrate_status()["socket-address"]
+    else:
+        assert info == {"status": "failed", "error-desc": "TLS handshake failed: A TLS fatal alert has been received."}
+        assert dst.vm.wait_migration({"completed", "failed"}) == {
+            "status": "failed", "error-desc": "TLS handshake failed: BINDER_DOES_NOT_VERIFY"}
+    dst.require_alive()
