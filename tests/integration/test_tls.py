@@ -4,6 +4,7 @@ tls-authz and expired certificates."""
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,8 @@ def start_pair(spawn, tmp_path: Path, src_dir: Path, dst_dir: Path, multifd: boo
     for vm, params in ((src, src_params), (dst, dst_params)):
         vm.set_caps(events=True, multifd=multifd, **{"return-path": True})
         vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "multifd-channels": 3, **(params or {})})
+    if uri.startswith("fd:"):
+        _socketpair_fds(src, dst)
     return src, dst, listen_with_data(tmp_path / "src.ram", dst, uri, seed=5)
 
 
@@ -105,20 +108,45 @@ def test_source_credentials_checked_once_connected(spawn, tmp_path, creds_id, tr
     assert src.status() == "running"
 
 
-def test_tls_over_exec_refused_both_sides(spawn, tmp_path):
-    """QEMU 7.2 runs TLS over its two-way exec: channel; vmigrate's is one-way, so it says so."""
+RELAY = f"{sys.executable} {Path(__file__).parent.parent / 'relay.py'}"
+
+
+def test_tls_over_exec_both_sides(spawn, tmp_path):
+    """QEMU 7.2's exec: channel is two-way (the command's stdin and stdout): TLS runs over it, the
+    return path inside, the source's command joined to the destination's by a unix socket."""
     server, client = make_pki(tmp_path / "pki")
-    desc = "vmigrate does not implement TLS over exec: or fd: migration yet"
-    src = spawn("vmigrate", "--accel", "soft", "-m", "32M", *creds(client, "client"))
-    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
-    src.cmd("migrate", uri="exec:cat > /dev/null")
-    assert src.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}
-    assert src.status() == "running"
-    (tmp_path / "stream").write_bytes(b"QEVM\0\0\0\3")
-    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "--incoming", "defer", *creds(server, "server"))
-    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
-    dst.cmd("migrate-incoming", uri=f"exec:cat {tmp_path / 'stream'}")
-    assert dst.wait_migration({"completed", "failed"}) == {"status": "failed", "error-desc": desc}
+    sock = tmp_path / "relay.sock"
+    src, dst, uri = start_pair(spawn, tmp_path, client, server, uri=f"exec:{RELAY} --listen {sock}",
+                               src_params={"tls-hostname": "localhost"})
+    info = migrate_in_passes(src, f"exec:{RELAY} {sock}", passes=2, bandwidth=64 * MIB)
+    assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
+
+
+def _socketpair_fds(src, dst) -> None:
+    """One end of a socketpair as ``fd:mig`` on each side (a socket passed with getfd is two-way)."""
+    a, b = socket.socketpair()
+    for vm, end in ((src, a), (dst, b)):
+        vm.qmp.send_fd(end.fileno())
+        vm.cmd("getfd", fdname="mig")
+        end.close()
+
+
+@pytest.mark.parametrize("hostname", ["localhost", ""], ids=["tls-hostname", "no-hostname"])
+def test_tls_over_fd_socket(spawn, tmp_path, hostname):
+    """fd: with a socket is two-way: TLS runs over it; with no URI host, verify-peer needs tls-hostname."""
+    server, client = make_pki(tmp_path / "pki")
+    src, dst, uri = start_pair(spawn, tmp_path, client, server, uri="fd:mig", src_params={"tls-hostname": hostname})
+    if not hostname:
+        src.cmd("migrate", uri=uri)
+        info, _ = _refused(src, dst)
+        assert info["error-desc"] == "No hostname for certificate validation"
+        return
+    info = migrate_in_passes(src, uri, passes=2, bandwidth=64 * MIB)
+    assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
+    assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
 
 
 def test_cancel_interrupts_a_stalled_handshake(spawn, tmp_path):

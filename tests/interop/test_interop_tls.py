@@ -14,17 +14,19 @@ certificate's DN, and an expired certificate is refused with QEMU's text.
 from __future__ import annotations
 
 import json
+import socket
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from machines import Machine, Machines
+from machines import FINAL, Machine, Machines
 from ramfile import fill_garbage, fill_pattern, first_difference
 from tls_certs import CA, make_pki, write_creds, write_psk
 from test_interop_postcopy import postcopy
-from transport import Transport, migrate
+from transport import Transport, migrate, settle
 from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -239,3 +241,59 @@ def test_wrong_psk_refused(machines: Machines, tmp_path, src_kind) -> None:
         assert dst.vm.wait_migration({"completed", "failed"}) == {
             "status": "failed", "error-desc": "TLS handshake failed: BINDER_DOES_NOT_VERIFY"}
     dst.require_alive()
+
+
+def share_socketpair(src: Machine, dst: Machine) -> None:
+    """One end of a socketpair as ``fd:mig`` on each side (a socket passed with getfd is two-way)."""
+    a, b = socket.socketpair()
+    for vm, end in ((src, a), (dst, b)):
+        vm.vm.qmp.send_fd(end.fileno())
+        vm.vm.cmd("getfd", fdname="mig")
+        end.close()
+
+
+RELAY = f"{sys.executable} {Path(__file__).parent.parent / 'relay.py'}"
+
+
+@pytest.mark.parametrize("transport", ["exec", "fd"])
+@pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
+def test_tls_over_exec_and_fd(machines: Machines, tmp_path, src_kind, transport) -> None:
+    """QEMU 7.2's exec: (the command's stdin and stdout) and fd: (a socket) channels are two-way and
+    carry TLS given ``tls-hostname``: exec: commands joined by a unix socket, fd: a socketpair."""
+    server, client = make_pki(tmp_path / "pki")
+    dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
+    src = start(machines, src_kind, client, "client", multifd=False,
+                **{"max-bandwidth": 10 << 30, "tls-hostname": "localhost"})
+    fill_pattern(src.ram, src.size, seed=11, random_pages=4096)
+    if src_kind == "vmigrate":
+        src.vm.cmd("stop")
+    ram = machines.ram_path(dst_kind)
+    fill_garbage(ram, src.size)
+    dst = start(machines, dst_kind, server, "server", "-incoming", "defer", "-S", multifd=False, ram=ram)
+    sock = tmp_path / "relay.sock"
+    if transport == "fd":
+        share_socketpair(src, dst)
+        incoming, outgoing = "fd:mig", "fd:mig"
+    else:
+        incoming, outgoing = f"exec:{RELAY} --listen {sock}", f"exec:{RELAY} {sock}"
+    dst.vm.cmd("migrate-incoming", uri=incoming)
+    src.vm.cmd("migrate", uri=outgoing)
+    assert src.vm.wait_migration(FINAL)["status"] == "completed", src.vm.migrate_status()
+    assert settle(dst, 60) == "completed", dst.vm.log()
+    assert first_difference(src.ram, dst.ram, src.size) is None
+
+
+def test_qemu_fd_source_without_hostname_same_error_desc(machines: Machines, tmp_path) -> None:
+    """An fd: URI has no host: a verify-peer client needs ``tls-hostname``, with QEMU's text."""
+    server, client = make_pki(tmp_path / "pki")
+    errors = {}
+    for src_kind, dst_kind in (("qemu", "vmigrate"), ("vmigrate", "qemu")):
+        src = start(machines, src_kind, client, "client", multifd=False)
+        dst = start(machines, dst_kind, server, "server", "-incoming", "defer", multifd=False)
+        share_socketpair(src, dst)
+        dst.vm.cmd("migrate-incoming", uri="fd:mig")
+        src.vm.cmd("migrate", uri="fd:mig")
+        errors[src_kind] = src.vm.wait_migration(FINAL)
+        assert src.vm.status() == "running"
+    assert errors["qemu"] == errors["vmigrate"] == {"status": "failed",
+                                                     "error-desc": "No hostname for certificate validation"}

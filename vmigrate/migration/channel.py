@@ -206,7 +206,13 @@ class Channel:
 
     @property
     def bidirectional(self) -> bool:
+        """Whether the return path runs over this channel."""
         return False
+
+    @property
+    def two_way(self) -> bool:
+        """Whether bytes flow both ways, as a TLS session needs (docs/tls.md, "exec: and fd:")."""
+        return self.bidirectional
 
 
 #: A TCP peer that acknowledges nothing for this long is gone (docs/postcopy.md, "Recovery").
@@ -296,32 +302,40 @@ class SocketChannel(Channel):
 
 
 class CommandChannel(Channel):
-    """``exec:``: the shell command's stdin (outgoing) or stdout (incoming)."""
+    """``exec:``: ``/bin/sh -c COMMAND`` with a pipe on its stdin and one on its stdout, whichever
+    the direction, as QEMU 7.2 spawns it (``O_RDWR``; docs/tls.md, "exec: and fd:").
+
+    The stream goes to the command's stdin (outgoing) or comes from its stdout (incoming);
+    the other pipe carries the peer's side of a TLS session.  Without TLS the return path
+    does not use it (:attr:`bidirectional` is false), so a plain ``exec:`` migration behaves
+    as a one-way one.
+    """
 
     def __init__(self, command: str, outgoing: bool) -> None:
         self.outgoing = outgoing
-        self.proc = subprocess.Popen(
-            ["/bin/sh", "-c", command],
-            stdin=subprocess.PIPE if outgoing else subprocess.DEVNULL,
-            stdout=None if outgoing else subprocess.PIPE,
-        )
-        self._fd = self.proc.stdin.fileno() if outgoing else self.proc.stdout.fileno()
+        self.proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._write_fd = self.proc.stdin.fileno()
+        self._read_fd = self.proc.stdout.fileno()
 
     def fileno(self) -> int:
-        return self._fd
+        return self._read_fd
+
+    @property
+    def two_way(self) -> bool:
+        return True
 
     def write(self, data) -> None:
         view = memoryview(data).cast("B")
         try:
             while view:
-                n = os.write(self._fd, view)
+                n = os.write(self._write_fd, view)
                 view = view[n:]
         except OSError as err:
             raise ChannelError(f"Unable to write to command: {os.strerror(err.errno or 32)}") from None
 
     def read(self, size: int) -> bytes:
         try:
-            return os.read(self._fd, size)
+            return os.read(self._read_fd, size)
         except OSError as err:
             raise ChannelError(f"Unable to read from command: {os.strerror(err.errno or 5)}") from None
 
@@ -330,8 +344,10 @@ class CommandChannel(Channel):
             self.proc.kill()
 
     def close(self) -> None:
-        stream = self.proc.stdin if self.outgoing else self.proc.stdout
-        stream.close()
+        """Both pipes closed, then the command reaped (QEMU's qio_channel_command_close): the
+        command sees the end of its input; a source waits for it to finish writing the stream."""
+        self.proc.stdin.close()
+        self.proc.stdout.close()
         try:
             self.proc.wait(timeout=30 if self.outgoing else 1)
         except subprocess.TimeoutExpired:

@@ -30,7 +30,7 @@ from typing import Mapping
 
 from vmigrate.migration import tls_psk
 from vmigrate.migration.authz import Authz
-from vmigrate.migration.channel import Channel, ChannelError, SocketChannel
+from vmigrate.migration.channel import Channel, ChannelError, FdChannel, SocketChannel
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def client_channel(channel: Channel, objects: Mapping[str, object], creds_id: st
     if not hostname and found.verify_peer:
         # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
         raise TlsError("No hostname for certificate validation")
-    return TlsChannel(_socket_channel(channel), found.context, server_side=False, hostname=hostname or None)
+    return TlsChannel(_two_way(channel), found.context, server_side=False, hostname=hostname or None)
 
 
 def server_channel(channel: Channel, objects: Mapping[str, object], creds_id: str,
@@ -296,7 +296,7 @@ def server_channel(channel: Channel, objects: Mapping[str, object], creds_id: st
     """The destination's side (migration_tls_channel_process_incoming); with *authz_id* (``tls-authz``)
     the client's certificate must be allowed by that object once the handshake is done."""
     found = get_creds(objects, creds_id, "server")
-    session = TlsChannel(_socket_channel(channel), found.context, server_side=True, hostname=None)
+    session = TlsChannel(_two_way(channel), found.context, server_side=True, hostname=None)
     # As in QEMU's qcrypto_tls_session_check_certificate, which verify-peer=off skips whole.
     if authz_id and found.verify_peer:
         _check_authz(objects, authz_id, session.peer_dn())
@@ -349,10 +349,11 @@ def format_dn(subject: tuple) -> str:
                     for rdn in subject)
 
 
-def _socket_channel(channel: Channel) -> SocketChannel:
-    if not isinstance(channel, SocketChannel):
-        # QEMU 7.2 runs TLS over its two-way exec: and fd: channels too; vmigrate's exec: is one-way.
-        raise TlsError("vmigrate does not implement TLS over exec: or fd: migration yet")
+def _two_way(channel: Channel) -> Channel:
+    """A socket, an ``exec:`` command's pipes or an ``fd:`` socket carry TLS, as in QEMU 7.2
+    (docs/tls.md, "exec: and fd:"); an ``fd:`` pipe is one-way, and the handshake could not run."""
+    if not channel.two_way:
+        raise TlsError("TLS needs a two-way channel: the fd: descriptor is not a socket")
     return channel
 
 
@@ -376,14 +377,15 @@ def _verify_failure(err: ssl.SSLCertVerificationError, hostname: str | None) -> 
 
 
 class TlsChannel(Channel):
-    """A TLS session over a connected :class:`SocketChannel`; the handshake runs in the constructor.
+    """A TLS session over a two-way channel (socket, ``exec:`` pipes, ``fd:`` socket); the handshake
+    runs in the constructor.
 
     ``_lock`` guards the OpenSSL session and its BIOs; ``_send_lock`` keeps
     records on the wire in the order the session produced them when a read
     (a TLS 1.3 key update) and a write both have something to send.
     """
 
-    def __init__(self, raw: SocketChannel, context: ssl.SSLContext, server_side: bool,
+    def __init__(self, raw: Channel, context: ssl.SSLContext, server_side: bool,
                  hostname: str | None) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
@@ -428,7 +430,7 @@ class TlsChannel(Channel):
                 self.raw.write(data)
 
     def _fill(self) -> bool:
-        """Feed the session one socket read; False at the socket's end."""
+        """Feed the session one read of the channel; False at its end."""
         data = self.raw.read(RECV_CHUNK)
         with self._lock:
             if data:
@@ -465,7 +467,7 @@ class TlsChannel(Channel):
             except ssl.SSLWantReadError:
                 if self._out.pending:
                     self._flush()
-                self._fill()  # at the socket's end the next read reports it
+                self._fill()  # at the channel's end the next read reports it
                 continue
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 # QEMU 7.2 closes without close_notify: an unannounced end is the end of the stream.
@@ -486,11 +488,12 @@ class TlsChannel(Channel):
     def close(self) -> None:
         """Discard input already here (a GnuTLS server's session tickets) before closing: closing
         with unread input resets the connection, which could cut what the peer has yet to read."""
-        sock = self.raw.sock
-        try:
-            sock.setblocking(False)
-            while sock.recv(RECV_CHUNK):
+        sock = self.raw.sock if isinstance(self.raw, (SocketChannel, FdChannel)) else None
+        if sock is not None:  # a pipe's unread input resets nothing
+            try:
+                sock.setblocking(False)
+                while sock.recv(RECV_CHUNK):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
         self.raw.close()

@@ -38,6 +38,8 @@ class RunSpec:
     timeout: float = 300.0
     #: vmigrate's vCPU backend: soft by default, the same machine as QEMU's ``-M none`` here.
     accel: str = "soft"
+    #: More command-line arguments per role (``src``/``dst``), e.g. benchmarks/tls.py's credentials.
+    extra_args: dict[str, tuple[str, ...]] | None = None
 
     @property
     def guest(self) -> str:
@@ -52,14 +54,15 @@ class RunSpec:
 def start_vm(spec: RunSpec, role: str, ram_file: Path, workdir: Path, logdir: Path) -> VMProcess:
     """One VM of a run; a destination waits (``defer``) and stays paused after the load (``-S``)."""
     sock = workdir / f"{spec.impl}-{role}.qmp"
+    extra = (spec.extra_args or {}).get(role, ())
     memory = f"{spec.size >> 20}M"
     if spec.impl == "vmigrate":
         incoming = ["--incoming", "defer", "-S"] if role == "dst" else []
         argv = vmigrate_argv(sock, "-m", memory, "--mem-path", str(ram_file), "--guest", spec.guest,
-                             "--accel", spec.accel, *incoming)
+                             "--accel", spec.accel, *incoming, *extra)
     else:
         incoming = ["-incoming", "defer", "-S"] if role == "dst" else []
-        argv = qemu_argv(sock, *incoming, memory=memory, mem_path=ram_file)
+        argv = qemu_argv(sock, *incoming, *extra, memory=memory, mem_path=ram_file)
     try:
         return VMProcess(argv, sock, logdir / f"{spec.impl}-{role}.log", start_timeout=START_TIMEOUT, qmp_timeout=60.0)
     except VMStartError as err:
