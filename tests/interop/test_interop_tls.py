@@ -34,18 +34,18 @@ pytestmark = pytest.mark.timeout(90)
 SIZE = "64M"
 
 
-def tls_object(directory: Path, endpoint: str, psk: bool = False) -> tuple[str, str]:
+def tls_object(directory: Path, endpoint: str, psk: bool = False, verify_peer: str = "on") -> tuple[str, str]:
     """The same option for both kinds (vmigrate's ``--object`` takes QEMU's ``-object`` syntax):
     x509 credentials, or PSK ones (a client uses the key of ``username=qemu``)."""
     if psk:
         return "-object", (f"tls-creds-psk,id=tls0,dir={directory},endpoint={endpoint}"
                            + (",username=qemu" if endpoint == "client" else ""))
-    return "-object", f"tls-creds-x509,id=tls0,dir={directory},endpoint={endpoint},verify-peer=on"
+    return "-object", f"tls-creds-x509,id=tls0,dir={directory},endpoint={endpoint},verify-peer={verify_peer}"
 
 
 def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: str, multifd: bool,
-          ram: Path | None = None, psk: bool = False, **params) -> Machine:
-    obj = tls_object(directory, endpoint, psk)
+          ram: Path | None = None, psk: bool = False, verify_peer: str = "on", **params) -> Machine:
+    obj = tls_object(directory, endpoint, psk, verify_peer)
     if kind == "vmigrate":
         obj = ("--object", obj[1])
     vm = machines.start(kind, SIZE, *obj, *args, ram=ram)
@@ -54,15 +54,21 @@ def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: 
     return vm
 
 
-@pytest.mark.parametrize("psk", [False, True], ids=["x509", "psk"])
+@pytest.mark.parametrize("creds", ["x509", "x509-no-client-cert", "psk"])
 @pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd"])
 @pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
-def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, psk) -> None:
-    """x509 or PSK credentials (GnuTLS on QEMU's side, OpenSSL on vmigrate's, docs/tls.md)."""
+def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, creds) -> None:
+    """x509 credentials (a client certificate the destination verifies, or none and
+    ``verify-peer=off`` there) or PSK ones; GnuTLS on QEMU's side, OpenSSL on vmigrate's (docs/tls.md)."""
+    psk = creds == "psk"
+    server_verify = "off" if creds == "x509-no-client-cert" else "on"
     if psk:
         server = client = write_psk(tmp_path / "psk")
     else:
         server, client = make_pki(tmp_path / "pki")
+        if server_verify == "off":
+            for name in ("client-cert.pem", "client-key.pem"):
+                (client / name).unlink()
     dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
     src = start(machines, src_kind, client, "client", multifd=multifd, psk=psk, **{"max-bandwidth": 10 << 30})
     fill_pattern(src.ram, src.size, seed=7, random_pages=4096)
@@ -71,7 +77,7 @@ def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, psk) -> 
         ram = machines.ram_path(dst_kind)
         fill_garbage(ram, src.size)
         return start(machines, dst_kind, server, "server", "-incoming", "defer", "-S", multifd=multifd, ram=ram,
-                     psk=psk)
+                     psk=psk, verify_peer=server_verify)
 
     if src_kind == "vmigrate":
         src.vm.cmd("stop")  # the RAM file is written by the test, not a guest
