@@ -7,6 +7,7 @@ keeps compatibility with the ``qemu.qmp`` library covered.  Every wait is bounde
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -78,3 +79,25 @@ def listen_with_data(src_ram: Path, dst: VMProcess, uri: str, seed: int) -> str:
         uri = f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}"
     wait_for(lambda: src_ram.read_bytes()[:8] == MAGIC, 10, "guest start")
     return uri
+
+
+def migration_statuses(vm: VMProcess, until: str, times: int = 1, timeout: float = 10.0) -> list[str]:
+    """The MIGRATION statuses received so far, waiting (bounded) until *until*'s event is among
+    them (*times* times: a VM that was a destination, then a source).
+
+    A status seen through ``query-migrate`` may precede its event on the wire (the
+    migration thread sets it, the monitor's loop sends the event later), so a test
+    that has waited for a status waits for its event too.
+    """
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        seen += [e["data"]["status"] for e in vm.events() if e["event"] == "MIGRATION"]
+        if seen.count(until) >= times:
+            return seen
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no MIGRATION {until!r} event within {timeout}s; got {seen}")
+        event = vm.qmp.next_event(min(left, 0.2))
+        if event is not None and event["event"] == "MIGRATION":
+            seen.append(event["data"]["status"])

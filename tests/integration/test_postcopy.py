@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
+from procs import migration_statuses
 from test_precopy import assert_ab_pattern, ram
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
@@ -38,10 +39,6 @@ def header(path: Path) -> np.ndarray:
 
 def guest_counter(path: Path) -> int:
     return int(header(path)[1])
-
-
-def statuses(vm) -> list[str]:
-    return [e["data"]["status"] for e in vm.events() if e["event"] == "MIGRATION"]
 
 
 def start_pair(spawn, shm: Path, guest: str = AB, *dst_args: str, dst_caps: dict | None = None):
@@ -82,8 +79,8 @@ def test_postcopy_to_paused_destination(spawn_shm):
     info, dinfo = postcopy(src, dst, uri, **{"max-bandwidth": 8 * MIB})
 
     assert dinfo["status"] == "completed", dinfo
-    assert statuses(src) == ["setup", "active", "postcopy-active", "completed"]
-    assert statuses(dst) == ["active", "postcopy-active", "completed"]
+    assert migration_statuses(src, "completed") == ["setup", "active", "postcopy-active", "completed"]
+    assert migration_statuses(dst, "completed") == ["active", "postcopy-active", "completed"]
     assert src.status() == "postmigrate"
     assert dst.status() == "paused"
     assert np.array_equal(ram(shm / "src.ram"), ram(shm / "dst.ram"))
@@ -118,7 +115,7 @@ def test_running_destination_faults_pages_from_source(spawn_shm, preempt):
     latency = dinfo["x-vmigrate-page-latency"]
     assert 0 < latency["requests"] <= info["ram"]["postcopy-requests"], (latency, info["ram"])
     assert 0 < latency["p50-ms"] <= latency["p99-ms"] <= latency["max-ms"], latency
-    assert statuses(src) == ["setup", "active", "postcopy-active", "completed"]
+    assert migration_statuses(src, "completed") == ["setup", "active", "postcopy-active", "completed"]
     assert src.status() == "postmigrate"
     frozen = guest_counter(shm / "src.ram")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from procs import migration_statuses
 from test_postcopy import guest_counter
 from test_precopy import assert_ab_pattern
 from vmigrate.harness.waiting import wait_for
@@ -48,9 +49,11 @@ class Statuses:
     def __init__(self) -> None:
         self._seen: dict[int, list[str]] = {}
 
-    def __call__(self, vm) -> list[str]:
+    def __call__(self, vm, until: str) -> list[str]:
+        """Everything so far, once *until*'s event has come (it may trail ``query-migrate``)."""
         seen = self._seen.setdefault(id(vm), [])
-        seen += [e["data"]["status"] for e in vm.events() if e["event"] == "MIGRATION"]
+        if until not in seen[-1:]:
+            seen += migration_statuses(vm, until)
         return list(seen)
 
 
@@ -138,8 +141,8 @@ def test_three_pause_recover_cycles(spawn_shm, preempt):
     dinfo = dst.wait_migration(FINAL, timeout=10)
     assert dinfo["status"] == "completed", dinfo
     assert info["ram"]["postcopy-requests"] > 0, info["ram"]
-    assert seen(src) == ["setup", "active", "postcopy-active", *CYCLE * 3, "completed"]
-    assert seen(dst) == ["active", "postcopy-active", *DST_CYCLE * 3, "completed"]
+    assert seen(src, "completed") == ["setup", "active", "postcopy-active", *CYCLE * 3, "completed"]
+    assert seen(dst, "completed") == ["active", "postcopy-active", *DST_CYCLE * 3, "completed"]
     assert src.status() == "postmigrate"
     frozen = guest_counter(shm / "src.ram")
 
@@ -233,7 +236,7 @@ def test_cancel_paused_source(spawn_shm):
 
     src.cmd("migrate_cancel")
     assert src.wait_migration(FINAL, timeout=10)["status"] == "cancelled"
-    assert seen(src) == ["setup", "active", "postcopy-active", "postcopy-paused", "cancelling", "cancelled"]
+    assert seen(src, "cancelled") == ["setup", "active", "postcopy-active", "postcopy-paused", "cancelling", "cancelled"]
     assert src.status() == "postmigrate"
     time.sleep(0.5)
     assert guest_counter(shm / "src.ram") == frozen, "the source guest must not run again"
@@ -257,13 +260,13 @@ def test_resume_to_dead_port_stays_paused(spawn_shm):
     while time.monotonic() < deadline:
         assert src.migrate_status()["status"] == "postcopy-paused"
         time.sleep(0.05)
-    assert seen(src) == ["setup", "active", "postcopy-active", "postcopy-paused"]
+    assert seen(src, "postcopy-paused") == ["setup", "active", "postcopy-active", "postcopy-paused"]
 
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port_of(dst)}", resume=True)
     assert src.wait_migration(FINAL, timeout=30)["status"] == "completed"
     assert dst.wait_migration(FINAL, timeout=10)["status"] == "completed"
-    assert seen(src) == ["setup", "active", "postcopy-active", *CYCLE, "completed"]
-    assert seen(dst) == ["active", "postcopy-active", *DST_CYCLE, "completed"]
+    assert seen(src, "completed") == ["setup", "active", "postcopy-active", *CYCLE, "completed"]
+    assert seen(dst, "completed") == ["active", "postcopy-active", *DST_CYCLE, "completed"]
     dst.cmd("stop")
     assert_ab_pattern(shm / "dst.ram")

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from checksum_ref import checksum_reference
+from procs import migration_statuses
 from machines import FINAL, Machine, Machines
 from ramfile import fill_pattern, first_difference, pages
 from vmigrate.harness.waiting import wait_for
@@ -28,8 +29,8 @@ def port_uri(dst: Machine) -> str:
     return f"tcp:127.0.0.1:{dst.vm.migrate_status()['socket-address'][0]['port']}"
 
 
-def statuses(machine: Machine) -> list[str]:
-    return [e["data"]["status"] for e in machine.vm.events() if e["event"] == "MIGRATION"]
+def statuses(machine: Machine, until: str = "completed") -> list[str]:
+    return migration_statuses(machine.vm, until)
 
 
 def postcopy(src: Machine, dst: Machine, after: float = 1.0, **params: int) -> dict:
@@ -109,6 +110,6 @@ def test_vmigrate_destination_faults_from_qemu_source(machines: Machines, preemp
 
     assert header(last)[1] >= interrupted, "the last guest continues the computation, not restarts it"
     assert info["ram"]["postcopy-requests"] > 0, info["ram"]
-    assert statuses(middle)[-3:] == ["active", "postcopy-active", "completed"]
+    assert migration_statuses(middle.vm, "completed", times=2)[-3:] == ["active", "postcopy-active", "completed"]
     wait_for(lambda: header(last)[1] == rounds + 1, 15, "the result on the last destination")
     assert header(last)[3] == checksum_reference(8 * MIB // 8, rounds)

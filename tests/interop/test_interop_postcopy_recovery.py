@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from procs import migration_statuses
 from machines import FINAL, Machine, Machines
 from ramfile import fill_pattern, first_difference
 from vmigrate.harness.waiting import wait_for
@@ -82,8 +83,8 @@ def test_pause_and_recover_twice(machines: Machines, src_kind: str, dst_kind: st
     dst.require_alive()
     dinfo = dst.vm.wait_migration(FINAL, timeout=10)
     assert dinfo["status"] == "completed", dinfo
-    src_seen = [e["data"]["status"] for e in src.vm.events() if e["event"] == "MIGRATION"]
-    dst_seen = [e["data"]["status"] for e in dst.vm.events() if e["event"] == "MIGRATION"]
+    src_seen = migration_statuses(src.vm, "completed")
+    dst_seen = migration_statuses(dst.vm, "completed")
     assert src_seen == ["setup", "active", "postcopy-active", *CYCLE * 2, "completed"]
     assert dst_seen == ["active", "postcopy-active", *DST_CYCLE * 2, "completed"]
     assert src.vm.status() == "postmigrate"

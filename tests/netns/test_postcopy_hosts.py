@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from procs import migration_statuses
 from vmigrate.harness.waiting import wait_for
 from vmigrate.migration.channel import DEAD_LINK_SECONDS
 from vmigrate.machine.guest import MAGIC
@@ -44,10 +45,6 @@ def shape(host, rate: str = "40mbit") -> str:
         pytest.skip(f"cannot shape the link with tc (netem or tbf): {tbf.stderr.decode().strip()}")
     return "tbf"
 
-
-
-def statuses(vm) -> list[str]:
-    return [e["data"]["status"] for e in vm.events() if e["event"] == "MIGRATION"]
 
 
 def counter(path: Path) -> int:
@@ -97,9 +94,9 @@ def test_link_cut_during_postcopy_then_recover(two_hosts, shm, tmp_path):
         info = src.wait_migration(FINAL, timeout=40)
         assert info["status"] == "completed", info
         assert dst.wait_migration(FINAL, timeout=10)["status"] == "completed"
-        assert statuses(src) == ["setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
+        assert migration_statuses(src, "completed") == ["setup", "active", "postcopy-active", "postcopy-paused", "postcopy-recover",
                                  "postcopy-active", "completed"]
-        assert statuses(dst) == ["active", "postcopy-active", "postcopy-paused", "setup", "postcopy-recover",
+        assert migration_statuses(dst, "completed") == ["active", "postcopy-active", "postcopy-paused", "setup", "postcopy-recover",
                                  "postcopy-active", "completed"]
         assert info["ram"]["postcopy-requests"] > 0
 
