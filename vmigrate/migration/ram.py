@@ -443,14 +443,11 @@ class RamLoader:
         if self.postcopy is not None:
             self.postcopy.mark_received(block, pages)
 
-    def _not_in_postcopy(self, what: str) -> None:
-        """XBZRLE deltas need the page's old contents, which a postcopy destination lacks."""
-        if self.postcopy is not None and self.postcopy.placing:
-            raise LoadError(f"{what} page received in postcopy")
-
     def load_xbzrle(self, event: "wire_ram.RamXbzrleRun") -> None:
         """Deltas onto the pages' current contents (the destination keeps no cache)."""
-        self._not_in_postcopy("XBZRLE")
+        if self.postcopy is not None and self.postcopy.placing:
+            # A delta needs the page's old contents, which a postcopy destination lacks.
+            raise LoadError("XBZRLE page received in postcopy")
         self._received(event.block, event.pages)
         block = self.blocks[event.block]
         wire_xbzrle.decode_into(block.bytes, event.offsets, event.buf, event.starts, event.lengths)
