@@ -1,6 +1,6 @@
 """``object-add`` / ``object-del`` against QEMU 7.2: the answers for the object types migration uses.
 
-The schema of both commands is QEMU's (``tools/gen_qom_schema.py`` derives it from QEMU's own
+The schema of both commands is QEMU's (``tools/gen_qemu_schema.py`` derives it from QEMU's own
 introspection), so malformed requests get QEMU's QAPI errors; the objects themselves are
 checked as QEMU checks them, with its texts.
 """

@@ -1,12 +1,15 @@
-"""Derive vmigrate/qapi/qom.json (``object-add``, ``object-del`` and their types) from QEMU 7.2.
+"""Derive the schema files of commands outside the seed from QEMU 7.2's introspection.
 
-QEMU's ``ObjectOptions`` reaches into a dozen of its schema files (qom,
-crypto, block-core, net, machine...), which the seed does not include.  The
-running QEMU describes the same types through ``query-qmp-schema``; this
-turns that introspection back into definitions (structure only: names are
-invented, documentation is not copied), so vmigrate's introspection of the
-two commands equals QEMU's.  Run: ``python tools/gen_qom_schema.py OUT``
-with ``qemu-system-x86_64`` 7.2 on the PATH.
+``vmigrate/qapi/qom.json`` holds ``object-add`` and ``object-del``, whose
+``ObjectOptions`` reaches into a dozen of QEMU's schema files (qom, crypto,
+block-core, net, machine...); ``vmigrate/qapi/block.json`` holds the block
+and job commands and events that disks and snapshot jobs answer.  The seed
+includes none of them.  The running QEMU describes the same types through
+``query-qmp-schema``; this turns that introspection back into definitions
+(structure only: names are invented, documentation is not copied), so
+vmigrate's introspection of these commands equals QEMU's.  Run:
+``python tools/gen_qemu_schema.py GROUP OUT`` (GROUP: qom or block) with
+``qemu-system-x86_64`` 7.2 on the PATH.
 """
 
 from __future__ import annotations
@@ -15,7 +18,21 @@ import json
 import subprocess
 import sys
 
-COMMANDS = ("object-add", "object-del")
+#: The commands and events of each file, in QEMU's schema order (which its introspection keeps).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "qom": ("object-add", "object-del"),
+    "block": ("query-block", "query-named-block-nodes",
+              "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+              "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "JOB_STATUS_CHANGE",
+              "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss", "job-finalize",
+              "query-jobs"),
+}
+
+
+#: Commands QEMU allows before machine creation (introspection does not say, so it is listed).
+PRECONFIG = {"object-add", "object-del", "query-block", "query-named-block-nodes",
+             "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
+             "block-dirty-bitmap-enable", "block-dirty-bitmap-disable"}
 
 
 def introspect(binary: str = "qemu-system-x86_64") -> list[dict]:
@@ -31,7 +48,7 @@ def introspect(binary: str = "qemu-system-x86_64") -> list[dict]:
     raise RuntimeError("no query-qmp-schema reply")
 
 
-def definitions(schema: list[dict]) -> list[dict]:
+def definitions(schema: list[dict], entities: tuple[str, ...]) -> list[dict]:
     by_name = {e["name"]: e for e in schema}
     names: dict[str, str] = {}
     out: list[dict] = []
@@ -74,22 +91,31 @@ def definitions(schema: list[dict]) -> list[dict]:
         else:
             out.append({"struct": name, "data": members})
 
-    for command in COMMANDS:
-        entry = by_name[command]
+    for name in entities:
+        entry = by_name[name]
         arg = by_name[entry["arg-type"]]
+        if entry["meta-type"] == "event":
+            out.append({"event": name, "data": dict(member(m, name) for m in arg["members"])}
+                       if arg["members"] else {"event": name})
+            continue
+        command = name
         expr: dict = {"command": command}
         if "tag" in arg:
             expr.update({"data": ref(entry["arg-type"], "ObjectOptions"), "boxed": True})
-        else:
+        elif arg["members"]:
             expr["data"] = dict(member(m, command) for m in arg["members"])
-        expr["allow-preconfig"] = True
+        if by_name[entry["ret-type"]]["meta-type"] != "object" or by_name[entry["ret-type"]]["members"]:
+            expr["returns"] = ref(entry["ret-type"], f"{command}-ret")
+        if entry.get("allow-oob"):
+            expr["allow-oob"] = True
+        expr["allow-preconfig"] = command in PRECONFIG
         out.append(expr)
     return out
 
 
 def main(argv: list[str]) -> int:
-    with open(argv[1], "w") as f:
-        json.dump(definitions(introspect()), f, indent=1)
+    with open(argv[2], "w") as f:
+        json.dump(definitions(introspect(), GROUPS[argv[1]]), f, indent=1)
         f.write("\n")
     return 0
 
