@@ -17,6 +17,7 @@ import threading
 from dataclasses import dataclass, field
 
 from vmigrate import QEMU_VERSION, __version__
+from vmigrate.block.node import BlockGraph
 from vmigrate.commands import CommandDispatcher
 from vmigrate.machine.devices import GlobalState, VirtualClock
 from vmigrate.machine.dirtylimit import DirtyLimitService
@@ -60,6 +61,8 @@ class VMConfig:
     start_paused: bool = False
     #: ``--object`` instances, as QEMU's ``-object``; ``object-add`` adds more.
     objects: UserObjects = field(default_factory=UserObjects)
+    #: ``--blockdev`` and ``--drive`` nodes, opened.
+    block: BlockGraph = field(default_factory=BlockGraph)
 
 
 class VM:
@@ -70,6 +73,7 @@ class VM:
         self.schema = load_schema()
         #: QEMU's ``/objects``: ``--object``'s, then ``object-add``'s.
         self.objects = config.objects
+        self.block = config.block
         self.ram = RAMBlock("ram", config.memory, config.mem_path)
         self.vcpus = self._make_vcpus(config)
         if config.incoming is not None:
@@ -88,7 +92,7 @@ class VM:
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
             global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
             machine_type=self.machine_type, emit_event=self.emit_event,
-            objects=self.objects))
+            objects=self.objects, block=self.block))
         self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
         self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()
@@ -168,6 +172,7 @@ class VM:
     def close(self) -> None:
         self.migration.shutdown()
         self.vcpus.shutdown()
+        self.block.close()
         self.qmp.close()
 
 

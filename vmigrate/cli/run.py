@@ -10,6 +10,7 @@ from vmigrate.cli.main import CLIError
 from vmigrate.trace import setup_logging, trace
 
 if TYPE_CHECKING:
+    from vmigrate.block.node import BlockGraph
     from vmigrate.objects import UserObjects
 
 
@@ -34,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "authz-simple,id=ID,identity=DN, "
                    "authz-list,id=ID[,policy=allow|deny][,rules.N.match=M,rules.N.policy=P[,rules.N.format=exact|glob]] "
                    "(repeatable)")
+    p.add_argument("--blockdev", action="append", default=[], metavar="driver=qcow2|raw,node-name=NAME,file=PATH,...",
+                   help="open a disk image as a block node, like QEMU's -blockdev "
+                   "([,backing=NODE|null][,read-only=on]; file.filename=PATH and JSON work too) (repeatable)")
+    p.add_argument("--drive", action="append", default=[], metavar="file=PATH,format=qcow2|raw,id=ID,...",
+                   help="a disk with a device name, like QEMU's -drive if=none "
+                   "([,node-name=NAME][,readonly=on]); block migration sends device names (repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
@@ -70,7 +77,7 @@ def config_from_args(args: argparse.Namespace):
     for text in args.object:
         add_object(objects, text)
     return VMConfig(
-        objects=objects, memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
+        objects=objects, block=open_block(args.blockdev, args.drive), memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
         dirty_ring_size=dirty_ring_size, serial=args.serial,
         guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
     )
@@ -95,6 +102,24 @@ def add_object(objects: "UserObjects", text: str) -> None:
         raise CLIError(f"Duplicate ID '{options['id']}' for object") from None
     except VMError as err:
         raise CLIError(err.desc) from None
+
+
+def open_block(blockdevs: list[str], drives: list[str]) -> "BlockGraph":
+    """``--blockdev`` then ``--drive``, opened at start as QEMU opens them (a bad image stops the start)."""
+    from vmigrate.block.driver import ImageError
+    from vmigrate.block.node import BlockGraph
+    from vmigrate.block.options import add_blockdev, add_drive
+
+    graph = BlockGraph()
+    try:
+        for text in blockdevs:
+            add_blockdev(graph, text)
+        for text in drives:
+            add_drive(graph, text)
+    except ImageError as err:
+        graph.close()
+        raise CLIError(str(err)) from None
+    return graph
 
 
 def parse_accel(text: str | None) -> tuple[str, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+from vmigrate.block.node import BlockGraph
 from vmigrate.machine.devices import GlobalState
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
@@ -36,3 +37,5 @@ class MigrationHost:
     emit_event: Callable[[str, dict | None], None]
     #: The user-created objects by id (QEMU's ``/objects``), which ``tls-creds`` and ``tls-authz`` name.
     objects: Mapping[str, object]
+    #: The VM's disks: block migration, dirty-bitmap migration and snapshots work on them.
+    block: BlockGraph

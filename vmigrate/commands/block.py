@@ -1,0 +1,72 @@
+"""Block node and dirty-bitmap commands (QEMU's block/qapi.c, block/monitor/bitmap-qmp-cmds.c)."""
+
+from __future__ import annotations
+
+from vmigrate.block.node import BlockNode, DirtyBitmap
+from vmigrate.commands import command
+from vmigrate.errors import VMError
+
+
+@command("query-block")
+def query_block(vm, args, monitor):
+    return vm.block.query_block()
+
+
+@command("query-named-block-nodes")
+def query_named_block_nodes(vm, args, monitor):
+    return vm.block.query_named_block_nodes()
+
+
+def _lookup(vm, node: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
+    """block_dirty_bitmap_lookup: the node by device or node name, then the bitmap."""
+    bs = vm.block.lookup(node)
+    if bs is None:
+        raise VMError(f"Node '{node}' not found")
+    return bs, bs.bitmap(name)
+
+
+def _check(bitmap: DirtyBitmap, busy: bool = True) -> None:
+    """bdrv_dirty_bitmap_check (vmigrate's bitmaps are never read-only or inconsistent)."""
+    if busy and bitmap.busy:
+        raise VMError(f"Bitmap '{bitmap.name}' is currently in use by another operation and cannot be used")
+
+
+@command("block-dirty-bitmap-add")
+def block_dirty_bitmap_add(vm, args, monitor):
+    name, node = args["name"], args["node"]
+    if not name:
+        raise VMError("Bitmap name cannot be empty")
+    bs = vm.block.lookup(node)
+    if bs is None:
+        raise VMError(f"Cannot find device='{node}' nor node-name='{node}'")
+    bs.add_bitmap(name, args.get("granularity"), args.get("persistent", False), args.get("disabled", False))
+
+
+@command("block-dirty-bitmap-remove")
+def block_dirty_bitmap_remove(vm, args, monitor):
+    bs, bitmap = _lookup(vm, args["node"], args["name"])
+    _check(bitmap)
+    with bs.lock:
+        del bs.bitmaps[bitmap.name]
+
+
+@command("block-dirty-bitmap-clear")
+def block_dirty_bitmap_clear(vm, args, monitor):
+    bs, bitmap = _lookup(vm, args["node"], args["name"])
+    _check(bitmap)
+    with bs.lock:
+        bitmap.clear()
+
+
+@command("block-dirty-bitmap-enable")
+def block_dirty_bitmap_enable(vm, args, monitor):
+    bs, bitmap = _lookup(vm, args["node"], args["name"])
+    _check(bitmap)
+    bitmap.enabled = True
+
+
+@command("block-dirty-bitmap-disable")
+def block_dirty_bitmap_disable(vm, args, monitor):
+    bs, bitmap = _lookup(vm, args["node"], args["name"])
+    _check(bitmap)
+    bitmap.enabled = False
