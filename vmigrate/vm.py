@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from vmigrate import QEMU_VERSION, __version__
 from vmigrate.block.node import BlockGraph
 from vmigrate.commands import CommandDispatcher
+from vmigrate.job import JobManager
 from vmigrate.machine.devices import GlobalState, VirtualClock
 from vmigrate.machine.dirtylimit import DirtyLimitService
 from vmigrate.machine.dirtyrate import DirtyRateMeasurement
@@ -74,6 +75,7 @@ class VM:
         #: QEMU's ``/objects``: ``--object``'s, then ``object-add``'s.
         self.objects = config.objects
         self.block = config.block
+        self.jobs = JobManager(self.emit_event)
         self.ram = RAMBlock("ram", config.memory, config.mem_path)
         self.vcpus = self._make_vcpus(config)
         if config.incoming is not None:

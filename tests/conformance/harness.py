@@ -20,6 +20,7 @@ import copy
 import itertools
 import json
 import os
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -187,6 +188,43 @@ class RawMonitor:
 # -- the pair ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Disk:
+    """A disk both sides open, each its own copy: ``-blockdev`` with a node name, or ``-drive``
+    with a device id (and a node name if given)."""
+
+    node_name: str | None
+    fmt: str = "qcow2"
+    size: str = "64M"
+    device: str | None = None
+    read_only: bool = False
+
+    def image(self, directory: Path, kind: str) -> Path:
+        path = directory / f"{kind}-{self.node_name or self.device}.{self.fmt}"
+        if not path.exists():
+            subprocess.run(["qemu-img", "create", "-q", "-f", self.fmt, str(path), self.size], check=True)
+        return path
+
+    def qemu(self, directory: Path) -> list[str]:
+        path = self.image(directory, "qemu")
+        if self.device is None:
+            ro = ",read-only=on" if self.read_only else ""
+            return ["-blockdev", f"driver={self.fmt},node-name={self.node_name}{ro},file.driver=file,"
+                    f"file.filename={path}"]
+        node = f",node-name={self.node_name}" if self.node_name else ""
+        ro = ",readonly=on" if self.read_only else ""
+        return ["-drive", f"if=none,id={self.device},file={path},format={self.fmt}{node}{ro}"]
+
+    def vmigrate(self, directory: Path) -> list[str]:
+        path = self.image(directory, "vmigrate")
+        if self.device is None:
+            ro = ",read-only=on" if self.read_only else ""
+            return ["--blockdev", f"driver={self.fmt},node-name={self.node_name},file={path}{ro}"]
+        node = f",node-name={self.node_name}" if self.node_name else ""
+        ro = ",readonly=on" if self.read_only else ""
+        return ["--drive", f"if=none,id={self.device},file={path},format={self.fmt}{node}{ro}"]
+
+
 @dataclass
 class Options:
     """VM options both programs understand, spelled once for both command lines."""
@@ -195,9 +233,14 @@ class Options:
     uuid: str | None = None
     paused: bool = False
     incoming: str | None = None
+    disks: tuple[Disk, ...] = ()
+    #: Where the disks' images go (set by Pair.start).
+    directory: Path | None = None
 
     def qemu(self) -> list[str]:
         args: list[str] = []
+        for disk in self.disks:
+            args += disk.qemu(self.directory)
         if self.name is not None:
             args += ["-name", self.name]
         if self.uuid is not None:
@@ -212,6 +255,8 @@ class Options:
         # The software vCPU is the counterpart of QEMU's default TCG: same
         # devices in the stream, no KVM dirty ring.
         args = ["-m", "64M", "--accel", "soft"]
+        for disk in self.disks:
+            args += disk.vmigrate(self.directory)
         if self.name is not None:
             args += ["--name", self.name]
         if self.uuid is not None:
@@ -241,6 +286,7 @@ class Pair:
     @classmethod
     def start(cls, directory: Path, options: Options | None = None) -> "Pair":
         options = options or Options()
+        options.directory = directory
         n = next(_pair_numbers)
         sides = {}
         for kind in ("qemu", "vmigrate"):

@@ -127,6 +127,10 @@ class VirtualClock:
         self.cpu_ticks_offset = 0
         self.cpu_clock_offset = -time.monotonic_ns()
 
+    def now_ns(self) -> int:
+        """The guest clock (QEMU's QEMU_CLOCK_VIRTUAL), which a snapshot records."""
+        return time.monotonic_ns() + self.cpu_clock_offset
+
     def save(self) -> dict:
         return timer_values(self.cpu_ticks_offset, self.cpu_clock_offset)
 

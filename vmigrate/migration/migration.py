@@ -109,6 +109,20 @@ class MigrationManager:
         session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats)
         session.start(uri, named_fds)
 
+    def snapshot_session(self) -> "OutgoingSession":
+        """The attempt a snapshot-save's stream counts as (QEMU's migrate_init in qemu_savevm_state).
+
+        ``query-migrate`` then reports it, setup to completed, like a migration.
+        """
+        if self.outgoing_running:
+            raise MigrationError("There's a migration process in progress")
+        config = self.options.snapshot()
+        if config.caps.block:
+            raise MigrationError("Block migration and snapshots are incompatible")
+        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats)
+        session.status.transition(S.NONE, S.SETUP)
+        return session
+
     def set_parameters(self, args: dict) -> None:
         """``migrate-set-parameters``; a running attempt gets the parameters QEMU applies live."""
         changed = self.options.set_parameters(args)
@@ -245,6 +259,19 @@ class OutgoingSession:
         self.thread = threading.Thread(target=self._run, args=(channel_factory, addr), name="live_migration",
                                        daemon=True)
         self.thread.start()
+
+    def snapshot_context(self, channel: Channel) -> SaveContext:
+        """What the sections get when a snapshot-save writes this attempt's stream: the guest is
+        stopped, so every byte counts as downtime, and nothing limits the rate."""
+        self.limiter.set_rate(0)
+        self.file = QEMUFileOut(channel, self.limiter)
+        return SaveContext(self.config, self.file, self.limiter, self.stats, self.xbzrle_stats,
+                           self.compression_stats, None, lambda: "downtime", self._pass_event,
+                           self._period_end)
+
+    def snapshot_done(self, error: str | None) -> None:
+        """The snapshot's stream ended: completed with QEMU's zero times, or failed."""
+        self.status.transition(S.SETUP, S.FAILED if error else S.COMPLETED)
 
     def _channel_factory(self, uri: str, named_fds: dict[str, int]) -> tuple[Callable[[], Channel],
                                                                              MigrationAddress]:
