@@ -163,11 +163,6 @@ DEVIATIONS = [
      _not_built("xen-set-replication")),
     ("query-xen-replication-status", None, "block replication (Xen/COLO)", _not_built("query-xen-replication-status")),
     ("xen-colo-do-checkpoint", None, "block replication (Xen/COLO)", _not_built("xen-colo-do-checkpoint")),
-    ("snapshot-save", {"job-id": "s", "tag": "t", "vmstate": "v", "devices": []}, "snapshot jobs",
-     _not_built("snapshot-save")),
-    ("snapshot-load", {"job-id": "l", "tag": "t", "vmstate": "v", "devices": []}, "snapshot jobs",
-     _not_built("snapshot-load")),
-    ("snapshot-delete", {"job-id": "d", "tag": "t", "devices": []}, "snapshot jobs", _not_built("snapshot-delete")),
     ("migrate", {"uri": "rdma:127.0.0.1:1"}, "RDMA migration",
      "vmigrate does not implement RDMA migration (rdma:)"),
 ]
