@@ -57,6 +57,7 @@ def test_job_ids_and_verbs(disks_pair):
 def test_save_load_delete(disks_pair):
     """A snapshot over two devices: events, the job list and the image's snapshot table agree."""
     pair = disks_pair
+    pair.same("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
     devices = ["d0", "d1"]
     jobs = _job(pair, "snapshot-save", "s0", tag="snap0", vmstate="d0", devices=devices)
     assert "error" not in jobs[0]
