@@ -52,9 +52,8 @@ def _open_backing(image: Qcow2Image, depth: int) -> BlockDriver:
     name = image.backing_file or ""
     path = name if os.path.isabs(name) else os.path.join(
         os.path.dirname(image.filename), name)
-    fmt = image.backing_format or probe(path)
     try:
-        return _open(fmt, path, True, "default", depth + 1)
+        return _open(image.backing_format or probe(path), path, True, "default", depth + 1)
     except ImageError as err:
         raise ImageError(f"Could not open backing file '{name}' of '{image.filename}': "
                          f"{err}") from None
