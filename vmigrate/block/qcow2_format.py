@@ -215,6 +215,6 @@ def check_table(name: str, what: str, offset: int, length: int, cluster_size: in
     the same before reading one)."""
     if offset % cluster_size:
         raise _fail(name, f"{what} offset 0x{offset:x} not cluster aligned")
-    if length and offset + length > file_size:
+    if offset + length > file_size:
         raise _fail(name, f"{what} at 0x{offset:x} ({length} bytes) beyond the end of the file")
 
