@@ -78,6 +78,15 @@ class BlockDriver(ABC):
         """Bytes the image file occupies on the host (``actual-size`` of query-block)."""
         return 0
 
+    @property
+    def dirty_flag(self) -> bool:
+        """``dirty-flag`` of ImageInfo: the format's refcounts may be stale (qcow2's dirty bit)."""
+        return False
+
+    def format_specific(self) -> dict | None:
+        """QEMU's ``ImageInfoSpecific`` union (``{"type": ..., "data": {...}}``), None for raw."""
+        return None
+
     def flush(self) -> None: ...
 
     @abstractmethod

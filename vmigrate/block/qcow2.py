@@ -1,0 +1,679 @@
+"""qcow2 images, versions 2 and 3, written from QEMU's docs/interop/qcow2.txt.
+
+Guest offsets map through the L1 table to L2 tables (cached as numpy arrays) to host
+clusters.  Writes allocate at the first free clusters and go through in a crash-safe order
+(data and refcount increases first, then L2, then L1, then refcount decreases), so that an
+interrupted write leaks clusters at worst.  Internal snapshots share clusters by reference
+count; the COPIED flag (bit 63) of L1 and L2 entries says "refcount is exactly 1, write in
+place", as block/qcow2-cluster.c and block/qcow2-snapshot.c keep it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+
+import numpy as np
+
+from vmigrate.block.driver import BlockDriver, ImageError, Snapshot
+from vmigrate.block.qcow2_file import HostFile
+from vmigrate.block.qcow2_format import (
+    COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_SNAPSHOTS,
+    OFF_AUTOCLEAR, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS, Header, check_table,
+    header_prefix_length, parse_header)
+from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
+from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
+
+log = logging.getLogger(__name__)
+
+COPIED = np.uint64(1 << 63)
+COMPRESSED = np.uint64(1 << 62)
+ZERO = np.uint64(1)
+OFFSET = np.uint64(OFFSET_MASK)
+#: Bits an L1 entry / a standard L2 entry must leave clear (qcow2.txt "Cluster mapping").
+L1_RESERVED = np.uint64(~(OFFSET_MASK | (1 << 63)) & (2**64 - 1))
+L2_RESERVED = np.uint64(0x3F000000000001FE)
+
+#: Kinds of L2 entries (QEMU's QCow2ClusterType).
+UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED_KIND = range(5)
+_L2_CACHE = 512
+
+
+class Qcow2Image(BlockDriver):
+    """An open qcow2 image; ``backing`` is set by :func:`vmigrate.block.formats.open_image`."""
+
+    format_name = "qcow2"
+
+    def __init__(self, filename: str, read_only: bool = False) -> None:
+        self.filename = filename
+        self.read_only = read_only
+        self.backing = None
+        self.owns_backing = False
+        try:
+            fd = os.open(filename, os.O_RDONLY if read_only else os.O_RDWR)
+        except OSError as err:
+            raise ImageError(f"Could not open '{filename}': {err.strerror}") from None
+        self.file = HostFile(filename, fd)
+        try:
+            self._open()
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _open(self) -> None:
+        f = self.file
+        prefix = os.pread(f.fd, header_prefix_length(), 0)
+        bits = struct.unpack_from(">I", prefix, 20)[0] if len(prefix) >= 24 else 16
+        cluster = 1 << min(max(bits, 9), 21)
+        h = parse_header(os.pread(f.fd, min(cluster, f.size), 0), f.size, self.filename)
+        if h.incompatible & INCOMPAT_DIRTY:
+            raise f.error("the dirty bit is set (refcounts may be stale); "
+                          "run 'qemu-img check -r all' on it first")
+        if h.incompatible & INCOMPAT_CORRUPT and not self.read_only:
+            raise f.error("image is marked corrupt; it can be opened read-only, "
+                          "or repaired with 'qemu-img check -r all'")
+        self.header: Header = h
+        self.cluster_bits = h.cluster_bits
+        self.l2_bits = h.l2_bits
+        self._size = h.size
+        self._csize_shift = 62 - (h.cluster_bits - 8)
+        self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
+        self._coffset_mask = np.uint64((1 << self._csize_shift) - 1)
+        self.l1_offset = h.l1_table_offset
+        self.l1 = self._load_l1(h.l1_table_offset, h.l1_size, "active L1 table")
+        self.refs = Refcounts(f, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
+                              h.refcount_table_clusters, self._reftable_moved)
+        self._l2_cache: dict[int, np.ndarray] = {}
+        self._snapshots: list[SnapshotEntry] = []
+        self._snapshot_bytes = 0
+        if h.nb_snapshots:
+            base = h.snapshots_offset
+
+            def read(pos: int, length: int) -> bytes:
+                return f.read_meta(base + pos, length, "snapshot table")
+            self._snapshots, self._snapshot_bytes = parse_table(read, h.nb_snapshots, h.size,
+                                                                self.filename)
+            for sn in self._snapshots:
+                if sn.l1_size > MAX_L1_BYTES // 8:
+                    raise f.corrupt(f"snapshot '{sn.id}' L1 table too large")
+                check_table(self.filename, f"snapshot '{sn.id}' L1 table", sn.l1_table_offset,
+                            sn.l1_size * 8, self.cluster_size, f.size)
+        self._autoclear_pending = bool(h.autoclear) and h.version >= 3
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def cluster_size(self) -> int:
+        return 1 << self.cluster_bits
+
+    @property
+    def supports_snapshots(self) -> bool:
+        return True
+
+    @property
+    def backing_file(self) -> str | None:
+        return self.header.backing_file
+
+    @property
+    def backing_format(self) -> str | None:
+        return self.header.backing_format
+
+    @property
+    def dirty_flag(self) -> bool:
+        return bool(self.header.incompatible & INCOMPAT_DIRTY)
+
+    def format_specific(self) -> dict:
+        """ImageInfoSpecificQCow2 as qemu-img info / query-block show it."""
+        h = self.header
+        data: dict = {"compat": "1.1" if h.version >= 3 else "0.10",
+                      "compression-type": "zlib"}
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+        data["refcount-bits"] = 1 << h.refcount_order
+        if h.version >= 3:
+            data["corrupt"] = bool(h.incompatible & INCOMPAT_CORRUPT)
+            data["extended-l2"] = False
+        return {"type": "qcow2", "data": data}
+
+    def actual_size(self) -> int:
+        return os.fstat(self.file.fd).st_blocks * 512
+
+    # -- metadata I/O ----------------------------------------------------------------------
+
+    def _load_l1(self, offset: int, count: int, what: str) -> np.ndarray:
+        raw = self.file.read_meta(offset, count * 8, what) if count else b""
+        l1 = np.frombuffer(raw, ">u8").astype(np.uint64)
+        bad = np.flatnonzero(l1 & L1_RESERVED)
+        if bad.size:
+            raise self.file.corrupt(f"{what} entry {bad[0]} (0x{int(l1[bad[0]]):x}) has "
+                                    "reserved bits set or is not cluster aligned"
+                                    if l1[bad[0]] & OFFSET else
+                                    f"{what} entry {bad[0]} has reserved bits set")
+        offs = l1 & OFFSET
+        misaligned = np.flatnonzero(offs & np.uint64(self.cluster_size - 1))
+        if misaligned.size:
+            raise self.file.corrupt(f"L2 table offset 0x{int(offs[misaligned[0]]):x} "
+                                    "not cluster aligned")
+        beyond = np.flatnonzero((offs != 0)
+                                & (offs + np.uint64(self.cluster_size) > np.uint64(self.file.size)))
+        if beyond.size:
+            raise self.file.corrupt(f"L2 table offset 0x{int(offs[beyond[0]]):x} beyond the "
+                                    "end of the file")
+        return l1
+
+    def _l2(self, offset: int) -> np.ndarray:
+        """An L2 table (native uint64, cached), validated when read."""
+        table = self._l2_cache.get(offset)
+        if table is not None:
+            return table
+        raw = self.file.read_meta(offset, self.cluster_size, "L2 table")
+        table = np.frombuffer(raw, ">u8").astype(np.uint64)
+        std = (table & COMPRESSED) == 0
+        host = table & OFFSET
+        bad = np.flatnonzero(std & ((table & L2_RESERVED) != 0))
+        if bad.size:
+            raise self.file.corrupt(f"L2 table at 0x{offset:x}: entry {bad[0]} has reserved "
+                                    "bits set")
+        bad = np.flatnonzero(std & ((host & np.uint64(self.cluster_size - 1)) != 0))
+        if bad.size:
+            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
+                                    f"0x{int(host[bad[0]]):x} not cluster aligned")
+        start = np.where(std, host, table & self._coffset_mask)
+        bad = np.flatnonzero((start != 0) & (start >= np.uint64(self.file.size)))
+        if bad.size:
+            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
+                                    f"0x{int(start[bad[0]]):x} beyond the end of the file")
+        if len(self._l2_cache) >= _L2_CACHE:
+            self._l2_cache.pop(next(iter(self._l2_cache)))
+        self._l2_cache[offset] = table
+        return table
+
+    def _write_l2(self, offset: int, table: np.ndarray, lo: int, hi: int) -> None:
+        self.file.write(offset + 8 * lo, table[lo:hi].astype(">u8").tobytes())
+
+    def _write_l1(self, lo: int, hi: int) -> None:
+        self.file.write(self.l1_offset + 8 * lo, self.l1[lo:hi].astype(">u8").tobytes())
+
+    def _write_header(self, offset: int, fmt: str, *values: int) -> None:
+        self.file.write(offset, struct.pack(fmt, *values))
+
+    def _reftable_moved(self, offset: int, clusters: int) -> None:
+        self._write_header(OFF_REFTABLE, ">QI", offset, clusters)
+
+    def _forget(self, freed: np.ndarray) -> None:
+        """Drop cached L2 tables whose clusters were just freed (they may be reused)."""
+        for cluster in freed.tolist():
+            self._l2_cache.pop(cluster << self.cluster_bits, None)
+
+    def _release(self, clusters: np.ndarray) -> None:
+        self._forget(self.refs.change(clusters, -1))
+
+    def _begin_write(self) -> None:
+        """Refuse writes we must not do; clear autoclear bits we do not maintain (qcow2.txt:
+        a program that does not understand them clears them when it modifies the image)."""
+        if self.read_only:
+            raise ImageError(f"Image '{self.filename}' is read-only")
+        if self.file.inconsistent:
+            raise self.file.error("refusing to write to an image with inconsistent metadata")
+        if self._autoclear_pending:
+            self._write_header(OFF_AUTOCLEAR, ">Q", 0)
+            self.header.autoclear = 0
+            self._autoclear_pending = False
+
+    # -- entry classification --------------------------------------------------------------
+
+    def _kinds(self, entries: np.ndarray) -> np.ndarray:
+        comp = (entries & COMPRESSED) != 0
+        zero = ((entries & ZERO) != 0) & (self.header.version >= 3)
+        host = (entries & OFFSET) != 0
+        kinds = np.full(entries.shape, UNALLOCATED, np.int8)
+        kinds[host] = NORMAL
+        kinds[zero] = ZERO_PLAIN
+        kinds[zero & host] = ZERO_ALLOC
+        kinds[comp] = COMPRESSED_KIND
+        return kinds
+
+    def _host_clusters(self, entries: np.ndarray) -> np.ndarray:
+        """Host cluster indexes the entries hold a reference to (compressed data counts
+        every cluster it touches, as block/qcow2-refcount.c does)."""
+        comp = (entries & COMPRESSED) != 0
+        plain = entries[~comp] & OFFSET
+        plain = (plain[plain != 0] >> np.uint64(self.cluster_bits)).astype(np.int64)
+        if not comp.any():
+            return plain
+        c = entries[comp]
+        start = (c & self._coffset_mask).astype(np.int64)
+        sectors = ((c >> np.uint64(self._csize_shift)).astype(np.int64) & self._csize_mask) + 1
+        end = start + sectors * 512 - (start & 511)
+        first = start >> self.cluster_bits
+        last = (end - 1) >> self.cluster_bits
+        spans = [first + k for k in range(int((last - first).max()) + 1)]
+        parts = [plain] + [s[s <= last] for s in spans]
+        return np.concatenate(parts)
+
+    def _decompress(self, entry: int) -> bytes:
+        start = entry & int(self._coffset_mask)
+        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
+        length = sectors * 512 - (start & 511)
+        raw = os.pread(self.file.fd, length, start)
+        try:
+            out = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
+        except zlib.error as err:
+            raise self.file.error(f"compressed cluster at 0x{start:x} is damaged: {err}") from None
+        if len(out) != self.cluster_size:
+            raise self.file.error(f"compressed cluster at 0x{start:x} is damaged (short)")
+        return out
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _backing_into(self, view: memoryview, offset: int) -> None:
+        """Bytes of the backing image where there is one (zeroes past its end, and past ours:
+        the VM-state area never reads through)."""
+        if self.backing is None:
+            return
+        end = min(self.backing.size, self._size)
+        if offset < end:
+            n = min(len(view), end - offset)
+            view[:n] = self.backing.read(offset, n)
+
+    def _runs(self, kinds: np.ndarray, host: np.ndarray) -> list[tuple[int, int]]:
+        """[start, stop) runs of entries of one kind, normal ones contiguous on the host."""
+        n = len(kinds)
+        brk = np.ones(n, bool)
+        if n > 1:
+            brk[1:] = ((kinds[1:] != kinds[:-1]) | (kinds[1:] == COMPRESSED_KIND)
+                       | ((kinds[1:] == NORMAL)
+                          & (host[1:] != host[:-1] + np.uint64(self.cluster_size))))
+        starts = np.flatnonzero(brk).tolist()
+        return list(zip(starts, starts[1:] + [n]))
+
+    def _read_into(self, out: memoryview, offset: int) -> None:
+        cs = self.cluster_size
+        l2_shift = self.cluster_bits + self.l2_bits
+        pos, end = offset, offset + len(out)
+        while pos < end:
+            l1_index = pos >> l2_shift
+            chunk_end = min(end, (l1_index + 1) << l2_shift)
+            view = out[pos - offset:chunk_end - offset]
+            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+            if not l2_offset:
+                self._backing_into(view, pos)
+                pos = chunk_end
+                continue
+            first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
+            last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
+            entries = self._l2(l2_offset)[first:last + 1]
+            kinds = self._kinds(entries)
+            host = entries & OFFSET
+            base = (pos >> self.cluster_bits) << self.cluster_bits
+            for a, b in self._runs(kinds, host):
+                lo = max(pos, base + a * cs)
+                hi = min(chunk_end, base + b * cs)
+                part = view[lo - pos:hi - pos]
+                kind = kinds[a]
+                if kind == NORMAL:
+                    self.file.read_into(part, int(host[a]) + lo - (base + a * cs))
+                elif kind == UNALLOCATED:
+                    self._backing_into(part, lo)
+                elif kind == COMPRESSED_KIND:
+                    data = self._decompress(int(entries[a]))
+                    part[:] = data[lo - (base + a * cs):hi - (base + a * cs)]
+            pos = chunk_end
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise ImageError(f"Request at {offset}+{length} beyond the end of image "
+                             f"'{self.filename}' ({self._size} bytes)")
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check_range(offset, length)
+        out = bytearray(length)
+        self._read_into(memoryview(out), offset)
+        return bytes(out)
+
+    def allocated(self, offset: int, length: int) -> bool:
+        """Any cluster of the range mapped or zero here (QEMU's bdrv_is_allocated)."""
+        self._check_range(offset, length)
+        if not length:
+            return False
+        l2_shift = self.cluster_bits + self.l2_bits
+        pos, end = offset, offset + length
+        while pos < end:
+            l1_index = pos >> l2_shift
+            chunk_end = min(end, (l1_index + 1) << l2_shift)
+            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+            if l2_offset:
+                first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
+                last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
+                entries = self._l2(l2_offset)[first:last + 1]
+                if (self._kinds(entries) != UNALLOCATED).any():
+                    return True
+            pos = chunk_end
+        return False
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def _cluster_content(self, entry: int, guest: int) -> bytearray:
+        """What a guest cluster reads as now (for copy-on-write of a partial write)."""
+        out = bytearray(self.cluster_size)
+        kind = int(self._kinds(np.array([entry], np.uint64))[0])
+        if kind == NORMAL:
+            self.file.read_into(memoryview(out), entry & OFFSET_MASK)
+        elif kind == COMPRESSED_KIND:
+            out[:] = self._decompress(entry)
+        elif kind == UNALLOCATED:
+            self._backing_into(memoryview(out), guest)
+        return out
+
+    def _ensure_l1(self, entries: int) -> None:
+        """Grow the active L1 table (to a fresh place) to hold ``entries``: the VM-state area
+        lies beyond the disk's part of it (block/qcow2-cluster.c qcow2_grow_l1_table)."""
+        if entries <= len(self.l1):
+            return
+        if entries > MAX_L1_BYTES // 8:
+            raise self.file.error("active L1 table would exceed its maximum size")
+        old_offset, old_count = self.l1_offset, len(self.l1)
+        clusters = -(-entries * 8 // self.cluster_size)
+        offset = self.refs.allocate(clusters)
+        l1 = np.zeros(clusters * self.cluster_size // 8, np.uint64)
+        l1[:old_count] = self.l1
+        self.file.write(offset, l1.astype(">u8").tobytes())
+        self._write_header(OFF_L1, ">IQ", entries, offset)
+        self.l1, self.l1_offset = l1[:entries].copy(), offset
+        if old_count:
+            first = old_offset >> self.cluster_bits
+            count = -(-old_count * 8 // self.cluster_size)
+            self._release(np.arange(first, first + count, dtype=np.int64))
+
+    def _writable_l2(self, l1_index: int) -> tuple[int, np.ndarray]:
+        """The L2 table for ``l1_index`` with refcount 1: allocated if missing, copied if
+        shared with a snapshot (its data clusters keep their counts: the copy replaces the
+        active L1's path to them)."""
+        self._ensure_l1(l1_index + 1)
+        entry = int(self.l1[l1_index])
+        old = entry & OFFSET_MASK
+        if old and entry & (1 << 63):
+            return old, self._l2(old)
+        table = self._l2(old).copy() if old else np.zeros(1 << self.l2_bits, np.uint64)
+        if old:
+            self._set_copied(table)
+        offset = self.refs.allocate(1)
+        self.file.write(offset, table.astype(">u8").tobytes())
+        self._l2_cache[offset] = table
+        self.l1[l1_index] = np.uint64(offset) | COPIED
+        self._write_l1(l1_index, l1_index + 1)
+        if old:
+            self._release(np.array([old >> self.cluster_bits]))
+        return offset, table
+
+    def _set_copied(self, table: np.ndarray) -> bool:
+        """Recompute COPIED of every entry (refcount exactly 1; never for compressed or
+        unallocated ones).  Returns whether anything changed."""
+        host = table & OFFSET
+        std = ((table & COMPRESSED) == 0) & (host != 0)
+        want = np.zeros(table.shape, bool)
+        idx = np.flatnonzero(std)
+        if idx.size:
+            counts = self.refs.get((host[idx] >> np.uint64(self.cluster_bits)).astype(np.int64))
+            want[idx] = counts == 1
+        new = np.where(want, table | COPIED, table & ~COPIED)
+        changed = bool((new != table).any())
+        table[:] = new
+        return changed
+
+    def _write(self, offset: int, data: memoryview) -> None:
+        cs = self.cluster_size
+        l2_shift = self.cluster_bits + self.l2_bits
+        mask = (1 << self.l2_bits) - 1
+        pos, end = offset, offset + len(data)
+        while pos < end:
+            l1_index = pos >> l2_shift
+            chunk_end = min(end, (l1_index + 1) << l2_shift)
+            l2_offset, table = self._writable_l2(l1_index)
+            first = (pos >> self.cluster_bits) & mask
+            last = ((chunk_end - 1) >> self.cluster_bits) & mask
+            entries = table[first:last + 1]
+            kinds = self._kinds(entries)
+            inplace = (kinds == NORMAL) & ((entries & COPIED) != 0)
+            fresh = np.flatnonzero(~inplace)
+            host = entries & OFFSET
+            old = entries[fresh].copy()
+            if fresh.size:
+                new_base = self.refs.allocate(int(fresh.size))
+                host = host.copy()
+                host[fresh] = np.uint64(new_base) + np.arange(fresh.size, dtype=np.uint64) * \
+                    np.uint64(cs)
+            base = (pos >> self.cluster_bits) << self.cluster_bits
+            run_kinds = np.where(inplace, NORMAL, UNALLOCATED).astype(np.int8)
+            for a, b in self._runs(np.full(len(entries), NORMAL, np.int8), host):
+                lo = max(pos, base + a * cs)
+                hi = min(chunk_end, base + b * cs)
+                head = tail = b""
+                if lo > base + a * cs and run_kinds[a] != NORMAL:
+                    head = self._cluster_content(int(entries[a]), base + a * cs)[:lo - base - a * cs]
+                if hi < base + b * cs and run_kinds[b - 1] != NORMAL:
+                    cut = hi - (base + (b - 1) * cs)
+                    tail = self._cluster_content(int(entries[b - 1]), base + (b - 1) * cs)[cut:]
+                start = int(host[a]) + (lo - base - a * cs) - len(head)
+                self.file.write(start, head, data[lo - offset:hi - offset], tail)
+            if fresh.size:
+                entries[fresh] = host[fresh] | COPIED
+                self._write_l2(l2_offset, table, first, last + 1)
+                self._release(self._host_clusters(old))
+            pos = chunk_end
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        self._check_range(offset, len(view))
+        self._begin_write()
+        self._write(offset, view)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Whole clusters become zero clusters (their host clusters released); partial ones
+        get zero bytes (block/qcow2-cluster.c zero_in_l2_slice does the former)."""
+        self._check_range(offset, length)
+        self._begin_write()
+        cs = self.cluster_size
+        start = (offset + cs - 1) & ~(cs - 1)
+        stop = (offset + length) & ~(cs - 1)
+        if self.header.version < 3 or start >= stop:
+            self._write_zero_bytes(offset, offset + length)
+            return
+        self._write_zero_bytes(offset, start)
+        self._zero_clusters(start, stop, ZERO)
+        self._write_zero_bytes(stop, offset + length)
+
+    def _write_zero_bytes(self, start: int, stop: int) -> None:
+        step = 1 << 20
+        for pos in range(start, stop, step):
+            self._write(pos, memoryview(bytes(min(step, stop - pos))))
+
+    def _zero_clusters(self, start: int, stop: int, value: np.uint64,
+                       only_allocated: bool = False) -> None:
+        """Set the L2 entries of whole clusters in [start, stop) to ``value`` (ZERO or 0) and
+        drop their references; ``only_allocated`` leaves unallocated ones and missing L2
+        tables alone (the VM-state discard after a snapshot, block/qcow2-snapshot.c)."""
+        l2_shift = self.cluster_bits + self.l2_bits
+        mask = (1 << self.l2_bits) - 1
+        pos = start
+        while pos < stop:
+            l1_index = pos >> l2_shift
+            chunk_end = min(stop, (l1_index + 1) << l2_shift)
+            first = (pos >> self.cluster_bits) & mask
+            last = ((chunk_end - 1) >> self.cluster_bits) & mask
+            pos_next = chunk_end
+            if only_allocated:
+                l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+                if not l2_offset or not (self._kinds(self._l2(l2_offset)[first:last + 1])
+                                         != UNALLOCATED).any():
+                    pos = pos_next
+                    continue
+            l2_offset, table = self._writable_l2(l1_index)
+            entries = table[first:last + 1]
+            change = entries != value
+            if only_allocated:
+                change &= self._kinds(entries) != UNALLOCATED
+            if change.any():
+                old = entries[change].copy()
+                entries[change] = value
+                self._write_l2(l2_offset, table, first, last + 1)
+                self._release(self._host_clusters(old))
+            pos = pos_next
+
+    def flush(self) -> None:
+        """fdatasync only when something was written since the last flush."""
+        if self.file.written:
+            os.fdatasync(self.file.fd)
+            self.file.written = False
+
+    def close(self) -> None:
+        if self.file.fd >= 0:
+            os.close(self.file.fd)
+            self.file.fd = -1
+        if self.owns_backing and self.backing is not None:
+            self.backing.close()
+            self.backing = None
+
+    # -- VM state --------------------------------------------------------------------------
+
+    def _vmstate_offset(self) -> int:
+        """First guest offset beyond the disk's L1 entries (block/qcow2.h qcow2_vm_state_offset)."""
+        return self.header.l1_entries_for(self._size) << (self.cluster_bits + self.l2_bits)
+
+    def write_vmstate(self, pos: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        if pos < 0:
+            raise ImageError("negative VM state position")
+        self._begin_write()
+        self._write(self._vmstate_offset() + pos, view)
+
+    def read_vmstate(self, pos: int, length: int) -> bytes:
+        if pos < 0 or length < 0:
+            raise ImageError("negative VM state position or length")
+        out = bytearray(length)
+        self._read_into(memoryview(out), self._vmstate_offset() + pos)
+        return bytes(out)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    def snapshots(self) -> list[Snapshot]:
+        return [sn.info() for sn in self._snapshots]
+
+    def _find(self, snapshot_id: str) -> SnapshotEntry:
+        for sn in self._snapshots:
+            if sn.id == snapshot_id:
+                return sn
+        for sn in self._snapshots:
+            if sn.name == snapshot_id:
+                return sn
+        raise ImageError(f"Snapshot '{snapshot_id}' not found in '{self.filename}'")
+
+    def _tree_clusters(self, l1: np.ndarray) -> np.ndarray:
+        """Every reference an L1 table holds: its L2 tables and their data clusters, each once
+        per path, the way qemu-img check counts them (block/qcow2-refcount.c)."""
+        offsets = (l1 & OFFSET)[(l1 & OFFSET) != 0]
+        parts = [(offsets >> np.uint64(self.cluster_bits)).astype(np.int64)]
+        for offset in offsets.tolist():
+            parts.append(self._host_clusters(self._l2(offset)))
+        return np.concatenate(parts)
+
+    def _update_copied(self) -> None:
+        """Recompute COPIED over the active L1 and its L2 tables after refcounts changed
+        wholesale (snapshot create, goto, delete)."""
+        offsets = (self.l1 & OFFSET).astype(np.int64)
+        used = np.flatnonzero(offsets)
+        counts = self.refs.get(offsets[used] >> self.cluster_bits)
+        new = self.l1.copy()
+        new[used] = np.where(counts == 1, self.l1[used] | COPIED, self.l1[used] & ~COPIED)
+        for offset in offsets[used].tolist():
+            table = self._l2(offset)
+            if self._set_copied(table):
+                self._write_l2(offset, table, 0, len(table))
+        changed = np.flatnonzero(new != self.l1)
+        self.l1 = new
+        if changed.size:
+            self._write_l1(int(changed[0]), int(changed[-1]) + 1)
+
+    def _write_snapshot_table(self, entries: list[SnapshotEntry]) -> None:
+        """Write the table to fresh clusters, switch the header, free the old table."""
+        raw = pack_table(entries)
+        old_offset, old_bytes = self.header.snapshots_offset, self._snapshot_bytes
+        offset = 0
+        if entries:
+            clusters = -(-len(raw) // self.cluster_size)
+            offset = self.refs.allocate(clusters)
+            self.file.write(offset, raw, bytes(clusters * self.cluster_size - len(raw)))
+        self._write_header(OFF_SNAPSHOTS, ">IQ", len(entries), offset)
+        self.header.nb_snapshots, self.header.snapshots_offset = len(entries), offset
+        self._snapshots, self._snapshot_bytes = entries, len(raw)
+        if old_bytes:
+            first = old_offset >> self.cluster_bits
+            count = -(-old_bytes // self.cluster_size)
+            self._release(np.arange(first, first + count, dtype=np.int64))
+
+    def create_snapshot(self, name: str, date_sec: int, date_nsec: int, vm_clock_nsec: int,
+                        vm_state_size: int, icount: int = -1) -> Snapshot:
+        """block/qcow2-snapshot.c's order: copy the L1, count the new references, add the
+        table entry; then drop the VM state from the active L1 (the snapshot keeps it)."""
+        self._begin_write()
+        if len(self._snapshots) >= MAX_SNAPSHOTS:
+            raise self.file.error("too many snapshots")
+        count = len(self.l1)
+        l1_offset = 0
+        if count:
+            clusters = -(-count * 8 // self.cluster_size)
+            l1_offset = self.refs.allocate(clusters)
+            copy = np.zeros(clusters * self.cluster_size // 8, np.uint64)
+            copy[:count] = self.l1 & ~COPIED
+            self.file.write(l1_offset, copy.astype(">u8").tobytes())
+        self.refs.change(self._tree_clusters(self.l1), 1)
+        self._update_copied()
+        entry = SnapshotEntry(l1_offset, count, next_id(self._snapshots), name, date_sec,
+                              date_nsec, vm_clock_nsec, vm_state_size, self._size, icount)
+        self._write_snapshot_table(self._snapshots + [entry])
+        if vm_state_size:
+            start = self._vmstate_offset()
+            stop = start + ((vm_state_size + self.cluster_size - 1) & ~(self.cluster_size - 1))
+            value = ZERO if self.header.version >= 3 else np.uint64(0)
+            self._zero_clusters(start, stop, value, only_allocated=True)
+        log.info("%s: snapshot %s '%s' created", self.filename, entry.id, name)
+        return entry.info()
+
+    def goto_snapshot(self, snapshot_id: str) -> None:
+        """Reference the snapshot's tree, make the active L1 a copy of its L1, drop the old
+        active tree (block/qcow2-snapshot.c qcow2_snapshot_goto)."""
+        self._begin_write()
+        sn = self._find(snapshot_id)
+        sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        if sn.disk_size != self._size:
+            self._write_header(OFF_SIZE, ">Q", sn.disk_size)
+            self._size = self.header.size = sn.disk_size
+        self._ensure_l1(max(sn.l1_size, self.header.l1_entries_for(self._size)))
+        self.refs.change(self._tree_clusters(sn_l1), 1)
+        old = self.l1.copy()
+        self.l1[:] = 0
+        self.l1[:len(sn_l1)] = sn_l1 & ~COPIED
+        self._write_l1(0, len(self.l1))
+        self._release(self._tree_clusters(old))
+        self._update_copied()
+        log.info("%s: reverted to snapshot %s '%s'", self.filename, sn.id, sn.name)
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        """Remove the table entry first, then the snapshot's references and its L1 table."""
+        self._begin_write()
+        sn = self._find(snapshot_id)
+        sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        self._write_snapshot_table([s for s in self._snapshots if s is not sn])
+        self._release(self._tree_clusters(sn_l1))
+        if sn.l1_size:
+            first = sn.l1_table_offset >> self.cluster_bits
+            count = -(-sn.l1_size * 8 // self.cluster_size)
+            self._release(np.arange(first, first + count, dtype=np.int64))
+        self._update_copied()
+        log.info("%s: snapshot %s '%s' deleted", self.filename, sn.id, sn.name)
