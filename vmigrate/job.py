@@ -92,6 +92,9 @@ class JobManager:
         job = next((j for j in self._jobs if j.id == job_id), None)
         if job is None:
             raise VMError("Job not found")
+        if verb == "resume":
+            # Checked before the verb table; a snapshot job is never paused by the user.
+            raise VMError("Can't resume a job that was not paused")
         if job.status not in VERBS[verb]:
             raise VMError(f"Job '{job.id}' in state '{job.status}' cannot accept command verb '{verb}'")
         if verb == "dismiss":

@@ -168,7 +168,8 @@ class BlockNode:
     def file_info(self) -> dict:
         """The protocol node's ``BlockDeviceInfo``: the image file itself, format ``file``."""
         try:
-            size = os.path.getsize(self.driver.filename)
+            # bdrv_getlength counts whole 512-byte sectors.
+            size = -(-os.path.getsize(self.driver.filename) // 512) * 512
         except OSError:
             size = 0
         return self._device_info(self.file_node_name, "file", {

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from vmigrate.block.driver import ImageError
-from vmigrate.block.formats import open_image
+from vmigrate.block.formats import open_image, probe
 from vmigrate.block.node import BlockGraph, BlockNode, auto_node_name
 
 FORMATS = ("qcow2", "raw")
@@ -94,7 +94,7 @@ def add_blockdev(graph: BlockGraph, text: str) -> BlockNode:
 def add_drive(graph: BlockGraph, text: str) -> BlockNode:
     options = keyval(text)
     filename = _filename(options)
-    fmt = options.pop("format", None) or _probe(filename)
+    fmt = options.pop("format", None) or probe(filename)
     if fmt not in FORMATS:
         raise ImageError(f"Unknown driver '{fmt}'")
     interface = options.pop("if", "none")
@@ -125,15 +125,6 @@ def _backing(graph: BlockGraph, value: str):
     if node is None:
         raise ImageError(f"Cannot find device='' nor node-name='{value}'")
     return node.driver
-
-
-def _probe(filename: str) -> str:
-    """qcow2 by its magic, else raw (QEMU probes the same way, and warns about raw)."""
-    try:
-        with open(filename, "rb") as f:
-            return "qcow2" if f.read(4) == b"QFI\xfb" else "raw"
-    except OSError as err:
-        raise ImageError(f"Could not open '{filename}': {err.strerror}") from None
 
 
 def _no_leftovers(options: dict[str, str]) -> None:

@@ -54,7 +54,8 @@ RUNNING = frozenset({
 TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # Source: migrate; destination: a multifd channel refused before the stream began.
     S.NONE: frozenset({S.SETUP, S.ACTIVE, S.FAILED}),
-    S.SETUP: frozenset({S.ACTIVE, S.FAILED, S.CANCELLING}),
+    # completed: a snapshot-save stream (qemu_savevm_state) skips active.
+    S.SETUP: frozenset({S.ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
     # Source: migrate-start-postcopy took effect; destination: POSTCOPY_LISTEN.
     S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.FAILED, S.CANCELLING}),

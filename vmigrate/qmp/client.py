@@ -51,6 +51,10 @@ def _open(address: str, timeout: float) -> socket.socket:
     return sock
 
 
+#: Events a server may send ahead of its greeting (QEMU does at start-up).
+EARLY_EVENTS = 8
+
+
 class QMPClient:
     """One QMP session: greeting read, then capabilities negotiated unless *negotiate* is false.
 
@@ -70,6 +74,14 @@ class QMPClient:
             #: The greeting as sent (QEMU ends every line with ``\r\n``), and parsed.
             self.greeting_line = self.read_line()
             self.greeting = json.loads(self.greeting_line)
+            # QEMU writes an event emitted while the connection is being opened (RESUME at
+            # start-up) before its greeting: keep it, the greeting follows.
+            for _ in range(EARLY_EVENTS):
+                if "event" not in self.greeting:
+                    break
+                self.events.append(self.greeting)
+                self.greeting_line = self.read_line()
+                self.greeting = json.loads(self.greeting_line)
             if "QMP" not in self.greeting:
                 raise QMPClientError("GenericError", f"{address} did not greet like a QMP server: "
                                      f"{self.greeting_line[:200]!r}")
