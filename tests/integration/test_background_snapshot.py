@@ -37,7 +37,8 @@ STRESS = "stress:rate=300,wss=60M,tick=2"
 
 
 def start_source(spawn, shm: Path, guest: str = STRESS, size: str = "64M"):
-    src = spawn("vmigrate", "-m", size, "--mem-path", str(shm / "src.ram"), "--guest", guest)
+    src = spawn("vmigrate", "-m", size, "--mem-path", str(shm / "src.ram"), "--guest", guest,
+                "--trace", "get_queued_page")
     src.set_caps(events=True, **SNAPSHOT)
     wait_for(lambda: (read_header(shm / "src.ram") or 0) > 20, 10, "guest progress")
     return src
@@ -46,13 +47,14 @@ def start_source(spawn, shm: Path, guest: str = STRESS, size: str = "64M"):
 def frozen_snapshot(src, shm: Path) -> tuple[Path, Path]:
     """Stop the guest, copy its RAM (the freeze instant), snapshot it to a file while it runs again.
 
-    Returns (the copy, the snapshot file).
+    The file's writer starts late: the guest runs meanwhile, and its writes
+    wait on pages the snapshot has not reached.  Returns (the copy, the file).
     """
     src.cmd("stop")
     src.events()
     copy, image = shm / "frozen.ram", shm / "snapshot.bin"
     copy.write_bytes((shm / "src.ram").read_bytes())
-    src.cmd("migrate", uri=f"exec:cat > {image}")
+    src.cmd("migrate", uri=f"exec:sleep 0.3; exec cat > {image}")
     info = src.wait_migration(FINAL, timeout=30)
     assert info["status"] == "completed", info
     return copy, image
@@ -70,6 +72,8 @@ def test_snapshot_is_the_freeze_point_and_loads(spawn_shm) -> None:
     wait_for(lambda: read_header(shm / "src.ram") > frozen_counter + 50, 10, "guest progress after the snapshot")
     src.cmd("stop")
     assert not ram_files_equal(copy, shm / "src.ram"), "the guest wrote nothing meanwhile"
+    served = [line for line in src.log().splitlines() if "get_queued_page" in line and "dirty=0" not in line]
+    assert served, "no guest write waited for its page to be saved"
 
     dst = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "dst.ram"), "-S",
                 "--incoming", f"exec:cat {image}")
