@@ -10,8 +10,6 @@ old content in the file.
 
 from __future__ import annotations
 
-import ctypes
-import mmap
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from vmigrate.harness.waiting import wait_for
 from vmigrate.machine import host
 from vmigrate.machine.guest import read_header
 from vmigrate.machine.memory import RAMBlock
-from vmigrate.machine.write_tracking import WriteTracking, write_tracking_compatible
+from vmigrate.machine.write_tracking import write_tracking_compatible
 from vmigrate.qmp.client import QMPClientError
 
 if not host.uffd_write_protect_supported():
@@ -162,37 +160,3 @@ def test_refusals(spawn_shm, tmp_path: Path) -> None:
         pytest.skip(f"write protection covers files on {tmp_path} here")
     with pytest.raises(QMPClientError, match="Background-snapshot is not compatible with guest memory configuration"):
         on_disk.set_caps(**SNAPSHOT)
-
-
-@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "shmem"])
-def test_write_tracking_blocks_writes_until_saved(shm: Path, shared: bool) -> None:
-    """A software vCPU's write to a protected page waits in access() (without the GIL) for the
-    page to be saved; the rest of the process runs on; stop() releases everything."""
-    import threading
-
-    block = RAMBlock("ram", 1 << 20, str(shm / "wt.ram") if shared else None)
-    block.pages[5, 0] = 1
-    tracking = WriteTracking([block])
-    tracking.prepare()
-    tracking.start()
-    wrote = threading.Event()
-
-    def vcpu() -> None:
-        block.access(5, 2)
-        block.pages[5:7, 0] = 9
-        wrote.set()
-
-    threading.Thread(target=vcpu, daemon=True).start()
-    faults = []
-    wait_for(lambda: faults.extend(tracking.faults()) or faults, 5, "write fault")
-    assert [(b.idstr, page) for b, page in faults] == [("ram", 5)]
-    assert not wrote.is_set() and block.pages[5, 0] == 1, "the write went through a protected page"
-    tracking.unprotect(block, 5, 1)
-    wait_for(lambda: faults.extend(tracking.faults()) or len(faults) > 1, 5, "fault on the next page")
-    assert faults[-1][1] == 6
-    tracking.stop()
-    assert wrote.wait(5) and not block.write_tracked
-    libc = ctypes.CDLL(None)
-    assert libc.madvise(ctypes.c_void_p(block.address), ctypes.c_size_t(block.size), 23) == 0
-    block.close()
-    assert mmap.PAGESIZE == 4096

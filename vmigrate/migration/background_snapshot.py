@@ -85,14 +85,16 @@ class BackgroundSnapshot:
         was_running = runstate.running
         self.host.global_state.runstate = runstate.state
         runstate.force_stop("paused")
-        device_state = self.saver.non_iterable_state()
         try:
+            device_state = self.saver.non_iterable_state()
             self.tracking.start()
-        except UserfaultError as err:
-            # QEMU leaves the guest paused here; the guest is more important than the snapshot.
+        except Exception as err:
+            # QEMU leaves the guest paused here: the snapshot is lost, the guest need not be.
             if was_running:
                 runstate.start()
-            raise WriteTrackingError(str(err)) from err
+            if isinstance(err, UserfaultError):
+                raise WriteTrackingError(str(err)) from err
+            raise
         try:
             # QEMU restarts from a bottom half, unconditionally, even a guest paused before.
             runstate.start()
