@@ -82,6 +82,7 @@ def test_ioctl_numbers_match_the_kernel_headers() -> None:
     assert uf.UFFDIO_ZEROPAGE == 0xC020AA04
     assert uf.UFFDIO_UNREGISTER == 0x8010AA01
     assert uf.UFFDIO_WAKE == 0x8010AA02
+    assert uf.UFFDIO_WRITEPROTECT == 0xC018AA06
 
 
 def test_handshake_enables_shmem_and_thread_id_never_sigbus(ufd: uf.UserfaultFd) -> None:

@@ -106,6 +106,8 @@ class RAMBlock:
         self.address = self.bytes.ctypes.data
         #: Set while a postcopy destination fetches missing pages on demand: see :meth:`access`.
         self.faulting = False
+        #: Set while a background snapshot write-protects the block (machine/write_tracking.py).
+        self.write_tracked = False
         self._prefaulter: Prefaulter | None = None
         #: Multifd channel threads write pages concurrently: one of them starts the one Prefaulter.
         self._prefaulter_lock = threading.Lock()
@@ -137,8 +139,15 @@ class RAMBlock:
         block holding the interpreter lock, which the threads that receive
         and place the page need; taken here, in a system call made without
         it, only this thread waits (docs/qemu/postcopy.md §4.2).
+
+        While a background snapshot tracks writes, a write to a page not
+        saved yet blocks the same way until the snapshot saved it
+        (docs/background-snapshot.md): the workloads write what they
+        access, so the access is populated as a write.
         """
-        if self.faulting:
+        if self.write_tracked:
+            fault_in(self.address + first * PAGE_SIZE, count * PAGE_SIZE, write=True)
+        elif self.faulting:
             fault_in(self.address + first * PAGE_SIZE, count * PAGE_SIZE)
 
     def discard(self, start: int, length: int) -> None:

@@ -1,4 +1,4 @@
-"""Linux userfaultfd for the postcopy destination (ctypes, no C extension).
+"""Linux userfaultfd for the postcopy destination and background snapshots (ctypes, no C extension).
 
 In postcopy the destination runs the guest before its RAM has arrived: all RAM is
 registered in MISSING mode when LISTEN arrives, a guest access to a page not yet received
@@ -6,6 +6,11 @@ blocks in the kernel and is queued here as a :class:`Fault`, the fault thread as
 source for that host page (REQ_PAGES), and the receiving thread places it atomically with
 UFFDIO_COPY or UFFDIO_ZEROPAGE, which also wakes the blocked thread
 (``docs/qemu/postcopy.md`` §4.2, §4.3).
+
+A background snapshot (``docs/background-snapshot.md``) registers all RAM in write-protect
+(WP) mode instead: after UFFDIO_WRITEPROTECT a guest write to a page blocks and is queued
+as a :class:`Fault` with ``wp`` set, until the page's old content is saved and its
+protection removed (QEMU's ram_write_tracking_*, migration/ram.c).
 
 Every blocking call here (the ioctls, ``poll``, ``madvise``) is a ctypes or ``os`` call
 and so runs without the GIL: a vCPU blocked on a missing page must not stop the fault
@@ -65,6 +70,10 @@ class _Copy(ctypes.Structure):
         return int(self.copy)
 
 
+class _WriteProtect(ctypes.Structure):
+    _fields_ = [("range", _Range), ("mode", ctypes.c_uint64)]
+
+
 class _Zeropage(ctypes.Structure):
     _fields_ = [("range", _Range), ("mode", ctypes.c_uint64), ("zeropage", ctypes.c_int64)]
 
@@ -74,12 +83,14 @@ class _Zeropage(ctypes.Structure):
 
 # ioctl numbers and bits of linux/userfaultfd.h
 _NR_REGISTER, _NR_UNREGISTER, _NR_WAKE, _NR_COPY, _NR_ZEROPAGE, _NR_API = 0x00, 0x01, 0x02, 0x03, 0x04, 0x3F
+_NR_WRITEPROTECT = 0x06
 UFFDIO_API = _ioc(_IOC_READ | _IOC_WRITE, _NR_API, ctypes.sizeof(_Api))
 UFFDIO_REGISTER = _ioc(_IOC_READ | _IOC_WRITE, _NR_REGISTER, ctypes.sizeof(_Register))
 UFFDIO_UNREGISTER = _ioc(_IOC_READ, _NR_UNREGISTER, ctypes.sizeof(_Range))
 UFFDIO_WAKE = _ioc(_IOC_READ, _NR_WAKE, ctypes.sizeof(_Range))
 UFFDIO_COPY = _ioc(_IOC_READ | _IOC_WRITE, _NR_COPY, ctypes.sizeof(_Copy))
 UFFDIO_ZEROPAGE = _ioc(_IOC_READ | _IOC_WRITE, _NR_ZEROPAGE, ctypes.sizeof(_Zeropage))
+UFFDIO_WRITEPROTECT = _ioc(_IOC_READ | _IOC_WRITE, _NR_WRITEPROTECT, ctypes.sizeof(_WriteProtect))
 
 UFFD_API = 0xAA
 UFFD_FEATURE_PAGEFAULT_FLAG_WP = 1 << 0
@@ -87,8 +98,11 @@ UFFD_FEATURE_MISSING_SHMEM = 1 << 5
 # 1 << 7 is UFFD_FEATURE_SIGBUS (SIGBUS instead of a fault event): never requested.
 UFFD_FEATURE_THREAD_ID = 1 << 8
 UFFDIO_REGISTER_MODE_MISSING = 1 << 0
+UFFDIO_REGISTER_MODE_WP = 1 << 1
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 UFFD_EVENT_PAGEFAULT = 0x12
 UFFD_PAGEFAULT_FLAG_WRITE = 1 << 0
+UFFD_PAGEFAULT_FLAG_WP = 1 << 1
 
 MADV_POPULATE_READ = 22
 MADV_POPULATE_WRITE = 23
@@ -101,8 +115,11 @@ _READ_MSGS = 64
 # The features postcopy wants: shmem (memory-backend-file/memfd RAM) and the faulting
 # thread's tid (blocktime accounting per vCPU, docs/qemu/postcopy.md §10).
 _WANTED_FEATURES = UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_THREAD_ID
-# A registered range must allow these, else pages could not be placed.
-_NEEDED_IOCTLS = (1 << _NR_COPY) | (1 << _NR_ZEROPAGE) | (1 << _NR_WAKE)
+# A registered range must allow these, per mode: MISSING places pages, WP changes protection.
+_NEEDED_IOCTLS = {
+    UFFDIO_REGISTER_MODE_MISSING: (1 << _NR_COPY) | (1 << _NR_ZEROPAGE) | (1 << _NR_WAKE),
+    UFFDIO_REGISTER_MODE_WP: 1 << _NR_WRITEPROTECT,
+}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.argtypes = [ctypes.c_long, ctypes.c_int]
@@ -127,6 +144,7 @@ class Fault:
     address: int  # faulting address (not rounded to a page)
     tid: int  # faulting thread's kernel tid (0 without UFFD_FEATURE_THREAD_ID)
     write: bool
+    wp: bool = False  # a write to a write-protected page (not a missing one)
 
 
 def _ioctl(fd: int, request: int, arg: ctypes.Structure) -> int:
@@ -178,9 +196,14 @@ class UserfaultFd:
     place pages. ``close`` must not race the other methods.
     """
 
-    def __init__(self) -> None:
-        #: The features enabled on this fd (a subset of MISSING_SHMEM | THREAD_ID).
-        self.features = available_features() & _WANTED_FEATURES
+    def __init__(self, required: int = 0) -> None:
+        """*required* features (``UFFD_FEATURE_PAGEFAULT_FLAG_WP`` for write protection) must
+        exist, else UserfaultError (EOPNOTSUPP); the wanted ones are enabled where they exist."""
+        available = available_features()
+        if available & required != required:
+            raise UserfaultError(f"features {required & ~available:#x}", errno.EOPNOTSUPP)
+        #: The features enabled on this fd (*required*, and MISSING_SHMEM | THREAD_ID where offered).
+        self.features = (available & _WANTED_FEATURES) | required
         self._fd: int | None = _open()
         try:
             _handshake(self._fd, self.features)
@@ -194,13 +217,15 @@ class UserfaultFd:
             raise ValueError("userfaultfd is closed")
         return self._fd
 
-    def register(self, addr: int, length: int) -> None:
-        """Register [addr, addr+length) in MISSING mode: accesses to absent pages fault here."""
-        reg = _Register(_Range(addr, length), UFFDIO_REGISTER_MODE_MISSING, 0)
+    def register(self, addr: int, length: int, mode: int = UFFDIO_REGISTER_MODE_MISSING) -> None:
+        """Register [addr, addr+length) in *mode*: MISSING (accesses to absent pages fault
+        here) or WP (writes to pages protected by :meth:`write_protect` fault here)."""
+        reg = _Register(_Range(addr, length), mode, 0)
         err = _ioctl(self.fileno(), UFFDIO_REGISTER, reg)
         if err:
             raise UserfaultError(f"UFFDIO_REGISTER {addr:#x}+{length:#x}", err)
-        if reg.ioctls & _NEEDED_IOCTLS != _NEEDED_IOCTLS:
+        needed = _NEEDED_IOCTLS[mode]
+        if reg.ioctls & needed != needed:
             self.unregister(addr, length)
             what = f"UFFDIO_REGISTER {addr:#x}+{length:#x} (allowed ioctls {reg.ioctls:#x})"
             raise UserfaultError(what, errno.EOPNOTSUPP)
@@ -259,6 +284,17 @@ class UserfaultFd:
                 raise UserfaultError(f"{what} {dst + done:#x}+{length - done:#x}", err)
         return placed
 
+    def write_protect(self, addr: int, length: int, protect: bool) -> None:
+        """Set or remove write protection on [addr, addr+length) of a WP-registered range.
+
+        Removing it wakes the writers blocked there.  Protection skips pages
+        with no page table entry at all: a caller populates them first.
+        """
+        arg = _WriteProtect(_Range(addr, length), UFFDIO_WRITEPROTECT_MODE_WP if protect else 0)
+        while err := _ioctl(self.fileno(), UFFDIO_WRITEPROTECT, arg):
+            if err != errno.EAGAIN:
+                raise UserfaultError(f"UFFDIO_WRITEPROTECT {addr:#x}+{length:#x}", err)
+
     def wake(self, addr: int, length: int) -> None:
         """Wake threads blocked on [addr, addr+length) (they retry the access)."""
         err = _ioctl(self.fileno(), UFFDIO_WAKE, _Range(addr, length))
@@ -283,7 +319,8 @@ class UserfaultFd:
                 return faults
             for event, flags, address, tid in _MSG.iter_unpack(data):
                 if event == UFFD_EVENT_PAGEFAULT:
-                    faults.append(Fault(address, tid, bool(flags & UFFD_PAGEFAULT_FLAG_WRITE)))
+                    faults.append(Fault(address, tid, bool(flags & UFFD_PAGEFAULT_FLAG_WRITE),
+                                        bool(flags & UFFD_PAGEFAULT_FLAG_WP)))
             if len(data) < _READ_MSGS * _MSG.size:
                 return faults
 

@@ -8,7 +8,8 @@ side and the last outgoing attempt, and answers the QMP commands.  Each
 path, counters, timing and rate limiter.  The session's thread follows
 QEMU's migration_thread: setup, iterate under the rate limiter until what
 is pending fits the downtime limit, stop the guest, send the rest and the
-device state, finish.
+device state, finish.  With ``background-snapshot`` it follows QEMU's
+bg_migration_thread instead (:mod:`.background_snapshot`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Callable, Collection
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE
+from vmigrate.machine.write_tracking import WriteTracking
+from vmigrate.migration.background_snapshot import BackgroundSnapshot, SnapshotCancelled, WriteTrackingError
 from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError, CommandChannel, FdChannel,
                                         MigrationAddress, ZeroCopySocket, connect, parse_uri)
 from vmigrate.migration.config import MigrationConfig
@@ -49,7 +52,7 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "background-snapshot", "x-ignore-shared")
+UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "x-ignore-shared")
 
 
 def now_ms() -> float:
@@ -216,6 +219,11 @@ class OutgoingSession:
         self._postcopy_requested = threading.Event()
         self.stats = RamStats()
         self.page_requests = PageRequests(self.stats) if config.caps.postcopy_ram else None
+        #: A background snapshot's write protection; its faults queue in front of the scan, uncounted.
+        self.write_tracking: WriteTracking | None = None
+        if config.caps.background_snapshot:
+            self.write_tracking = WriteTracking(host.ram_blocks)
+            self.page_requests = PageRequests(None)
         #: The guest was handed over: whatever happens now, the source must not run it again.
         self.postcopy_started = False
         self._fast_switch = FastThreadSwitch()
@@ -413,9 +421,13 @@ class OutgoingSession:
             self.multifd = self._open_multifd(addr, channel, channel_factory)
             ctx = SaveContext(self.config, f, self.limiter, self.stats, self.xbzrle_stats, self.compression_stats,
                               self.multifd, self._phase, self._pass_event, self._period_end, self.page_requests,
-                              self.preempt)
+                              self.preempt, self.write_tracking)
             saver = SaveVM(self.host.sections, ctx, self.host.machine_type, self.host.uuid)
             caps = self.config.caps
+            if caps.background_snapshot:
+                BackgroundSnapshot(self.host, self.status, saver, f, self.write_tracking, self, now_ms,
+                                   _Window(self, f).step).run(thread_start)
+                return
             if caps.return_path or caps.postcopy_ram:
                 self.rp = self._open_return_path(channel, saver)
             try:
@@ -439,9 +451,9 @@ class OutgoingSession:
                     window = _Window(self, self.file)
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
-        except MigrationCancelled:
+        except (MigrationCancelled, SnapshotCancelled):
             pass
-        except MultifdSetupError as err:
+        except (MultifdSetupError, WriteTrackingError) as err:
             log.error("%s", err)
             self._fail(None)
         except (ChannelError, OSError, ValueError) as err:
@@ -765,6 +777,8 @@ class OutgoingSession:
         """
         runstate = self.host.runstate
         self.auto_converge.stop()
+        if self.config.caps.background_snapshot:
+            return  # the snapshot restarted its guest itself (background_snapshot.py)
         if self.status.status == S.COMPLETED or self.postcopy_started:
             runstate.set("postmigrate")
         elif stopped or runstate.state == "finish-migrate":

@@ -55,8 +55,9 @@ class PageRequests:
     arrives; :attr:`urgent` wakes it (QEMU's rate_limit_sem).
     """
 
-    def __init__(self, stats: RamStats) -> None:
-        """Each request counts in *stats* (``postcopy-requests``)."""
+    def __init__(self, stats: RamStats | None) -> None:
+        """Each request counts in *stats* (``postcopy-requests``); a background snapshot's
+        write faults (docs/background-snapshot.md) count nowhere, as in QEMU."""
         self._queue: collections.deque[PageRequest] = collections.deque()
         self._lock = threading.Lock()
         self.urgent = threading.Event()
@@ -65,7 +66,8 @@ class PageRequests:
     def put(self, block: str, start: int, length: int) -> None:
         with self._lock:
             self._queue.append(PageRequest(block, start // PAGE_SIZE, max(1, length // PAGE_SIZE)))
-            self._stats.postcopy_requests += 1
+            if self._stats is not None:
+                self._stats.postcopy_requests += 1
         self.urgent.set()
 
     def take(self) -> PageRequest | None:

@@ -8,6 +8,11 @@ call, never in a Python loop.  A batch goes out, in the precedence of
 QEMU's ram_save_target_page, to the compression threads, as ZERO records,
 to the multifd channels, as XBZRLE deltas (:mod:`.xbzrle`) or as PAGE
 records; the destination applies whole runs of each kind.
+
+A background snapshot (docs/background-snapshot.md) uses no dirty log: the
+all-dirty bitmap is sent once, pages the guest writes to are queued in
+front of the scan, and each saved range loses its write protection once the
+stream holding its old content is flushed.
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ SCAN_PAGES = 1 << 16
 #: QEMU stops an iteration after 50 ms so the loop can re-check limits and convergence.
 ITERATION_MAX_SECONDS = 0.05
 #: Background batches in postcopy are small, so a page request waits behind at most 256 KiB.
+#: A background snapshot's blocked guest write waits the same way.
 POSTCOPY_BATCH_PAGES = 64
+#: A write fault saves this many pages from the faulting one: a guest writing a run of
+#: pages blocks once per run, not once per page (QEMU saves the one host page).
+FAULT_PAGES = 64
 EOS_SIZE = 8
 DIRTY_CLIENT = "migration"
 
@@ -84,6 +93,7 @@ class RamSaver:
         #: The postcopy-preempt channel's own "last block", and whether it sent last.
         self._preempt_channel = wire_ram.ChannelState()
         self._on_preempt = False
+        self._logging = False
 
     def remaining_bytes(self) -> int:
         return self.stats.remaining_pages * PAGE_SIZE
@@ -102,6 +112,13 @@ class RamSaver:
         for block, bitmap in zip(self.blocks, self.bitmaps):
             bitmap[:] = True
         self.stats.remaining_pages = sum(b.npages for b in self.blocks)
+        if self.ctx.write_tracking is None:
+            self._dirty_log_start()
+        f.put(wire_ram.eos())
+
+    def _dirty_log_start(self) -> None:
+        """Dirty logging and the first sync (pass 1); a background snapshot has neither (QEMU's ram_init_bitmaps)."""
+        self._logging = True
         for block in self.blocks:
             block.dirty.start(DIRTY_CLIENT)
         self.dirty_log.dirty_log_start()
@@ -109,7 +126,6 @@ class RamSaver:
         self.sync()
         if self.multifd is not None:
             self.multifd.sync()
-        f.put(wire_ram.eos())
 
     def sync(self) -> None:
         """Pull the dirty log into the migration bitmap (one 'pass')."""
@@ -140,10 +156,14 @@ class RamSaver:
         """
         f = self.ctx.file
         requests = self.ctx.page_requests
+        tracking = self.ctx.write_tracking
         deadline = time.monotonic() + ITERATION_MAX_SECONDS
-        batch = POSTCOPY_BATCH_PAGES if self.in_postcopy else BATCH_PAGES
+        batch = POSTCOPY_BATCH_PAGES if self.in_postcopy or tracking is not None else BATCH_PAGES
         done = False
         while not f.rate_limited() or (requests is not None and requests.pending()):
+            if tracking is not None:
+                for block, page in tracking.faults():
+                    requests.put(block.idstr, page * PAGE_SIZE, FAULT_PAGES * PAGE_SIZE)
             if requests is not None and self._serve_requests(f, requests):
                 continue
             if not self._send_batch(f, self.ctx.limiter.pages_left(PAGE_SIZE, batch)):
@@ -249,6 +269,7 @@ class RamSaver:
         block, bitmap = self.blocks[index], self.bitmaps[index]
         window = bitmap[request.first:request.first + request.count]
         pages = np.flatnonzero(window) + request.first
+        trace("get_queued_page", block=block.idstr, page=request.first, dirty=int(pages.size))
         if pages.size:
             bitmap[pages] = False
             self.stats.remaining_pages -= len(pages)
@@ -256,6 +277,7 @@ class RamSaver:
             if preempt is None:
                 self._send_plain(f, block, pages)
                 f.flush()
+                self._release_protection(block, request.first, int(pages[-1]) + 1)
             else:
                 self._send_preempt(preempt, block, pages)
         self._cursor_block, self._cursor_page = index, request.first + request.count
@@ -287,9 +309,22 @@ class RamSaver:
         The multifd channels belong to the attempt, which closes them."""
         if self.compress is not None:
             self.compress.close()
-        for block in self.blocks:
-            block.dirty.stop(DIRTY_CLIENT)
-        self.dirty_log.dirty_log_stop()
+        if self._logging:
+            for block in self.blocks:
+                block.dirty.stop(DIRTY_CLIENT)
+            self.dirty_log.dirty_log_stop()
+
+    def _release_protection(self, block: RAMBlock, first: int, end: int) -> None:
+        """Pages [first, end) of *block* are in the flushed stream: a background snapshot lets the
+        guest write them again (QEMU's ram_save_release_protection).
+
+        Every page of the range was saved: the ones just sent, and those
+        between them, which the bitmap no longer holds because an earlier
+        fault or scan saved (and unprotected) them.
+        """
+        tracking = self.ctx.write_tracking
+        if tracking is not None:
+            tracking.unprotect(block, first, end - first)
 
     def _send_batch(self, f: QEMUFileOut, max_pages: int = BATCH_PAGES) -> bool:
         """Send the next batch of dirty pages, choosing their encoding as QEMU's ram_save_target_page.
@@ -323,6 +358,9 @@ class RamSaver:
             self._send_xbzrle(f, block, pages)
         else:
             self._send_plain(f, block, pages)
+        if self.ctx.write_tracking is not None:
+            f.flush()
+            self._release_protection(block, int(pages[0]), int(pages[-1]) + 1)
         return True
 
     def _send_plain(self, f: QEMUFileOut, block: RAMBlock, pages: np.ndarray) -> None:

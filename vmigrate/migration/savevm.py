@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from vmigrate.machine.devices import DeviceModel
+    from vmigrate.machine.write_tracking import WriteTracking
     from vmigrate.migration.multifd import MultifdSender
     from vmigrate.migration.postcopy import PageRequests
     from vmigrate.migration.postcopy_incoming import PostcopyIncoming
@@ -72,6 +73,8 @@ class SaveContext:
     page_requests: "PageRequests | None" = None
     #: The postcopy-preempt channel, for requested pages (None without ``postcopy-preempt``).
     preempt: QEMUFileOut | None = None
+    #: A background snapshot's write protection (None otherwise): no dirty log, faults first.
+    write_tracking: "WriteTracking | None" = None
 
 
 @dataclass
@@ -265,12 +268,14 @@ class SaveVM:
             f.put(stream.section_end(s.section_id))
             s.save_complete(self.ctx)
             f.put(stream.footer(s.section_id))
-        devices = self.registry.device_sections()
-        for device in devices:
-            f.put(device.encode())
-        f.put(stream.eof())
-        f.put(stream.vmdesc(vmstate.vmdesc_json(devices)))
+        f.put(self.non_iterable_state())
         f.flush()
+
+    def non_iterable_state(self) -> bytes:
+        """The device sections read now, EOF and the VM description (QEMU's
+        qemu_savevm_state_complete_precopy_non_iterable): what ends a stream."""
+        devices = self.registry.device_sections()
+        return b"".join([*(d.encode() for d in devices), stream.eof(), stream.vmdesc(vmstate.vmdesc_json(devices))])
 
     def postcopy_switch(self) -> None:
         """The guest is stopped: the switch-over of docs/qemu/postcopy.md §3.
