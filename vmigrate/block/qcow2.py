@@ -100,7 +100,70 @@ class Qcow2Image(BlockDriver):
                     raise f.corrupt(f"snapshot '{sn.id}' L1 table too large")
                 check_table(self.filename, f"snapshot '{sn.id}' L1 table", sn.l1_table_offset,
                             sn.l1_size * 8, self.cluster_size, f.size)
+        self._sn_l1_spans = self._snapshot_l1_spans()
+        self._check_layout()
+        self.refs.vet = self._vet
         self._autoclear_pending = bool(h.autoclear) and h.version >= 3
+
+    # -- metadata placement --------------------------------------------------------------
+
+    def _clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """[first, end) host cluster indexes of a byte range."""
+        return (offset >> self.cluster_bits,
+                (offset + length + self.cluster_size - 1) >> self.cluster_bits)
+
+    def _snapshot_l1_spans(self) -> np.ndarray:
+        spans = [self._clusters(sn.l1_table_offset, sn.l1_size * 8)
+                 for sn in self._snapshots if sn.l1_size]
+        return np.array(spans, np.int64).reshape(-1, 2)
+
+    def _fixed_metadata(self) -> list[tuple[int, int, str]]:
+        spans = [(0, 1, "the image header"),
+                 (*self._clusters(self.l1_offset, len(self.l1) * 8), "the active L1 table"),
+                 (*self._clusters(self.refs.table_offset,
+                                  self.refs.table_clusters << self.cluster_bits),
+                  "the refcount table")]
+        if self._snapshot_bytes:
+            spans.append((*self._clusters(self.header.snapshots_offset, self._snapshot_bytes),
+                          "the snapshot table"))
+        return spans
+
+    def _overlap(self, first: int, end: int) -> str | None:
+        """Which metadata the host clusters [first, end) hold, if any (what QEMU's
+        qcow2_check_metadata_overlap guards in its default "cached" mode)."""
+        for a, b, what in self._fixed_metadata():
+            if a < end and b > first:
+                return what
+        spans = self._sn_l1_spans
+        if ((spans[:, 0] < end) & (spans[:, 1] > first)).any():
+            return "an internal snapshot's L1 table"
+        blocks = (self.refs.table >> np.uint64(self.cluster_bits)).astype(np.int64)
+        if ((blocks >= first) & (blocks < end) & (blocks != 0)).any():
+            return "a refcount block"
+        l2 = ((self.l1 & OFFSET) >> np.uint64(self.cluster_bits)).astype(np.int64)
+        if ((l2 >= first) & (l2 < end)).any():
+            return "an L2 table"
+        return None
+
+    def _vet(self, first: int, count: int) -> None:
+        """Refuse to write data or new metadata over existing metadata."""
+        what = self._overlap(first, first + count)
+        if what is not None:
+            raise self.file.corrupt(f"refusing to write over {what} at host cluster "
+                                    f"0x{first << self.cluster_bits:x}: mappings or refcounts "
+                                    "are inconsistent")
+
+    def _check_layout(self) -> None:
+        """L2 tables and refcount blocks must not sit on the header or the fixed tables."""
+        cb = np.uint64(self.cluster_bits)
+        tables = (("L2 table", ((self.l1 & OFFSET) >> cb).astype(np.int64)),
+                  ("refcount block", (self.refs.table >> cb).astype(np.int64)))
+        for a, b, what in self._fixed_metadata():
+            for label, clusters in tables:
+                bad = clusters[(clusters >= a) & (clusters < b) & (clusters != 0)]
+                if bad.size:
+                    raise self.file.corrupt(f"{label} at 0x{int(bad[0]) << self.cluster_bits:x} "
+                                            f"overlaps {what}")
 
     # -- properties ------------------------------------------------------------------------
 
@@ -371,6 +434,23 @@ class Qcow2Image(BlockDriver):
             self._backing_into(memoryview(out), guest)
         return out
 
+    def _cow_edges(self, entries: np.ndarray, fresh: np.ndarray, base: int, a: int, b: int,
+                   lo: int, hi: int) -> tuple[bytes, bytes]:
+        """The old bytes around a write of [lo, hi) into new clusters a..b-1 (guest cluster
+        ``base`` is entry 0): the parts of its first and last cluster it leaves alone."""
+        cs = self.cluster_size
+        first, last = base + a * cs, base + (b - 1) * cs
+        head = tail = b""
+        content = None
+        if lo > first and fresh[a]:
+            content = self._cluster_content(int(entries[a]), first)
+            head = bytes(content[:lo - first])
+        if hi < last + cs and fresh[b - 1]:
+            if content is None or b - 1 != a:
+                content = self._cluster_content(int(entries[b - 1]), last)
+            tail = bytes(content[hi - last:])
+        return head, tail
+
     def _ensure_l1(self, entries: int) -> None:
         """Grow the active L1 table (to a fresh place) to hold ``entries``: the VM-state area
         lies beyond the disk's part of it (block/qcow2-cluster.c qcow2_grow_l1_table)."""
@@ -450,18 +530,13 @@ class Qcow2Image(BlockDriver):
                 host[fresh] = np.uint64(new_base) + np.arange(fresh.size, dtype=np.uint64) * \
                     np.uint64(cs)
             base = (pos >> self.cluster_bits) << self.cluster_bits
-            run_kinds = np.where(inplace, NORMAL, UNALLOCATED).astype(np.int8)
             for a, b in self._runs(np.full(len(entries), NORMAL, np.int8), host):
                 lo = max(pos, base + a * cs)
                 hi = min(chunk_end, base + b * cs)
-                head = tail = b""
-                if lo > base + a * cs and run_kinds[a] != NORMAL:
-                    head = self._cluster_content(int(entries[a]), base + a * cs)[:lo - base - a * cs]
-                if hi < base + b * cs and run_kinds[b - 1] != NORMAL:
-                    cut = hi - (base + (b - 1) * cs)
-                    tail = self._cluster_content(int(entries[b - 1]), base + (b - 1) * cs)[cut:]
-                start = int(host[a]) + (lo - base - a * cs) - len(head)
-                self.file.write(start, head, data[lo - offset:hi - offset], tail)
+                head, tail = self._cow_edges(entries, ~inplace, base, a, b, lo, hi)
+                self._vet(int(host[a]) >> self.cluster_bits, b - a)
+                self.file.write(int(host[a]) + lo - (base + a * cs) - len(head), head,
+                                data[lo - offset:hi - offset], tail)
             if fresh.size:
                 entries[fresh] = host[fresh] | COPIED
                 self._write_l2(l2_offset, table, first, last + 1)
@@ -612,6 +687,7 @@ class Qcow2Image(BlockDriver):
         self._write_header(OFF_SNAPSHOTS, ">IQ", len(entries), offset)
         self.header.nb_snapshots, self.header.snapshots_offset = len(entries), offset
         self._snapshots, self._snapshot_bytes = entries, len(raw)
+        self._sn_l1_spans = self._snapshot_l1_spans()
         if old_bytes:
             first = old_offset >> self.cluster_bits
             count = -(-old_bytes // self.cluster_size)

@@ -56,6 +56,9 @@ class Refcounts:
         self._blocks: dict[int, np.ndarray] = {}
         self._pending_table = False
         self.free_hint = 0
+        #: Called with (first cluster, count) before free clusters are taken: the image
+        #: refuses clusters that hold metadata (a refcount of 0 there means damage).
+        self.vet: Callable[[int, int], None] = lambda first, count: None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -122,6 +125,7 @@ class Refcounts:
         start = self.find_free(count)
         if (start + count) << self.cluster_bits > OFFSET_MASK:
             raise self.file.error("image file would exceed the largest qcow2 offset")
+        self.vet(start, count)
         self.free_hint = start + count
         self.change(np.arange(start, start + count, dtype=np.int64), 1)
         return start << self.cluster_bits
@@ -172,6 +176,7 @@ class Refcounts:
                 self._grow_table(index + 1)
                 continue
             where = self.find_free(1)
+            self.vet(where, 1)
             self.free_hint = where + 1
             block = np.zeros(1 << self.block_bits, self.dtype)
             if where >> self.block_bits == index:
@@ -213,6 +218,7 @@ class Refcounts:
             if last >> self.block_bits < entries:
                 break
             entries = (last >> self.block_bits) + 1
+        self.vet(start, clusters)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         table = np.zeros(entries, np.uint64)
         table[:len(self.table)] = self.table
