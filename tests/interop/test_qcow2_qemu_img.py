@@ -205,6 +205,21 @@ def test_compressed_image_reads_and_cow(tmp_path):
     assert converted(path) == data
 
 
+def test_bitmaps_autoclear_bit_cleared_as_the_spec_asks(tmp_path):
+    """We do not maintain persistent bitmaps: the first write clears autoclear bit 0, and
+    QEMU then treats the bitmaps as stale (their clusters only leak; qcow2.txt)."""
+    path = create(tmp_path / "a.qcow2", 4 * MIB)
+    qemu_img("bitmap", "--add", str(path), "b0")
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 100)
+    img.close()
+    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 0
+    result = qemu_img("check", str(path), check=False)
+    assert "program lacking bitmap support modified this file" in result.stderr
+    assert result.returncode == 3 and "ERROR" not in result.stdout + result.stderr
+    assert converted(path)[:101] == b"x" * 100 + b"\0"
+
+
 def _hostile(path: Path, offset: int, fmt: str, *values) -> None:
     raw = bytearray(path.read_bytes())
     struct.pack_into(fmt, raw, offset, *values)

@@ -412,6 +412,57 @@ def test_hostile_headers_refused_without_writing(tmp_path, damage, text):
     assert sha(path) == before
 
 
+def test_hostile_extensions_and_backing_names_refused(tmp_path):
+    path = make_qcow2(tmp_path / "a.qcow2", MIB, extensions=((0x12345678, b"x" * 16),))
+    _patch(path, 104 + 4, ">I", 1 << 20)
+    with pytest.raises(ImageError, match="overruns the header cluster"):
+        open_image("qcow2", str(path))
+    path = make_qcow2(tmp_path / "b.qcow2", MIB, backing="base")
+    _patch(path, 16, ">I", 5000)
+    with pytest.raises(ImageError, match="backing file name"):
+        open_image("qcow2", str(path))
+    path = make_qcow2(tmp_path / "c.qcow2", MIB)
+    _patch(path, 100, ">I", 100)
+    with pytest.raises(ImageError, match="invalid header length"):
+        open_image("qcow2", str(path))
+
+
+def test_backing_loop_refused(tmp_path):
+    path = make_qcow2(tmp_path / "loop.qcow2", MIB, backing="loop.qcow2", backing_format="qcow2")
+    with pytest.raises(ImageError, match="deeper than 64"):
+        open_image("qcow2", str(path))
+
+
+def test_l2_entry_on_the_header_refused_before_writing(tmp_path):
+    """A mapping that points a guest cluster at the header (refcount 1, COPIED) would have
+    the write land on metadata: refused, file untouched."""
+    path = make_qcow2(tmp_path / "a.qcow2", 2 * MIB)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 100)
+    img.close()
+    l2 = struct.unpack_from(">Q", path.read_bytes(), 3 * 65536)[0] & OFFSET_MASK
+    _patch(path, l2 + 8, ">Q", 0 | COPIED | 3 * 65536)
+    before = sha(path)
+    img = open_image("qcow2", str(path))
+    with pytest.raises(ImageError, match="refusing to write over the active L1 table"):
+        img.write(65536, b"boom")
+    img.close()
+    assert sha(path) == before
+
+
+def test_metadata_with_zero_refcount_not_reused(tmp_path):
+    """The L1 table's refcount cleared: allocation would hand its cluster out; refused."""
+    path = make_qcow2(tmp_path / "a.qcow2", MIB)
+    _patch(path, 2 * 65536 + 2 * 3, ">H", 0)
+    before = sha(path)
+    img = open_image("qcow2", str(path))
+    img.refs.free_hint = 0
+    with pytest.raises(ImageError, match="refusing to write over the active L1 table"):
+        img.write(0, b"x")
+    img.close()
+    assert sha(path) == before
+
+
 def test_snapshot_table_garbage_refused(tmp_path):
     path = make_qcow2(tmp_path / "a.qcow2", MIB)
     img = open_image("qcow2", str(path))
