@@ -69,10 +69,14 @@ def sha(path: Path) -> str:
 
 @pytest.mark.parametrize("options,size,count", [((), 32 * MIB, 80),
                                                 (("-o", "cluster_size=4096"), 16 * MIB, 80),
-                                                (("-o", "cluster_size=512"), 16 * MIB, 120)])
+                                                (("-o", "cluster_size=512"), 16 * MIB, 120),
+                                                (("-o", "compat=0.10"), 8 * MIB, 40),
+                                                (("-o", "refcount_bits=64"), 8 * MIB, 40),
+                                                (("-o", "refcount_bits=8"), 8 * MIB, 40)])
 def test_random_writes_pass_check_and_convert(tmp_path, options, size, count):
     """With 512-byte clusters ~11 MiB of data needs many refcount blocks and a bigger table."""
     path = create(tmp_path / "a.qcow2", size, *options)
+    reftable_before = struct.unpack_from(">QI", path.read_bytes(), 48)
     img = open_image("qcow2", str(path))
     model = bytearray(size)
     rnd = random.Random(len(options) + count)
@@ -83,6 +87,8 @@ def test_random_writes_pass_check_and_convert(tmp_path, options, size, count):
     img.close()
     assert_clean(path)
     assert converted(path) == model
+    if "cluster_size=512" in options:
+        assert struct.unpack_from(">QI", path.read_bytes(), 48)[1] > reftable_before[1]
 
 
 def test_backing_chain_copy_on_write_and_allocation_map(tmp_path):
@@ -153,6 +159,51 @@ def test_our_snapshots_seen_applied_and_deleted_by_qemu_img(tmp_path):
     assert_clean(path)
     assert qemu_img("snapshot", "-l", str(path)).stdout == ""
     assert converted(path) == at_first
+
+
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_mixed_operations_against_a_model(tmp_path, cluster_size):
+    """Writes, zeroes, snapshots with VM state, reverts and deletes in random order over a
+    raw backing file; every snapshot converts to the data it was taken of."""
+    rnd = random.Random(cluster_size)
+    size = 3 * MIB
+    base = bytearray(rnd.randbytes(size // 2))
+    (tmp_path / "b.raw").write_bytes(base)
+    path = create(tmp_path / "m.qcow2", size, "-o", f"cluster_size={cluster_size}",
+                  "-b", "b.raw", "-F", "raw")
+    model = base + bytearray(size - len(base))
+    img = open_image("qcow2", str(path))
+    snaps: dict[str, tuple[bytes, bytes]] = {}
+    for step in range(60):
+        r = rnd.random()
+        if r < 0.45:
+            scribble(img, model, rnd, 1, 100_000)
+        elif r < 0.6:
+            n = rnd.randrange(1, 200_000)
+            off = rnd.randrange(0, size - n)
+            img.write_zeroes(off, n)
+            model[off:off + n] = bytes(n)
+        elif r < 0.72:
+            vm = rnd.randbytes(rnd.randrange(0, 50_000))
+            img.write_vmstate(0, vm)
+            sid = img.create_snapshot(f"s{step}", step, 0, 0, len(vm)).id
+            snaps[sid] = (bytes(model), vm)
+        elif r < 0.85 and snaps:
+            sid = rnd.choice(sorted(snaps))
+            img.goto_snapshot(sid)
+            model = bytearray(snaps[sid][0])
+            assert img.read_vmstate(0, len(snaps[sid][1])) == snaps[sid][1]
+        elif snaps:
+            sid = rnd.choice(sorted(snaps))
+            img.delete_snapshot(sid)
+            del snaps[sid]
+    assert img.read(0, size) == model
+    img.close()
+    assert snaps
+    assert_clean(path)
+    assert converted(path) == model
+    for sid, (data, _) in snaps.items():
+        assert converted(path, "-l", f"snapshot.id={sid}") == data
 
 
 def test_qemu_made_snapshot_goto(tmp_path):
