@@ -23,21 +23,13 @@ from vmigrate.block.qcow2_format import (
     COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_SNAPSHOTS,
     OFF_AUTOCLEAR, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS, Header, check_table,
     header_prefix_length, parse_header)
+from vmigrate.block.qcow2_l2 import (
+    COMPRESSED_KIND, COPIED, NORMAL, OFFSET, UNALLOCATED, ZERO, EntryFormat)
 from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
 from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
 
 log = logging.getLogger(__name__)
 
-COPIED = np.uint64(1 << 63)
-COMPRESSED = np.uint64(1 << 62)
-ZERO = np.uint64(1)
-OFFSET = np.uint64(OFFSET_MASK)
-#: Bits an L1 entry / a standard L2 entry must leave clear (qcow2.txt "Cluster mapping").
-L1_RESERVED = np.uint64(~(OFFSET_MASK | (1 << 63)) & (2**64 - 1))
-L2_RESERVED = np.uint64(0x3F000000000001FE)
-
-#: Kinds of L2 entries (QEMU's QCow2ClusterType).
-UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED_KIND = range(5)
 _L2_CACHE = 512
 
 
@@ -78,9 +70,7 @@ class Qcow2Image(BlockDriver):
         self.cluster_bits = h.cluster_bits
         self.l2_bits = h.l2_bits
         self._size = h.size
-        self._csize_shift = 62 - (h.cluster_bits - 8)
-        self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
-        self._coffset_mask = np.uint64((1 << self._csize_shift) - 1)
+        self.entries = EntryFormat(h.cluster_bits, h.version >= 3)
         self.l1_offset = h.l1_table_offset
         self.l1 = self._load_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.refs = Refcounts(f, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
@@ -212,22 +202,9 @@ class Qcow2Image(BlockDriver):
     def _load_l1(self, offset: int, count: int, what: str) -> np.ndarray:
         raw = self.file.read_meta(offset, count * 8, what) if count else b""
         l1 = np.frombuffer(raw, ">u8").astype(np.uint64)
-        bad = np.flatnonzero(l1 & L1_RESERVED)
-        if bad.size:
-            raise self.file.corrupt(f"{what} entry {bad[0]} (0x{int(l1[bad[0]]):x}) has "
-                                    "reserved bits set or is not cluster aligned"
-                                    if l1[bad[0]] & OFFSET else
-                                    f"{what} entry {bad[0]} has reserved bits set")
-        offs = l1 & OFFSET
-        misaligned = np.flatnonzero(offs & np.uint64(self.cluster_size - 1))
-        if misaligned.size:
-            raise self.file.corrupt(f"L2 table offset 0x{int(offs[misaligned[0]]):x} "
-                                    "not cluster aligned")
-        beyond = np.flatnonzero((offs != 0)
-                                & (offs + np.uint64(self.cluster_size) > np.uint64(self.file.size)))
-        if beyond.size:
-            raise self.file.corrupt(f"L2 table offset 0x{int(offs[beyond[0]]):x} beyond the "
-                                    "end of the file")
+        problem = self.entries.l1_problem(l1, self.file.size)
+        if problem:
+            raise self.file.corrupt(f"{what}: {problem}")
         return l1
 
     def _l2(self, offset: int) -> np.ndarray:
@@ -237,21 +214,9 @@ class Qcow2Image(BlockDriver):
             return table
         raw = self.file.read_meta(offset, self.cluster_size, "L2 table")
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
-        std = (table & COMPRESSED) == 0
-        host = table & OFFSET
-        bad = np.flatnonzero(std & ((table & L2_RESERVED) != 0))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: entry {bad[0]} has reserved "
-                                    "bits set")
-        bad = np.flatnonzero(std & ((host & np.uint64(self.cluster_size - 1)) != 0))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
-                                    f"0x{int(host[bad[0]]):x} not cluster aligned")
-        start = np.where(std, host, table & self._coffset_mask)
-        bad = np.flatnonzero((start != 0) & (start >= np.uint64(self.file.size)))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
-                                    f"0x{int(start[bad[0]]):x} beyond the end of the file")
+        problem = self.entries.l2_problem(table, self.file.size)
+        if problem:
+            raise self.file.corrupt(f"L2 table at 0x{offset:x}: {problem}")
         if len(self._l2_cache) >= _L2_CACHE:
             self._l2_cache.pop(next(iter(self._l2_cache)))
         self._l2_cache[offset] = table
@@ -289,41 +254,10 @@ class Qcow2Image(BlockDriver):
             self.header.autoclear = 0
             self._autoclear_pending = False
 
-    # -- entry classification --------------------------------------------------------------
-
-    def _kinds(self, entries: np.ndarray) -> np.ndarray:
-        comp = (entries & COMPRESSED) != 0
-        zero = ((entries & ZERO) != 0) & (self.header.version >= 3)
-        host = (entries & OFFSET) != 0
-        kinds = np.full(entries.shape, UNALLOCATED, np.int8)
-        kinds[host] = NORMAL
-        kinds[zero] = ZERO_PLAIN
-        kinds[zero & host] = ZERO_ALLOC
-        kinds[comp] = COMPRESSED_KIND
-        return kinds
-
-    def _host_clusters(self, entries: np.ndarray) -> np.ndarray:
-        """Host cluster indexes the entries hold a reference to (compressed data counts
-        every cluster it touches, as block/qcow2-refcount.c does)."""
-        comp = (entries & COMPRESSED) != 0
-        plain = entries[~comp] & OFFSET
-        plain = (plain[plain != 0] >> np.uint64(self.cluster_bits)).astype(np.int64)
-        if not comp.any():
-            return plain
-        c = entries[comp]
-        start = (c & self._coffset_mask).astype(np.int64)
-        sectors = ((c >> np.uint64(self._csize_shift)).astype(np.int64) & self._csize_mask) + 1
-        end = start + sectors * 512 - (start & 511)
-        first = start >> self.cluster_bits
-        last = (end - 1) >> self.cluster_bits
-        spans = [first + k for k in range(int((last - first).max()) + 1)]
-        parts = [plain] + [s[s <= last] for s in spans]
-        return np.concatenate(parts)
-
     def _decompress(self, entry: int) -> bytes:
-        start = entry & int(self._coffset_mask)
-        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
-        length = sectors * 512 - (start & 511)
+        """A compressed cluster: raw deflate, 4 KiB window (block/qcow2-threads.c)."""
+        starts, lengths = self.entries.compressed_extent(np.array([entry], np.uint64))
+        start, length = int(starts[0]), int(lengths[0])
         raw = os.pread(self.file.fd, length, start)
         try:
             out = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
@@ -345,17 +279,6 @@ class Qcow2Image(BlockDriver):
             n = min(len(view), end - offset)
             view[:n] = self.backing.read(offset, n)
 
-    def _runs(self, kinds: np.ndarray, host: np.ndarray) -> list[tuple[int, int]]:
-        """[start, stop) runs of entries of one kind, normal ones contiguous on the host."""
-        n = len(kinds)
-        brk = np.ones(n, bool)
-        if n > 1:
-            brk[1:] = ((kinds[1:] != kinds[:-1]) | (kinds[1:] == COMPRESSED_KIND)
-                       | ((kinds[1:] == NORMAL)
-                          & (host[1:] != host[:-1] + np.uint64(self.cluster_size))))
-        starts = np.flatnonzero(brk).tolist()
-        return list(zip(starts, starts[1:] + [n]))
-
     def _read_into(self, out: memoryview, offset: int) -> None:
         cs = self.cluster_size
         l2_shift = self.cluster_bits + self.l2_bits
@@ -372,10 +295,10 @@ class Qcow2Image(BlockDriver):
             first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
             last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
             entries = self._l2(l2_offset)[first:last + 1]
-            kinds = self._kinds(entries)
+            kinds = self.entries.kinds(entries)
             host = entries & OFFSET
             base = (pos >> self.cluster_bits) << self.cluster_bits
-            for a, b in self._runs(kinds, host):
+            for a, b in self.entries.runs(kinds, host):
                 lo = max(pos, base + a * cs)
                 hi = min(chunk_end, base + b * cs)
                 part = view[lo - pos:hi - pos]
@@ -415,7 +338,7 @@ class Qcow2Image(BlockDriver):
                 first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
                 last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
                 entries = self._l2(l2_offset)[first:last + 1]
-                if (self._kinds(entries) != UNALLOCATED).any():
+                if (self.entries.kinds(entries) != UNALLOCATED).any():
                     return True
             pos = chunk_end
         return False
@@ -425,7 +348,7 @@ class Qcow2Image(BlockDriver):
     def _cluster_content(self, entry: int, guest: int) -> bytearray:
         """What a guest cluster reads as now (for copy-on-write of a partial write)."""
         out = bytearray(self.cluster_size)
-        kind = int(self._kinds(np.array([entry], np.uint64))[0])
+        kind = int(self.entries.kinds(np.array([entry], np.uint64))[0])
         if kind == NORMAL:
             self.file.read_into(memoryview(out), entry & OFFSET_MASK)
         elif kind == COMPRESSED_KIND:
@@ -480,9 +403,8 @@ class Qcow2Image(BlockDriver):
         old = entry & OFFSET_MASK
         if old and entry & (1 << 63):
             return old, self._l2(old)
-        table = self._l2(old).copy() if old else np.zeros(1 << self.l2_bits, np.uint64)
-        if old:
-            self._set_copied(table)
+        table = (self.entries.with_copied(self._l2(old), self.refs.get) if old
+                 else np.zeros(1 << self.l2_bits, np.uint64))
         offset = self.refs.allocate(1)
         self.file.write(offset, table.astype(">u8").tobytes())
         self._l2_cache[offset] = table
@@ -491,21 +413,6 @@ class Qcow2Image(BlockDriver):
         if old:
             self._release(np.array([old >> self.cluster_bits]))
         return offset, table
-
-    def _set_copied(self, table: np.ndarray) -> bool:
-        """Recompute COPIED of every entry (refcount exactly 1; never for compressed or
-        unallocated ones).  Returns whether anything changed."""
-        host = table & OFFSET
-        std = ((table & COMPRESSED) == 0) & (host != 0)
-        want = np.zeros(table.shape, bool)
-        idx = np.flatnonzero(std)
-        if idx.size:
-            counts = self.refs.get((host[idx] >> np.uint64(self.cluster_bits)).astype(np.int64))
-            want[idx] = counts == 1
-        new = np.where(want, table | COPIED, table & ~COPIED)
-        changed = bool((new != table).any())
-        table[:] = new
-        return changed
 
     def _write(self, offset: int, data: memoryview) -> None:
         cs = self.cluster_size
@@ -519,7 +426,7 @@ class Qcow2Image(BlockDriver):
             first = (pos >> self.cluster_bits) & mask
             last = ((chunk_end - 1) >> self.cluster_bits) & mask
             entries = table[first:last + 1]
-            kinds = self._kinds(entries)
+            kinds = self.entries.kinds(entries)
             inplace = (kinds == NORMAL) & ((entries & COPIED) != 0)
             fresh = np.flatnonzero(~inplace)
             host = entries & OFFSET
@@ -530,7 +437,7 @@ class Qcow2Image(BlockDriver):
                 host[fresh] = np.uint64(new_base) + np.arange(fresh.size, dtype=np.uint64) * \
                     np.uint64(cs)
             base = (pos >> self.cluster_bits) << self.cluster_bits
-            for a, b in self._runs(np.full(len(entries), NORMAL, np.int8), host):
+            for a, b in self.entries.runs(np.full(len(entries), NORMAL, np.int8), host):
                 lo = max(pos, base + a * cs)
                 hi = min(chunk_end, base + b * cs)
                 head, tail = self._cow_edges(entries, ~inplace, base, a, b, lo, hi)
@@ -540,7 +447,7 @@ class Qcow2Image(BlockDriver):
             if fresh.size:
                 entries[fresh] = host[fresh] | COPIED
                 self._write_l2(l2_offset, table, first, last + 1)
-                self._release(self._host_clusters(old))
+                self._release(self.entries.referenced_clusters(old))
             pos = chunk_end
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -585,7 +492,7 @@ class Qcow2Image(BlockDriver):
             pos_next = chunk_end
             if only_allocated:
                 l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
-                if not l2_offset or not (self._kinds(self._l2(l2_offset)[first:last + 1])
+                if not l2_offset or not (self.entries.kinds(self._l2(l2_offset)[first:last + 1])
                                          != UNALLOCATED).any():
                     pos = pos_next
                     continue
@@ -593,12 +500,12 @@ class Qcow2Image(BlockDriver):
             entries = table[first:last + 1]
             change = entries != value
             if only_allocated:
-                change &= self._kinds(entries) != UNALLOCATED
+                change &= self.entries.kinds(entries) != UNALLOCATED
             if change.any():
                 old = entries[change].copy()
                 entries[change] = value
                 self._write_l2(l2_offset, table, first, last + 1)
-                self._release(self._host_clusters(old))
+                self._release(self.entries.referenced_clusters(old))
             pos = pos_next
 
     def flush(self) -> None:
@@ -655,7 +562,7 @@ class Qcow2Image(BlockDriver):
         offsets = (l1 & OFFSET)[(l1 & OFFSET) != 0]
         parts = [(offsets >> np.uint64(self.cluster_bits)).astype(np.int64)]
         for offset in offsets.tolist():
-            parts.append(self._host_clusters(self._l2(offset)))
+            parts.append(self.entries.referenced_clusters(self._l2(offset)))
         return np.concatenate(parts)
 
     def _update_copied(self) -> None:
@@ -668,7 +575,9 @@ class Qcow2Image(BlockDriver):
         new[used] = np.where(counts == 1, self.l1[used] | COPIED, self.l1[used] & ~COPIED)
         for offset in offsets[used].tolist():
             table = self._l2(offset)
-            if self._set_copied(table):
+            fixed = self.entries.with_copied(table, self.refs.get)
+            if (fixed != table).any():
+                table[:] = fixed
                 self._write_l2(offset, table, 0, len(table))
         changed = np.flatnonzero(new != self.l1)
         self.l1 = new
