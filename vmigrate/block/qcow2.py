@@ -217,10 +217,14 @@ class Qcow2Image(BlockDriver):
         problem = self.entries.l2_problem(table, self.file.size)
         if problem:
             raise self.file.corrupt(f"L2 table at 0x{offset:x}: {problem}")
+        self._cache_l2(offset, table)
+        return table
+
+    def _cache_l2(self, offset: int, table: np.ndarray) -> None:
+        """Write-through cache: evicting is free (oldest first)."""
         if len(self._l2_cache) >= _L2_CACHE:
             self._l2_cache.pop(next(iter(self._l2_cache)))
         self._l2_cache[offset] = table
-        return table
 
     def _write_l2(self, offset: int, table: np.ndarray, lo: int, hi: int) -> None:
         self.file.write(offset + 8 * lo, table[lo:hi].astype(">u8").tobytes())
@@ -279,38 +283,45 @@ class Qcow2Image(BlockDriver):
             n = min(len(view), end - offset)
             view[:n] = self.backing.read(offset, n)
 
+    def _chunks(self, start: int, stop: int):
+        """Split [start, stop) per L2 table: (L1 index, guest start, guest stop, first entry,
+        end entry)."""
+        shift = self.cluster_bits + self.l2_bits
+        mask = (1 << self.l2_bits) - 1
+        pos = start
+        while pos < stop:
+            l1_index = pos >> shift
+            end = min(stop, (l1_index + 1) << shift)
+            yield (l1_index, pos, end, (pos >> self.cluster_bits) & mask,
+                   (((end - 1) >> self.cluster_bits) & mask) + 1)
+            pos = end
+
+    def _l2_offset(self, l1_index: int) -> int:
+        return int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+
     def _read_into(self, out: memoryview, offset: int) -> None:
+        """Coalesced: one pread per run of host-contiguous clusters."""
         cs = self.cluster_size
-        l2_shift = self.cluster_bits + self.l2_bits
-        pos, end = offset, offset + len(out)
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
-            view = out[pos - offset:chunk_end - offset]
-            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+        for l1_index, pos, end, first, stop in self._chunks(offset, offset + len(out)):
+            view = out[pos - offset:end - offset]
+            l2_offset = self._l2_offset(l1_index)
             if not l2_offset:
                 self._backing_into(view, pos)
-                pos = chunk_end
                 continue
-            first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-            last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-            entries = self._l2(l2_offset)[first:last + 1]
+            entries = self._l2(l2_offset)[first:stop]
             kinds = self.entries.kinds(entries)
             host = entries & OFFSET
             base = (pos >> self.cluster_bits) << self.cluster_bits
             for a, b in self.entries.runs(kinds, host):
-                lo = max(pos, base + a * cs)
-                hi = min(chunk_end, base + b * cs)
+                lo, hi = max(pos, base + a * cs), min(end, base + b * cs)
                 part = view[lo - pos:hi - pos]
-                kind = kinds[a]
-                if kind == NORMAL:
+                if kinds[a] == NORMAL:
                     self.file.read_into(part, int(host[a]) + lo - (base + a * cs))
-                elif kind == UNALLOCATED:
+                elif kinds[a] == UNALLOCATED:
                     self._backing_into(part, lo)
-                elif kind == COMPRESSED_KIND:
-                    data = self._decompress(int(entries[a]))
-                    part[:] = data[lo - (base + a * cs):hi - (base + a * cs)]
-            pos = chunk_end
+                elif kinds[a] == COMPRESSED_KIND:
+                    skip = lo - (base + a * cs)
+                    part[:] = self._decompress(int(entries[a]))[skip:skip + hi - lo]
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:
@@ -326,21 +337,11 @@ class Qcow2Image(BlockDriver):
     def allocated(self, offset: int, length: int) -> bool:
         """Any cluster of the range mapped or zero here (QEMU's bdrv_is_allocated)."""
         self._check_range(offset, length)
-        if not length:
-            return False
-        l2_shift = self.cluster_bits + self.l2_bits
-        pos, end = offset, offset + length
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
-            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
-            if l2_offset:
-                first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-                last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-                entries = self._l2(l2_offset)[first:last + 1]
-                if (self.entries.kinds(entries) != UNALLOCATED).any():
-                    return True
-            pos = chunk_end
+        for l1_index, _, _, first, stop in self._chunks(offset, offset + length):
+            l2_offset = self._l2_offset(l1_index)
+            if l2_offset and (self.entries.kinds(self._l2(l2_offset)[first:stop])
+                              != UNALLOCATED).any():
+                return True
         return False
 
     # -- writing ---------------------------------------------------------------------------
@@ -407,7 +408,7 @@ class Qcow2Image(BlockDriver):
                  else np.zeros(1 << self.l2_bits, np.uint64))
         offset = self.refs.allocate(1)
         self.file.write(offset, table.astype(">u8").tobytes())
-        self._l2_cache[offset] = table
+        self._cache_l2(offset, table)
         self.l1[l1_index] = np.uint64(offset) | COPIED
         self._write_l1(l1_index, l1_index + 1)
         if old:
@@ -415,40 +416,31 @@ class Qcow2Image(BlockDriver):
         return offset, table
 
     def _write(self, offset: int, data: memoryview) -> None:
+        """Clusters with refcount 1 are written in place, all others get new clusters in one
+        contiguous allocation per L2 table; then the L2 entries, then old references drop."""
         cs = self.cluster_size
-        l2_shift = self.cluster_bits + self.l2_bits
-        mask = (1 << self.l2_bits) - 1
-        pos, end = offset, offset + len(data)
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
+        for l1_index, pos, end, first, stop in self._chunks(offset, offset + len(data)):
             l2_offset, table = self._writable_l2(l1_index)
-            first = (pos >> self.cluster_bits) & mask
-            last = ((chunk_end - 1) >> self.cluster_bits) & mask
-            entries = table[first:last + 1]
-            kinds = self.entries.kinds(entries)
-            inplace = (kinds == NORMAL) & ((entries & COPIED) != 0)
+            entries = table[first:stop]
+            inplace = (self.entries.kinds(entries) == NORMAL) & ((entries & COPIED) != 0)
             fresh = np.flatnonzero(~inplace)
             host = entries & OFFSET
-            old = entries[fresh].copy()
+            old = entries[fresh]
             if fresh.size:
                 new_base = self.refs.allocate(int(fresh.size))
-                host = host.copy()
-                host[fresh] = np.uint64(new_base) + np.arange(fresh.size, dtype=np.uint64) * \
-                    np.uint64(cs)
+                host[fresh] = (np.uint64(new_base)
+                               + np.arange(fresh.size, dtype=np.uint64) * np.uint64(cs))
             base = (pos >> self.cluster_bits) << self.cluster_bits
             for a, b in self.entries.runs(np.full(len(entries), NORMAL, np.int8), host):
-                lo = max(pos, base + a * cs)
-                hi = min(chunk_end, base + b * cs)
+                lo, hi = max(pos, base + a * cs), min(end, base + b * cs)
                 head, tail = self._cow_edges(entries, ~inplace, base, a, b, lo, hi)
                 self._vet(int(host[a]) >> self.cluster_bits, b - a)
                 self.file.write(int(host[a]) + lo - (base + a * cs) - len(head), head,
                                 data[lo - offset:hi - offset], tail)
             if fresh.size:
                 entries[fresh] = host[fresh] | COPIED
-                self._write_l2(l2_offset, table, first, last + 1)
+                self._write_l2(l2_offset, table, first, stop)
                 self._release(self.entries.referenced_clusters(old))
-            pos = chunk_end
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -481,32 +473,22 @@ class Qcow2Image(BlockDriver):
         """Set the L2 entries of whole clusters in [start, stop) to ``value`` (ZERO or 0) and
         drop their references; ``only_allocated`` leaves unallocated ones and missing L2
         tables alone (the VM-state discard after a snapshot, block/qcow2-snapshot.c)."""
-        l2_shift = self.cluster_bits + self.l2_bits
-        mask = (1 << self.l2_bits) - 1
-        pos = start
-        while pos < stop:
-            l1_index = pos >> l2_shift
-            chunk_end = min(stop, (l1_index + 1) << l2_shift)
-            first = (pos >> self.cluster_bits) & mask
-            last = ((chunk_end - 1) >> self.cluster_bits) & mask
-            pos_next = chunk_end
+        for l1_index, _, _, first, stop_entry in self._chunks(start, stop):
             if only_allocated:
-                l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
-                if not l2_offset or not (self.entries.kinds(self._l2(l2_offset)[first:last + 1])
+                l2_offset = self._l2_offset(l1_index)
+                if not l2_offset or not (self.entries.kinds(self._l2(l2_offset)[first:stop_entry])
                                          != UNALLOCATED).any():
-                    pos = pos_next
                     continue
             l2_offset, table = self._writable_l2(l1_index)
-            entries = table[first:last + 1]
+            entries = table[first:stop_entry]
             change = entries != value
             if only_allocated:
                 change &= self.entries.kinds(entries) != UNALLOCATED
             if change.any():
-                old = entries[change].copy()
+                old = entries[change]
                 entries[change] = value
-                self._write_l2(l2_offset, table, first, last + 1)
+                self._write_l2(l2_offset, table, first, stop_entry)
                 self._release(self.entries.referenced_clusters(old))
-            pos = pos_next
 
     def flush(self) -> None:
         """fdatasync only when something was written since the last flush."""
