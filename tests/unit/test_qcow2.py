@@ -18,6 +18,9 @@ from vmigrate.block.driver import ImageError
 from vmigrate.block.formats import open_image
 from vmigrate.block.qcow2 import Qcow2Image
 from vmigrate.block.qcow2_file import HostFile
+from vmigrate.block.qcow2_format import parse_header
+from vmigrate.block.qcow2_l2 import (
+    COMPRESSED_KIND, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, EntryFormat)
 from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
 from vmigrate.block.raw import RawImage
 
@@ -322,6 +325,43 @@ def test_vmstate_grows_l1_and_snapshot_records_it(tmp_path):
     assert img.read_vmstate(0, len(vm)) == vm
     img.close()
     assert check_image(path) == []
+
+
+def test_entry_kinds_references_runs_and_copied():
+    fmt = EntryFormat(16, True)
+    comp = (1 << 62) | (2 << (62 - 8)) | (0x2FF00)
+    entries = np.array([0, 1, 0x10000 | 1, 0x20000 | COPIED, 0x30000, comp, 0x40000, 0x50000],
+                       np.uint64)
+    assert fmt.kinds(entries).tolist() == [UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, NORMAL,
+                                           COMPRESSED_KIND, NORMAL, NORMAL]
+    assert EntryFormat(16, False).kinds(entries[:3]).tolist() == [UNALLOCATED, UNALLOCATED,
+                                                                  NORMAL]
+    start, length = fmt.compressed_extent(entries[5:6])
+    assert (int(start[0]), int(length[0])) == (0x2FF00, 3 * 512 - 0x100)
+    assert sorted(fmt.referenced_clusters(entries).tolist()) == [1, 2, 2, 3, 3, 4, 5]
+    kinds = fmt.kinds(entries)
+    assert fmt.runs(kinds, entries & np.uint64(OFFSET_MASK)) == [
+        (0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 8)]
+    flagged = fmt.with_copied(entries, lambda c: np.where(c == 3, 2, 1))
+    assert [bool(int(e) & COPIED) for e in flagged] == [False, False, True, True, False,
+                                                        False, True, True]
+    assert fmt.l2_problem(np.array([0x10000 | 2], np.uint64), 1 << 20) == \
+        "entry 0 (0x10002) has reserved bits set"
+    assert fmt.l2_problem(np.array([0x10200], np.uint64), 1 << 20) == \
+        "data cluster offset 0x10200 not cluster aligned"
+    assert fmt.l1_problem(np.array([0x200000 | COPIED], np.uint64), 1 << 20) == \
+        "L2 table offset 0x200000 beyond the end of the file"
+
+
+def test_header_parse_pure(tmp_path):
+    raw = make_qcow2(tmp_path / "a.qcow2", 5 * MIB, 12, backing="../b.img",
+                     backing_format="raw", autoclear=3).read_bytes()
+    h = parse_header(raw[:4096], len(raw), "a")
+    assert (h.version, h.cluster_size, h.size, h.l1_size, h.autoclear) == (3, 4096, 5 * MIB, 3, 3)
+    assert (h.backing_file, h.backing_format, h.refcount_order) == ("../b.img", "raw", 4)
+    assert h.l1_entries_for(5 * MIB) == 3
+    with pytest.raises(ImageError, match="qcow2 image 'a': active L1 table at 0x3000"):
+        parse_header(raw[:4096], 4096 * 3, "a")
 
 
 def test_snapshot_table_round_trip_keeps_unknown_extra_data():
