@@ -304,6 +304,8 @@ def test_snapshots_create_goto_delete_with_vmstate(tmp_path):
     img = open_image("qcow2", str(path))
     assert img.read(0, 4 * MIB) == at_one
     assert img.create_snapshot("again", 0, 0, 0, 0).id == "1"
+    with pytest.raises(ImageError, match="longer than 65535"):
+        img.create_snapshot("n" * 70000, 0, 0, 0, 0)
     img.close()
     with pytest.raises(ImageError, match="not found"):
         open_image("qcow2", str(path)).goto_snapshot("9")
@@ -546,6 +548,22 @@ def test_refcount_underflow_is_inconsistency(tmp_path):
     with pytest.raises(ImageError, match="inconsistent"):
         img.write(0, b"z")
     img.close()
+
+
+def test_refcount_overflow_refused_before_writing(tmp_path):
+    """8-bit refcounts: the 255th snapshot would push the data cluster's count to 256."""
+    path = make_qcow2(tmp_path / "a.qcow2", MIB, 12, refcount_order=3)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 4096)
+    for n in range(254):
+        img.create_snapshot(f"s{n}", 0, 0, 0, 0)
+    before = sha(path)
+    with pytest.raises(ImageError, match="exceed its maximum 255"):
+        img.create_snapshot("one too many", 0, 0, 0, 0)
+    assert sha(path) == before
+    img.write(0, b"y")
+    img.close()
+    assert check_image(path) == []
 
 
 def test_out_of_range_requests_refused(tmp_path):

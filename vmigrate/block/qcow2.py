@@ -26,7 +26,8 @@ from vmigrate.block.qcow2_format import (
 from vmigrate.block.qcow2_l2 import (
     COMPRESSED_KIND, COPIED, NORMAL, OFFSET, UNALLOCATED, ZERO, EntryFormat)
 from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
-from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
+from vmigrate.block.qcow2_snapshot import (
+    MAX_NAME_BYTES, MAX_TABLE_BYTES, SnapshotEntry, next_id, pack_table, parse_table)
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +570,8 @@ class Qcow2Image(BlockDriver):
     def _write_snapshot_table(self, entries: list[SnapshotEntry]) -> None:
         """Write the table to fresh clusters, switch the header, free the old table."""
         raw = pack_table(entries)
+        if len(raw) > MAX_TABLE_BYTES:
+            raise self.file.error("snapshot table would exceed its maximum size")
         old_offset, old_bytes = self.header.snapshots_offset, self._snapshot_bytes
         offset = 0
         if entries:
@@ -591,6 +594,10 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         if len(self._snapshots) >= MAX_SNAPSHOTS:
             raise self.file.error("too many snapshots")
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise self.file.error(f"snapshot name longer than {MAX_NAME_BYTES} bytes")
+        tree = self._tree_clusters(self.l1)
+        self.refs.check(tree, 1)
         count = len(self.l1)
         l1_offset = 0
         if count:
@@ -599,7 +606,7 @@ class Qcow2Image(BlockDriver):
             copy = np.zeros(clusters * self.cluster_size // 8, np.uint64)
             copy[:count] = self.l1 & ~COPIED
             self.file.write(l1_offset, copy.astype(">u8").tobytes())
-        self.refs.change(self._tree_clusters(self.l1), 1)
+        self.refs.change(tree, 1)
         self._update_copied()
         entry = SnapshotEntry(l1_offset, count, next_id(self._snapshots), name, date_sec,
                               date_nsec, vm_clock_nsec, vm_state_size, self._size, icount)
