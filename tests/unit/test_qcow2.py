@@ -518,6 +518,23 @@ def test_snapshot_table_garbage_refused(tmp_path):
     assert sha(path) == before
 
 
+def test_damaged_snapshot_l1_refused_by_goto_and_delete_unchanged(tmp_path):
+    path = make_qcow2(tmp_path / "a.qcow2", MIB)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 1000)
+    img.create_snapshot("s", 0, 0, 0, 0)
+    sn_l1 = img._snapshots[0].l1_table_offset
+    img.close()
+    _patch(path, sn_l1, ">Q", 1 << 44)
+    before = sha(path)
+    for action in ("goto_snapshot", "delete_snapshot"):
+        img = open_image("qcow2", str(path))
+        with pytest.raises(ImageError, match="snapshot '1' L1 table: L2 table offset"):
+            getattr(img, action)("1")
+        img.close()
+    assert sha(path) == before
+
+
 def test_bad_l2_entry_found_late_blocks_all_writes(tmp_path):
     path = make_qcow2(tmp_path / "a.qcow2", 2 * MIB)
     img = open_image("qcow2", str(path))

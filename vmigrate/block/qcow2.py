@@ -625,11 +625,13 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         sn = self._find(snapshot_id)
         sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        tree = self._tree_clusters(sn_l1)
+        self.refs.check(tree, 1)
         if sn.disk_size != self._size:
             self._write_header(OFF_SIZE, ">Q", sn.disk_size)
             self._size = self.header.size = sn.disk_size
         self._ensure_l1(max(sn.l1_size, self.header.l1_entries_for(self._size)))
-        self.refs.change(self._tree_clusters(sn_l1), 1)
+        self.refs.change(tree, 1)
         old = self.l1.copy()
         self.l1[:] = 0
         self.l1[:len(sn_l1)] = sn_l1 & ~COPIED
@@ -643,8 +645,9 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         sn = self._find(snapshot_id)
         sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        tree = self._tree_clusters(sn_l1)
         self._write_snapshot_table([s for s in self._snapshots if s is not sn])
-        self._release(self._tree_clusters(sn_l1))
+        self._release(tree)
         if sn.l1_size:
             first = sn.l1_table_offset >> self.cluster_bits
             count = -(-sn.l1_size * 8 // self.cluster_size)
