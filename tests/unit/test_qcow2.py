@@ -611,7 +611,11 @@ def test_sequential_writes_are_few_syscalls_and_fast(tmp_path, monkeypatch):
     calls.clear()
     img.write(MIB, chunk)
     assert len(calls) == 1
-    assert img.read(5 * MIB, MIB) == chunk
+    reads = []
+    read_into = HostFile.read_into
+    monkeypatch.setattr(HostFile, "read_into",
+                        lambda self, *a: (reads.append(1), read_into(self, *a)))
+    assert img.read(5 * MIB, MIB) == chunk and len(reads) == 1
     assert elapsed < 5
     img.close()
     assert check_image(path) == []

@@ -22,7 +22,7 @@ from vmigrate.block.qcow2_file import HostFile
 from vmigrate.block.qcow2_format import (
     COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_SNAPSHOTS,
     OFF_AUTOCLEAR, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS, Header, check_table,
-    header_prefix_length, parse_header)
+    cluster_bits_of, parse_header)
 from vmigrate.block.qcow2_l2 import (
     COMPRESSED_KIND, COPIED, NORMAL, OFFSET, UNALLOCATED, ZERO, EntryFormat)
 from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
@@ -57,9 +57,7 @@ class Qcow2Image(BlockDriver):
 
     def _open(self) -> None:
         f = self.file
-        prefix = os.pread(f.fd, header_prefix_length(), 0)
-        bits = struct.unpack_from(">I", prefix, 20)[0] if len(prefix) >= 24 else 16
-        cluster = 1 << min(max(bits, 9), 21)
+        cluster = 1 << cluster_bits_of(os.pread(f.fd, 24, 0))
         h = parse_header(os.pread(f.fd, min(cluster, f.size), 0), f.size, self.filename)
         if h.incompatible & INCOMPAT_DIRTY:
             raise f.error("the dirty bit is set (refcounts may be stale); "
