@@ -69,10 +69,14 @@ def sha(path: Path) -> str:
 
 @pytest.mark.parametrize("options,size,count", [((), 32 * MIB, 80),
                                                 (("-o", "cluster_size=4096"), 16 * MIB, 80),
-                                                (("-o", "cluster_size=512"), 16 * MIB, 120)])
+                                                (("-o", "cluster_size=512"), 16 * MIB, 120),
+                                                (("-o", "compat=0.10"), 8 * MIB, 40),
+                                                (("-o", "refcount_bits=64"), 8 * MIB, 40),
+                                                (("-o", "refcount_bits=8"), 8 * MIB, 40)])
 def test_random_writes_pass_check_and_convert(tmp_path, options, size, count):
     """With 512-byte clusters ~11 MiB of data needs many refcount blocks and a bigger table."""
     path = create(tmp_path / "a.qcow2", size, *options)
+    reftable_before = struct.unpack_from(">QI", path.read_bytes(), 48)
     img = open_image("qcow2", str(path))
     model = bytearray(size)
     rnd = random.Random(len(options) + count)
@@ -83,6 +87,8 @@ def test_random_writes_pass_check_and_convert(tmp_path, options, size, count):
     img.close()
     assert_clean(path)
     assert converted(path) == model
+    if "cluster_size=512" in options:
+        assert struct.unpack_from(">QI", path.read_bytes(), 48)[1] > reftable_before[1]
 
 
 def test_backing_chain_copy_on_write_and_allocation_map(tmp_path):
@@ -155,6 +161,51 @@ def test_our_snapshots_seen_applied_and_deleted_by_qemu_img(tmp_path):
     assert converted(path) == at_first
 
 
+@pytest.mark.parametrize("cluster_size", [512, 65536])
+def test_mixed_operations_against_a_model(tmp_path, cluster_size):
+    """Writes, zeroes, snapshots with VM state, reverts and deletes in random order over a
+    raw backing file; every snapshot converts to the data it was taken of."""
+    rnd = random.Random(cluster_size)
+    size = 3 * MIB
+    base = bytearray(rnd.randbytes(size // 2))
+    (tmp_path / "b.raw").write_bytes(base)
+    path = create(tmp_path / "m.qcow2", size, "-o", f"cluster_size={cluster_size}",
+                  "-b", "b.raw", "-F", "raw")
+    model = base + bytearray(size - len(base))
+    img = open_image("qcow2", str(path))
+    snaps: dict[str, tuple[bytes, bytes]] = {}
+    for step in range(60):
+        r = rnd.random()
+        if r < 0.45:
+            scribble(img, model, rnd, 1, 100_000)
+        elif r < 0.6:
+            n = rnd.randrange(1, 200_000)
+            off = rnd.randrange(0, size - n)
+            img.write_zeroes(off, n)
+            model[off:off + n] = bytes(n)
+        elif r < 0.72:
+            vm = rnd.randbytes(rnd.randrange(0, 50_000))
+            img.write_vmstate(0, vm)
+            sid = img.create_snapshot(f"s{step}", step, 0, 0, len(vm)).id
+            snaps[sid] = (bytes(model), vm)
+        elif r < 0.85 and snaps:
+            sid = rnd.choice(sorted(snaps))
+            img.goto_snapshot(sid)
+            model = bytearray(snaps[sid][0])
+            assert img.read_vmstate(0, len(snaps[sid][1])) == snaps[sid][1]
+        elif snaps:
+            sid = rnd.choice(sorted(snaps))
+            img.delete_snapshot(sid)
+            del snaps[sid]
+    assert img.read(0, size) == model
+    img.close()
+    assert snaps
+    assert_clean(path)
+    assert converted(path) == model
+    for sid, (data, _) in snaps.items():
+        assert converted(path, "-l", f"snapshot.id={sid}") == data
+
+
 def test_qemu_made_snapshot_goto(tmp_path):
     path = create(tmp_path / "a.qcow2", 4 * MIB)
     img = open_image("qcow2", str(path))
@@ -203,6 +254,21 @@ def test_compressed_image_reads_and_cow(tmp_path):
     img.close()
     assert_clean(path)
     assert converted(path) == data
+
+
+def test_bitmaps_autoclear_bit_cleared_as_the_spec_asks(tmp_path):
+    """We do not maintain persistent bitmaps: the first write clears autoclear bit 0, and
+    QEMU then treats the bitmaps as stale (their clusters only leak; qcow2.txt)."""
+    path = create(tmp_path / "a.qcow2", 4 * MIB)
+    qemu_img("bitmap", "--add", str(path), "b0")
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 100)
+    img.close()
+    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 0
+    result = qemu_img("check", str(path), check=False)
+    assert "program lacking bitmap support modified this file" in result.stderr
+    assert result.returncode == 3 and "ERROR" not in result.stdout + result.stderr
+    assert converted(path)[:101] == b"x" * 100 + b"\0"
 
 
 def _hostile(path: Path, offset: int, fmt: str, *values) -> None:

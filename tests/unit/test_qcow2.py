@@ -18,6 +18,9 @@ from vmigrate.block.driver import ImageError
 from vmigrate.block.formats import open_image
 from vmigrate.block.qcow2 import Qcow2Image
 from vmigrate.block.qcow2_file import HostFile
+from vmigrate.block.qcow2_format import parse_header
+from vmigrate.block.qcow2_l2 import (
+    COMPRESSED_KIND, NORMAL, UNALLOCATED, ZERO_ALLOC, ZERO_PLAIN, EntryFormat)
 from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
 from vmigrate.block.raw import RawImage
 
@@ -301,6 +304,8 @@ def test_snapshots_create_goto_delete_with_vmstate(tmp_path):
     img = open_image("qcow2", str(path))
     assert img.read(0, 4 * MIB) == at_one
     assert img.create_snapshot("again", 0, 0, 0, 0).id == "1"
+    with pytest.raises(ImageError, match="longer than 65535"):
+        img.create_snapshot("n" * 70000, 0, 0, 0, 0)
     img.close()
     with pytest.raises(ImageError, match="not found"):
         open_image("qcow2", str(path)).goto_snapshot("9")
@@ -322,6 +327,43 @@ def test_vmstate_grows_l1_and_snapshot_records_it(tmp_path):
     assert img.read_vmstate(0, len(vm)) == vm
     img.close()
     assert check_image(path) == []
+
+
+def test_entry_kinds_references_runs_and_copied():
+    fmt = EntryFormat(16, True)
+    comp = (1 << 62) | (2 << (62 - 8)) | (0x2FF00)
+    entries = np.array([0, 1, 0x10000 | 1, 0x20000 | COPIED, 0x30000, comp, 0x40000, 0x50000],
+                       np.uint64)
+    assert fmt.kinds(entries).tolist() == [UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, NORMAL,
+                                           COMPRESSED_KIND, NORMAL, NORMAL]
+    assert EntryFormat(16, False).kinds(entries[:3]).tolist() == [UNALLOCATED, UNALLOCATED,
+                                                                  NORMAL]
+    start, length = fmt.compressed_extent(entries[5:6])
+    assert (int(start[0]), int(length[0])) == (0x2FF00, 3 * 512 - 0x100)
+    assert sorted(fmt.referenced_clusters(entries).tolist()) == [1, 2, 2, 3, 3, 4, 5]
+    kinds = fmt.kinds(entries)
+    assert fmt.runs(kinds, entries & np.uint64(OFFSET_MASK)) == [
+        (0, 1), (1, 2), (2, 3), (3, 5), (5, 6), (6, 8)]
+    flagged = fmt.with_copied(entries, lambda c: np.where(c == 3, 2, 1))
+    assert [bool(int(e) & COPIED) for e in flagged] == [False, False, True, True, False,
+                                                        False, True, True]
+    assert fmt.l2_problem(np.array([0x10000 | 2], np.uint64), 1 << 20) == \
+        "entry 0 (0x10002) has reserved bits set"
+    assert fmt.l2_problem(np.array([0x10200], np.uint64), 1 << 20) == \
+        "data cluster offset 0x10200 not cluster aligned"
+    assert fmt.l1_problem(np.array([0x200000 | COPIED], np.uint64), 1 << 20) == \
+        "L2 table offset 0x200000 beyond the end of the file"
+
+
+def test_header_parse_pure(tmp_path):
+    raw = make_qcow2(tmp_path / "a.qcow2", 5 * MIB, 12, backing="../b.img",
+                     backing_format="raw", autoclear=3).read_bytes()
+    h = parse_header(raw[:4096], len(raw), "a")
+    assert (h.version, h.cluster_size, h.size, h.l1_size, h.autoclear) == (3, 4096, 5 * MIB, 3, 3)
+    assert (h.backing_file, h.backing_format, h.refcount_order) == ("../b.img", "raw", 4)
+    assert h.l1_entries_for(5 * MIB) == 3
+    with pytest.raises(ImageError, match="qcow2 image 'a': active L1 table at 0x3000"):
+        parse_header(raw[:4096], 4096 * 3, "a")
 
 
 def test_snapshot_table_round_trip_keeps_unknown_extra_data():
@@ -412,6 +454,57 @@ def test_hostile_headers_refused_without_writing(tmp_path, damage, text):
     assert sha(path) == before
 
 
+def test_hostile_extensions_and_backing_names_refused(tmp_path):
+    path = make_qcow2(tmp_path / "a.qcow2", MIB, extensions=((0x12345678, b"x" * 16),))
+    _patch(path, 104 + 4, ">I", 1 << 20)
+    with pytest.raises(ImageError, match="overruns the header cluster"):
+        open_image("qcow2", str(path))
+    path = make_qcow2(tmp_path / "b.qcow2", MIB, backing="base")
+    _patch(path, 16, ">I", 5000)
+    with pytest.raises(ImageError, match="backing file name"):
+        open_image("qcow2", str(path))
+    path = make_qcow2(tmp_path / "c.qcow2", MIB)
+    _patch(path, 100, ">I", 100)
+    with pytest.raises(ImageError, match="invalid header length"):
+        open_image("qcow2", str(path))
+
+
+def test_backing_loop_refused(tmp_path):
+    path = make_qcow2(tmp_path / "loop.qcow2", MIB, backing="loop.qcow2", backing_format="qcow2")
+    with pytest.raises(ImageError, match="deeper than 64"):
+        open_image("qcow2", str(path))
+
+
+def test_l2_entry_on_the_header_refused_before_writing(tmp_path):
+    """A mapping that points a guest cluster at the header (refcount 1, COPIED) would have
+    the write land on metadata: refused, file untouched."""
+    path = make_qcow2(tmp_path / "a.qcow2", 2 * MIB)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 100)
+    img.close()
+    l2 = struct.unpack_from(">Q", path.read_bytes(), 3 * 65536)[0] & OFFSET_MASK
+    _patch(path, l2 + 8, ">Q", 0 | COPIED | 3 * 65536)
+    before = sha(path)
+    img = open_image("qcow2", str(path))
+    with pytest.raises(ImageError, match="refusing to write over the active L1 table"):
+        img.write(65536, b"boom")
+    img.close()
+    assert sha(path) == before
+
+
+def test_metadata_with_zero_refcount_not_reused(tmp_path):
+    """The L1 table's refcount cleared: allocation would hand its cluster out; refused."""
+    path = make_qcow2(tmp_path / "a.qcow2", MIB)
+    _patch(path, 2 * 65536 + 2 * 3, ">H", 0)
+    before = sha(path)
+    img = open_image("qcow2", str(path))
+    img.refs.free_hint = 0
+    with pytest.raises(ImageError, match="refusing to write over the active L1 table"):
+        img.write(0, b"x")
+    img.close()
+    assert sha(path) == before
+
+
 def test_snapshot_table_garbage_refused(tmp_path):
     path = make_qcow2(tmp_path / "a.qcow2", MIB)
     img = open_image("qcow2", str(path))
@@ -422,6 +515,23 @@ def test_snapshot_table_garbage_refused(tmp_path):
     before = sha(path)
     with pytest.raises(ImageError, match="snapshot"):
         open_image("qcow2", str(path))
+    assert sha(path) == before
+
+
+def test_damaged_snapshot_l1_refused_by_goto_and_delete_unchanged(tmp_path):
+    path = make_qcow2(tmp_path / "a.qcow2", MIB)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 1000)
+    img.create_snapshot("s", 0, 0, 0, 0)
+    sn_l1 = img._snapshots[0].l1_table_offset
+    img.close()
+    _patch(path, sn_l1, ">Q", 1 << 44)
+    before = sha(path)
+    for action in ("goto_snapshot", "delete_snapshot"):
+        img = open_image("qcow2", str(path))
+        with pytest.raises(ImageError, match="snapshot '1' L1 table: L2 table offset"):
+            getattr(img, action)("1")
+        img.close()
     assert sha(path) == before
 
 
@@ -457,6 +567,22 @@ def test_refcount_underflow_is_inconsistency(tmp_path):
     img.close()
 
 
+def test_refcount_overflow_refused_before_writing(tmp_path):
+    """8-bit refcounts: the 255th snapshot would push the data cluster's count to 256."""
+    path = make_qcow2(tmp_path / "a.qcow2", MIB, 12, refcount_order=3)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x" * 4096)
+    for n in range(254):
+        img.create_snapshot(f"s{n}", 0, 0, 0, 0)
+    before = sha(path)
+    with pytest.raises(ImageError, match="exceed its maximum 255"):
+        img.create_snapshot("one too many", 0, 0, 0, 0)
+    assert sha(path) == before
+    img.write(0, b"y")
+    img.close()
+    assert check_image(path) == []
+
+
 def test_out_of_range_requests_refused(tmp_path):
     img = open_image("qcow2", str(make_qcow2(tmp_path / "a.qcow2", MIB)))
     with pytest.raises(ImageError, match="beyond the end"):
@@ -485,7 +611,11 @@ def test_sequential_writes_are_few_syscalls_and_fast(tmp_path, monkeypatch):
     calls.clear()
     img.write(MIB, chunk)
     assert len(calls) == 1
-    assert img.read(5 * MIB, MIB) == chunk
+    reads = []
+    read_into = HostFile.read_into
+    monkeypatch.setattr(HostFile, "read_into",
+                        lambda self, *a: (reads.append(1), read_into(self, *a)))
+    assert img.read(5 * MIB, MIB) == chunk and len(reads) == 1
     assert elapsed < 5
     img.close()
     assert check_image(path) == []

@@ -22,22 +22,15 @@ from vmigrate.block.qcow2_file import HostFile
 from vmigrate.block.qcow2_format import (
     COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_SNAPSHOTS,
     OFF_AUTOCLEAR, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS, Header, check_table,
-    header_prefix_length, parse_header)
+    cluster_bits_of, parse_header)
+from vmigrate.block.qcow2_l2 import (
+    COMPRESSED_KIND, COPIED, NORMAL, OFFSET, UNALLOCATED, ZERO, EntryFormat)
 from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
-from vmigrate.block.qcow2_snapshot import SnapshotEntry, next_id, pack_table, parse_table
+from vmigrate.block.qcow2_snapshot import (
+    MAX_NAME_BYTES, MAX_TABLE_BYTES, SnapshotEntry, next_id, pack_table, parse_table)
 
 log = logging.getLogger(__name__)
 
-COPIED = np.uint64(1 << 63)
-COMPRESSED = np.uint64(1 << 62)
-ZERO = np.uint64(1)
-OFFSET = np.uint64(OFFSET_MASK)
-#: Bits an L1 entry / a standard L2 entry must leave clear (qcow2.txt "Cluster mapping").
-L1_RESERVED = np.uint64(~(OFFSET_MASK | (1 << 63)) & (2**64 - 1))
-L2_RESERVED = np.uint64(0x3F000000000001FE)
-
-#: Kinds of L2 entries (QEMU's QCow2ClusterType).
-UNALLOCATED, ZERO_PLAIN, ZERO_ALLOC, NORMAL, COMPRESSED_KIND = range(5)
 _L2_CACHE = 512
 
 
@@ -64,9 +57,7 @@ class Qcow2Image(BlockDriver):
 
     def _open(self) -> None:
         f = self.file
-        prefix = os.pread(f.fd, header_prefix_length(), 0)
-        bits = struct.unpack_from(">I", prefix, 20)[0] if len(prefix) >= 24 else 16
-        cluster = 1 << min(max(bits, 9), 21)
+        cluster = 1 << cluster_bits_of(os.pread(f.fd, 24, 0))
         h = parse_header(os.pread(f.fd, min(cluster, f.size), 0), f.size, self.filename)
         if h.incompatible & INCOMPAT_DIRTY:
             raise f.error("the dirty bit is set (refcounts may be stale); "
@@ -78,9 +69,7 @@ class Qcow2Image(BlockDriver):
         self.cluster_bits = h.cluster_bits
         self.l2_bits = h.l2_bits
         self._size = h.size
-        self._csize_shift = 62 - (h.cluster_bits - 8)
-        self._csize_mask = (1 << (h.cluster_bits - 8)) - 1
-        self._coffset_mask = np.uint64((1 << self._csize_shift) - 1)
+        self.entries = EntryFormat(h.cluster_bits, h.version >= 3)
         self.l1_offset = h.l1_table_offset
         self.l1 = self._load_l1(h.l1_table_offset, h.l1_size, "active L1 table")
         self.refs = Refcounts(f, h.cluster_bits, h.refcount_order, h.refcount_table_offset,
@@ -100,7 +89,70 @@ class Qcow2Image(BlockDriver):
                     raise f.corrupt(f"snapshot '{sn.id}' L1 table too large")
                 check_table(self.filename, f"snapshot '{sn.id}' L1 table", sn.l1_table_offset,
                             sn.l1_size * 8, self.cluster_size, f.size)
+        self._sn_l1_spans = self._snapshot_l1_spans()
+        self._check_layout()
+        self.refs.vet = self._vet
         self._autoclear_pending = bool(h.autoclear) and h.version >= 3
+
+    # -- metadata placement --------------------------------------------------------------
+
+    def _clusters(self, offset: int, length: int) -> tuple[int, int]:
+        """[first, end) host cluster indexes of a byte range."""
+        return (offset >> self.cluster_bits,
+                (offset + length + self.cluster_size - 1) >> self.cluster_bits)
+
+    def _snapshot_l1_spans(self) -> np.ndarray:
+        spans = [self._clusters(sn.l1_table_offset, sn.l1_size * 8)
+                 for sn in self._snapshots if sn.l1_size]
+        return np.array(spans, np.int64).reshape(-1, 2)
+
+    def _fixed_metadata(self) -> list[tuple[int, int, str]]:
+        spans = [(0, 1, "the image header"),
+                 (*self._clusters(self.l1_offset, len(self.l1) * 8), "the active L1 table"),
+                 (*self._clusters(self.refs.table_offset,
+                                  self.refs.table_clusters << self.cluster_bits),
+                  "the refcount table")]
+        if self._snapshot_bytes:
+            spans.append((*self._clusters(self.header.snapshots_offset, self._snapshot_bytes),
+                          "the snapshot table"))
+        return spans
+
+    def _overlap(self, first: int, end: int) -> str | None:
+        """Which metadata the host clusters [first, end) hold, if any (what QEMU's
+        qcow2_check_metadata_overlap guards in its default "cached" mode)."""
+        for a, b, what in self._fixed_metadata():
+            if a < end and b > first:
+                return what
+        spans = self._sn_l1_spans
+        if ((spans[:, 0] < end) & (spans[:, 1] > first)).any():
+            return "an internal snapshot's L1 table"
+        blocks = (self.refs.table >> np.uint64(self.cluster_bits)).astype(np.int64)
+        if ((blocks >= first) & (blocks < end) & (blocks != 0)).any():
+            return "a refcount block"
+        l2 = ((self.l1 & OFFSET) >> np.uint64(self.cluster_bits)).astype(np.int64)
+        if ((l2 >= first) & (l2 < end)).any():
+            return "an L2 table"
+        return None
+
+    def _vet(self, first: int, count: int) -> None:
+        """Refuse to write data or new metadata over existing metadata."""
+        what = self._overlap(first, first + count)
+        if what is not None:
+            raise self.file.corrupt(f"refusing to write over {what} at host cluster "
+                                    f"0x{first << self.cluster_bits:x}: mappings or refcounts "
+                                    "are inconsistent")
+
+    def _check_layout(self) -> None:
+        """L2 tables and refcount blocks must not sit on the header or the fixed tables."""
+        cb = np.uint64(self.cluster_bits)
+        tables = (("L2 table", ((self.l1 & OFFSET) >> cb).astype(np.int64)),
+                  ("refcount block", (self.refs.table >> cb).astype(np.int64)))
+        for a, b, what in self._fixed_metadata():
+            for label, clusters in tables:
+                bad = clusters[(clusters >= a) & (clusters < b) & (clusters != 0)]
+                if bad.size:
+                    raise self.file.corrupt(f"{label} at 0x{int(bad[0]) << self.cluster_bits:x} "
+                                            f"overlaps {what}")
 
     # -- properties ------------------------------------------------------------------------
 
@@ -149,22 +201,9 @@ class Qcow2Image(BlockDriver):
     def _load_l1(self, offset: int, count: int, what: str) -> np.ndarray:
         raw = self.file.read_meta(offset, count * 8, what) if count else b""
         l1 = np.frombuffer(raw, ">u8").astype(np.uint64)
-        bad = np.flatnonzero(l1 & L1_RESERVED)
-        if bad.size:
-            raise self.file.corrupt(f"{what} entry {bad[0]} (0x{int(l1[bad[0]]):x}) has "
-                                    "reserved bits set or is not cluster aligned"
-                                    if l1[bad[0]] & OFFSET else
-                                    f"{what} entry {bad[0]} has reserved bits set")
-        offs = l1 & OFFSET
-        misaligned = np.flatnonzero(offs & np.uint64(self.cluster_size - 1))
-        if misaligned.size:
-            raise self.file.corrupt(f"L2 table offset 0x{int(offs[misaligned[0]]):x} "
-                                    "not cluster aligned")
-        beyond = np.flatnonzero((offs != 0)
-                                & (offs + np.uint64(self.cluster_size) > np.uint64(self.file.size)))
-        if beyond.size:
-            raise self.file.corrupt(f"L2 table offset 0x{int(offs[beyond[0]]):x} beyond the "
-                                    "end of the file")
+        problem = self.entries.l1_problem(l1, self.file.size)
+        if problem:
+            raise self.file.corrupt(f"{what}: {problem}")
         return l1
 
     def _l2(self, offset: int) -> np.ndarray:
@@ -174,25 +213,17 @@ class Qcow2Image(BlockDriver):
             return table
         raw = self.file.read_meta(offset, self.cluster_size, "L2 table")
         table = np.frombuffer(raw, ">u8").astype(np.uint64)
-        std = (table & COMPRESSED) == 0
-        host = table & OFFSET
-        bad = np.flatnonzero(std & ((table & L2_RESERVED) != 0))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: entry {bad[0]} has reserved "
-                                    "bits set")
-        bad = np.flatnonzero(std & ((host & np.uint64(self.cluster_size - 1)) != 0))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
-                                    f"0x{int(host[bad[0]]):x} not cluster aligned")
-        start = np.where(std, host, table & self._coffset_mask)
-        bad = np.flatnonzero((start != 0) & (start >= np.uint64(self.file.size)))
-        if bad.size:
-            raise self.file.corrupt(f"L2 table at 0x{offset:x}: data cluster offset "
-                                    f"0x{int(start[bad[0]]):x} beyond the end of the file")
+        problem = self.entries.l2_problem(table, self.file.size)
+        if problem:
+            raise self.file.corrupt(f"L2 table at 0x{offset:x}: {problem}")
+        self._cache_l2(offset, table)
+        return table
+
+    def _cache_l2(self, offset: int, table: np.ndarray) -> None:
+        """Write-through cache: evicting is free (oldest first)."""
         if len(self._l2_cache) >= _L2_CACHE:
             self._l2_cache.pop(next(iter(self._l2_cache)))
         self._l2_cache[offset] = table
-        return table
 
     def _write_l2(self, offset: int, table: np.ndarray, lo: int, hi: int) -> None:
         self.file.write(offset + 8 * lo, table[lo:hi].astype(">u8").tobytes())
@@ -226,41 +257,10 @@ class Qcow2Image(BlockDriver):
             self.header.autoclear = 0
             self._autoclear_pending = False
 
-    # -- entry classification --------------------------------------------------------------
-
-    def _kinds(self, entries: np.ndarray) -> np.ndarray:
-        comp = (entries & COMPRESSED) != 0
-        zero = ((entries & ZERO) != 0) & (self.header.version >= 3)
-        host = (entries & OFFSET) != 0
-        kinds = np.full(entries.shape, UNALLOCATED, np.int8)
-        kinds[host] = NORMAL
-        kinds[zero] = ZERO_PLAIN
-        kinds[zero & host] = ZERO_ALLOC
-        kinds[comp] = COMPRESSED_KIND
-        return kinds
-
-    def _host_clusters(self, entries: np.ndarray) -> np.ndarray:
-        """Host cluster indexes the entries hold a reference to (compressed data counts
-        every cluster it touches, as block/qcow2-refcount.c does)."""
-        comp = (entries & COMPRESSED) != 0
-        plain = entries[~comp] & OFFSET
-        plain = (plain[plain != 0] >> np.uint64(self.cluster_bits)).astype(np.int64)
-        if not comp.any():
-            return plain
-        c = entries[comp]
-        start = (c & self._coffset_mask).astype(np.int64)
-        sectors = ((c >> np.uint64(self._csize_shift)).astype(np.int64) & self._csize_mask) + 1
-        end = start + sectors * 512 - (start & 511)
-        first = start >> self.cluster_bits
-        last = (end - 1) >> self.cluster_bits
-        spans = [first + k for k in range(int((last - first).max()) + 1)]
-        parts = [plain] + [s[s <= last] for s in spans]
-        return np.concatenate(parts)
-
     def _decompress(self, entry: int) -> bytes:
-        start = entry & int(self._coffset_mask)
-        sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
-        length = sectors * 512 - (start & 511)
+        """A compressed cluster: raw deflate, 4 KiB window (block/qcow2-threads.c)."""
+        starts, lengths = self.entries.compressed_extent(np.array([entry], np.uint64))
+        start, length = int(starts[0]), int(lengths[0])
         raw = os.pread(self.file.fd, length, start)
         try:
             out = zlib.decompressobj(-12).decompress(raw, self.cluster_size)
@@ -282,49 +282,45 @@ class Qcow2Image(BlockDriver):
             n = min(len(view), end - offset)
             view[:n] = self.backing.read(offset, n)
 
-    def _runs(self, kinds: np.ndarray, host: np.ndarray) -> list[tuple[int, int]]:
-        """[start, stop) runs of entries of one kind, normal ones contiguous on the host."""
-        n = len(kinds)
-        brk = np.ones(n, bool)
-        if n > 1:
-            brk[1:] = ((kinds[1:] != kinds[:-1]) | (kinds[1:] == COMPRESSED_KIND)
-                       | ((kinds[1:] == NORMAL)
-                          & (host[1:] != host[:-1] + np.uint64(self.cluster_size))))
-        starts = np.flatnonzero(brk).tolist()
-        return list(zip(starts, starts[1:] + [n]))
+    def _chunks(self, start: int, stop: int):
+        """Split [start, stop) per L2 table: (L1 index, guest start, guest stop, first entry,
+        end entry)."""
+        shift = self.cluster_bits + self.l2_bits
+        mask = (1 << self.l2_bits) - 1
+        pos = start
+        while pos < stop:
+            l1_index = pos >> shift
+            end = min(stop, (l1_index + 1) << shift)
+            yield (l1_index, pos, end, (pos >> self.cluster_bits) & mask,
+                   (((end - 1) >> self.cluster_bits) & mask) + 1)
+            pos = end
+
+    def _l2_offset(self, l1_index: int) -> int:
+        return int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
 
     def _read_into(self, out: memoryview, offset: int) -> None:
+        """Coalesced: one pread per run of host-contiguous clusters."""
         cs = self.cluster_size
-        l2_shift = self.cluster_bits + self.l2_bits
-        pos, end = offset, offset + len(out)
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
-            view = out[pos - offset:chunk_end - offset]
-            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
+        for l1_index, pos, end, first, stop in self._chunks(offset, offset + len(out)):
+            view = out[pos - offset:end - offset]
+            l2_offset = self._l2_offset(l1_index)
             if not l2_offset:
                 self._backing_into(view, pos)
-                pos = chunk_end
                 continue
-            first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-            last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-            entries = self._l2(l2_offset)[first:last + 1]
-            kinds = self._kinds(entries)
+            entries = self._l2(l2_offset)[first:stop]
+            kinds = self.entries.kinds(entries)
             host = entries & OFFSET
             base = (pos >> self.cluster_bits) << self.cluster_bits
-            for a, b in self._runs(kinds, host):
-                lo = max(pos, base + a * cs)
-                hi = min(chunk_end, base + b * cs)
+            for a, b in self.entries.runs(kinds, host):
+                lo, hi = max(pos, base + a * cs), min(end, base + b * cs)
                 part = view[lo - pos:hi - pos]
-                kind = kinds[a]
-                if kind == NORMAL:
+                if kinds[a] == NORMAL:
                     self.file.read_into(part, int(host[a]) + lo - (base + a * cs))
-                elif kind == UNALLOCATED:
+                elif kinds[a] == UNALLOCATED:
                     self._backing_into(part, lo)
-                elif kind == COMPRESSED_KIND:
-                    data = self._decompress(int(entries[a]))
-                    part[:] = data[lo - (base + a * cs):hi - (base + a * cs)]
-            pos = chunk_end
+                elif kinds[a] == COMPRESSED_KIND:
+                    skip = lo - (base + a * cs)
+                    part[:] = self._decompress(int(entries[a]))[skip:skip + hi - lo]
 
     def _check_range(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self._size:
@@ -340,21 +336,11 @@ class Qcow2Image(BlockDriver):
     def allocated(self, offset: int, length: int) -> bool:
         """Any cluster of the range mapped or zero here (QEMU's bdrv_is_allocated)."""
         self._check_range(offset, length)
-        if not length:
-            return False
-        l2_shift = self.cluster_bits + self.l2_bits
-        pos, end = offset, offset + length
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
-            l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
-            if l2_offset:
-                first = (pos >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-                last = ((chunk_end - 1) >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
-                entries = self._l2(l2_offset)[first:last + 1]
-                if (self._kinds(entries) != UNALLOCATED).any():
-                    return True
-            pos = chunk_end
+        for l1_index, _, _, first, stop in self._chunks(offset, offset + length):
+            l2_offset = self._l2_offset(l1_index)
+            if l2_offset and (self.entries.kinds(self._l2(l2_offset)[first:stop])
+                              != UNALLOCATED).any():
+                return True
         return False
 
     # -- writing ---------------------------------------------------------------------------
@@ -362,7 +348,7 @@ class Qcow2Image(BlockDriver):
     def _cluster_content(self, entry: int, guest: int) -> bytearray:
         """What a guest cluster reads as now (for copy-on-write of a partial write)."""
         out = bytearray(self.cluster_size)
-        kind = int(self._kinds(np.array([entry], np.uint64))[0])
+        kind = int(self.entries.kinds(np.array([entry], np.uint64))[0])
         if kind == NORMAL:
             self.file.read_into(memoryview(out), entry & OFFSET_MASK)
         elif kind == COMPRESSED_KIND:
@@ -370,6 +356,23 @@ class Qcow2Image(BlockDriver):
         elif kind == UNALLOCATED:
             self._backing_into(memoryview(out), guest)
         return out
+
+    def _cow_edges(self, entries: np.ndarray, fresh: np.ndarray, base: int, a: int, b: int,
+                   lo: int, hi: int) -> tuple[bytes, bytes]:
+        """The old bytes around a write of [lo, hi) into new clusters a..b-1 (guest cluster
+        ``base`` is entry 0): the parts of its first and last cluster it leaves alone."""
+        cs = self.cluster_size
+        first, last = base + a * cs, base + (b - 1) * cs
+        head = tail = b""
+        content = None
+        if lo > first and fresh[a]:
+            content = self._cluster_content(int(entries[a]), first)
+            head = bytes(content[:lo - first])
+        if hi < last + cs and fresh[b - 1]:
+            if content is None or b - 1 != a:
+                content = self._cluster_content(int(entries[b - 1]), last)
+            tail = bytes(content[hi - last:])
+        return head, tail
 
     def _ensure_l1(self, entries: int) -> None:
         """Grow the active L1 table (to a fresh place) to hold ``entries``: the VM-state area
@@ -400,73 +403,43 @@ class Qcow2Image(BlockDriver):
         old = entry & OFFSET_MASK
         if old and entry & (1 << 63):
             return old, self._l2(old)
-        table = self._l2(old).copy() if old else np.zeros(1 << self.l2_bits, np.uint64)
-        if old:
-            self._set_copied(table)
+        table = (self.entries.with_copied(self._l2(old), self.refs.get) if old
+                 else np.zeros(1 << self.l2_bits, np.uint64))
         offset = self.refs.allocate(1)
         self.file.write(offset, table.astype(">u8").tobytes())
-        self._l2_cache[offset] = table
+        self._cache_l2(offset, table)
         self.l1[l1_index] = np.uint64(offset) | COPIED
         self._write_l1(l1_index, l1_index + 1)
         if old:
             self._release(np.array([old >> self.cluster_bits]))
         return offset, table
 
-    def _set_copied(self, table: np.ndarray) -> bool:
-        """Recompute COPIED of every entry (refcount exactly 1; never for compressed or
-        unallocated ones).  Returns whether anything changed."""
-        host = table & OFFSET
-        std = ((table & COMPRESSED) == 0) & (host != 0)
-        want = np.zeros(table.shape, bool)
-        idx = np.flatnonzero(std)
-        if idx.size:
-            counts = self.refs.get((host[idx] >> np.uint64(self.cluster_bits)).astype(np.int64))
-            want[idx] = counts == 1
-        new = np.where(want, table | COPIED, table & ~COPIED)
-        changed = bool((new != table).any())
-        table[:] = new
-        return changed
-
     def _write(self, offset: int, data: memoryview) -> None:
+        """Clusters with refcount 1 are written in place, all others get new clusters in one
+        contiguous allocation per L2 table; then the L2 entries, then old references drop."""
         cs = self.cluster_size
-        l2_shift = self.cluster_bits + self.l2_bits
-        mask = (1 << self.l2_bits) - 1
-        pos, end = offset, offset + len(data)
-        while pos < end:
-            l1_index = pos >> l2_shift
-            chunk_end = min(end, (l1_index + 1) << l2_shift)
+        for l1_index, pos, end, first, stop in self._chunks(offset, offset + len(data)):
             l2_offset, table = self._writable_l2(l1_index)
-            first = (pos >> self.cluster_bits) & mask
-            last = ((chunk_end - 1) >> self.cluster_bits) & mask
-            entries = table[first:last + 1]
-            kinds = self._kinds(entries)
-            inplace = (kinds == NORMAL) & ((entries & COPIED) != 0)
+            entries = table[first:stop]
+            inplace = (self.entries.kinds(entries) == NORMAL) & ((entries & COPIED) != 0)
             fresh = np.flatnonzero(~inplace)
             host = entries & OFFSET
-            old = entries[fresh].copy()
+            old = entries[fresh]
             if fresh.size:
                 new_base = self.refs.allocate(int(fresh.size))
-                host = host.copy()
-                host[fresh] = np.uint64(new_base) + np.arange(fresh.size, dtype=np.uint64) * \
-                    np.uint64(cs)
+                host[fresh] = (np.uint64(new_base)
+                               + np.arange(fresh.size, dtype=np.uint64) * np.uint64(cs))
             base = (pos >> self.cluster_bits) << self.cluster_bits
-            run_kinds = np.where(inplace, NORMAL, UNALLOCATED).astype(np.int8)
-            for a, b in self._runs(np.full(len(entries), NORMAL, np.int8), host):
-                lo = max(pos, base + a * cs)
-                hi = min(chunk_end, base + b * cs)
-                head = tail = b""
-                if lo > base + a * cs and run_kinds[a] != NORMAL:
-                    head = self._cluster_content(int(entries[a]), base + a * cs)[:lo - base - a * cs]
-                if hi < base + b * cs and run_kinds[b - 1] != NORMAL:
-                    cut = hi - (base + (b - 1) * cs)
-                    tail = self._cluster_content(int(entries[b - 1]), base + (b - 1) * cs)[cut:]
-                start = int(host[a]) + (lo - base - a * cs) - len(head)
-                self.file.write(start, head, data[lo - offset:hi - offset], tail)
+            for a, b in self.entries.runs(np.full(len(entries), NORMAL, np.int8), host):
+                lo, hi = max(pos, base + a * cs), min(end, base + b * cs)
+                head, tail = self._cow_edges(entries, ~inplace, base, a, b, lo, hi)
+                self._vet(int(host[a]) >> self.cluster_bits, b - a)
+                self.file.write(int(host[a]) + lo - (base + a * cs) - len(head), head,
+                                data[lo - offset:hi - offset], tail)
             if fresh.size:
                 entries[fresh] = host[fresh] | COPIED
-                self._write_l2(l2_offset, table, first, last + 1)
-                self._release(self._host_clusters(old))
-            pos = chunk_end
+                self._write_l2(l2_offset, table, first, stop)
+                self._release(self.entries.referenced_clusters(old))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -499,32 +472,22 @@ class Qcow2Image(BlockDriver):
         """Set the L2 entries of whole clusters in [start, stop) to ``value`` (ZERO or 0) and
         drop their references; ``only_allocated`` leaves unallocated ones and missing L2
         tables alone (the VM-state discard after a snapshot, block/qcow2-snapshot.c)."""
-        l2_shift = self.cluster_bits + self.l2_bits
-        mask = (1 << self.l2_bits) - 1
-        pos = start
-        while pos < stop:
-            l1_index = pos >> l2_shift
-            chunk_end = min(stop, (l1_index + 1) << l2_shift)
-            first = (pos >> self.cluster_bits) & mask
-            last = ((chunk_end - 1) >> self.cluster_bits) & mask
-            pos_next = chunk_end
+        for l1_index, _, _, first, stop_entry in self._chunks(start, stop):
             if only_allocated:
-                l2_offset = int(self.l1[l1_index] & OFFSET) if l1_index < len(self.l1) else 0
-                if not l2_offset or not (self._kinds(self._l2(l2_offset)[first:last + 1])
+                l2_offset = self._l2_offset(l1_index)
+                if not l2_offset or not (self.entries.kinds(self._l2(l2_offset)[first:stop_entry])
                                          != UNALLOCATED).any():
-                    pos = pos_next
                     continue
             l2_offset, table = self._writable_l2(l1_index)
-            entries = table[first:last + 1]
+            entries = table[first:stop_entry]
             change = entries != value
             if only_allocated:
-                change &= self._kinds(entries) != UNALLOCATED
+                change &= self.entries.kinds(entries) != UNALLOCATED
             if change.any():
-                old = entries[change].copy()
+                old = entries[change]
                 entries[change] = value
-                self._write_l2(l2_offset, table, first, last + 1)
-                self._release(self._host_clusters(old))
-            pos = pos_next
+                self._write_l2(l2_offset, table, first, stop_entry)
+                self._release(self.entries.referenced_clusters(old))
 
     def flush(self) -> None:
         """fdatasync only when something was written since the last flush."""
@@ -580,7 +543,7 @@ class Qcow2Image(BlockDriver):
         offsets = (l1 & OFFSET)[(l1 & OFFSET) != 0]
         parts = [(offsets >> np.uint64(self.cluster_bits)).astype(np.int64)]
         for offset in offsets.tolist():
-            parts.append(self._host_clusters(self._l2(offset)))
+            parts.append(self.entries.referenced_clusters(self._l2(offset)))
         return np.concatenate(parts)
 
     def _update_copied(self) -> None:
@@ -593,7 +556,9 @@ class Qcow2Image(BlockDriver):
         new[used] = np.where(counts == 1, self.l1[used] | COPIED, self.l1[used] & ~COPIED)
         for offset in offsets[used].tolist():
             table = self._l2(offset)
-            if self._set_copied(table):
+            fixed = self.entries.with_copied(table, self.refs.get)
+            if (fixed != table).any():
+                table[:] = fixed
                 self._write_l2(offset, table, 0, len(table))
         changed = np.flatnonzero(new != self.l1)
         self.l1 = new
@@ -603,6 +568,8 @@ class Qcow2Image(BlockDriver):
     def _write_snapshot_table(self, entries: list[SnapshotEntry]) -> None:
         """Write the table to fresh clusters, switch the header, free the old table."""
         raw = pack_table(entries)
+        if len(raw) > MAX_TABLE_BYTES:
+            raise self.file.error("snapshot table would exceed its maximum size")
         old_offset, old_bytes = self.header.snapshots_offset, self._snapshot_bytes
         offset = 0
         if entries:
@@ -612,6 +579,7 @@ class Qcow2Image(BlockDriver):
         self._write_header(OFF_SNAPSHOTS, ">IQ", len(entries), offset)
         self.header.nb_snapshots, self.header.snapshots_offset = len(entries), offset
         self._snapshots, self._snapshot_bytes = entries, len(raw)
+        self._sn_l1_spans = self._snapshot_l1_spans()
         if old_bytes:
             first = old_offset >> self.cluster_bits
             count = -(-old_bytes // self.cluster_size)
@@ -624,6 +592,10 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         if len(self._snapshots) >= MAX_SNAPSHOTS:
             raise self.file.error("too many snapshots")
+        if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise self.file.error(f"snapshot name longer than {MAX_NAME_BYTES} bytes")
+        tree = self._tree_clusters(self.l1)
+        self.refs.check(tree, 1)
         count = len(self.l1)
         l1_offset = 0
         if count:
@@ -632,7 +604,7 @@ class Qcow2Image(BlockDriver):
             copy = np.zeros(clusters * self.cluster_size // 8, np.uint64)
             copy[:count] = self.l1 & ~COPIED
             self.file.write(l1_offset, copy.astype(">u8").tobytes())
-        self.refs.change(self._tree_clusters(self.l1), 1)
+        self.refs.change(tree, 1)
         self._update_copied()
         entry = SnapshotEntry(l1_offset, count, next_id(self._snapshots), name, date_sec,
                               date_nsec, vm_clock_nsec, vm_state_size, self._size, icount)
@@ -651,11 +623,13 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         sn = self._find(snapshot_id)
         sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        tree = self._tree_clusters(sn_l1)
+        self.refs.check(tree, 1)
         if sn.disk_size != self._size:
             self._write_header(OFF_SIZE, ">Q", sn.disk_size)
             self._size = self.header.size = sn.disk_size
         self._ensure_l1(max(sn.l1_size, self.header.l1_entries_for(self._size)))
-        self.refs.change(self._tree_clusters(sn_l1), 1)
+        self.refs.change(tree, 1)
         old = self.l1.copy()
         self.l1[:] = 0
         self.l1[:len(sn_l1)] = sn_l1 & ~COPIED
@@ -669,8 +643,9 @@ class Qcow2Image(BlockDriver):
         self._begin_write()
         sn = self._find(snapshot_id)
         sn_l1 = self._load_l1(sn.l1_table_offset, sn.l1_size, f"snapshot '{sn.id}' L1 table")
+        tree = self._tree_clusters(sn_l1)
         self._write_snapshot_table([s for s in self._snapshots if s is not sn])
-        self._release(self._tree_clusters(sn_l1))
+        self._release(tree)
         if sn.l1_size:
             first = sn.l1_table_offset >> self.cluster_bits
             count = -(-sn.l1_size * 8 // self.cluster_size)

@@ -96,9 +96,10 @@ def _fail(name: str, text: str) -> ImageError:
     return ImageError(f"qcow2 image '{name}': {text}")
 
 
-def header_prefix_length() -> int:
-    """Bytes to read before the cluster size is known."""
-    return V3_HEADER_LENGTH + 8
+def cluster_bits_of(prefix: bytes) -> int:
+    """The cluster_bits field from the first bytes, clamped: how much header to read."""
+    bits = struct.unpack_from(">I", prefix, 20)[0] if len(prefix) >= 24 else MIN_CLUSTER_BITS
+    return min(max(bits, MIN_CLUSTER_BITS), MAX_CLUSTER_BITS)
 
 
 def parse_header(buf: bytes, file_size: int, name: str) -> Header:

@@ -35,7 +35,8 @@ class Refcounts:
         self.cluster_bits = cluster_bits
         self.cluster_size = 1 << cluster_bits
         self.dtype = _DTYPES[refcount_order]
-        self.max = (1 << (1 << refcount_order)) - 1
+        #: 64-bit refcounts are capped where int64 arithmetic ends.
+        self.max = min((1 << (1 << refcount_order)) - 1, (1 << 63) - 1)
         self.block_bits = cluster_bits + 3 - refcount_order
         self.table_offset = table_offset
         self.table_clusters = table_clusters
@@ -56,6 +57,9 @@ class Refcounts:
         self._blocks: dict[int, np.ndarray] = {}
         self._pending_table = False
         self.free_hint = 0
+        #: Called with (first cluster, count) before free clusters are taken: the image
+        #: refuses clusters that hold metadata (a refcount of 0 there means damage).
+        self.vet: Callable[[int, int], None] = lambda first, count: None
 
     # -- reading -------------------------------------------------------------------------
 
@@ -78,15 +82,15 @@ class Refcounts:
         """Refcounts of the given cluster indexes (any order, repeats allowed)."""
         clusters = np.asarray(clusters, np.int64)
         out = np.zeros(clusters.shape, np.int64)
-        if not clusters.size:
-            return out
-        blocks = clusters >> self.block_bits
+        order = np.argsort(clusters, kind="stable")
+        ordered = clusters[order]
+        blocks = ordered >> self.block_bits
+        bounds = np.flatnonzero(np.diff(blocks)) + 1
         mask = (1 << self.block_bits) - 1
-        for b in np.unique(blocks):
-            block = self._block(int(b))
+        for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(ordered)]):
+            block = self._block(int(blocks[lo])) if hi > lo else None
             if block is not None:
-                sel = blocks == b
-                out[sel] = block[clusters[sel] & mask]
+                out[order[lo:hi]] = block[ordered[lo:hi] & mask]
         return out
 
     def _range(self, start: int, count: int) -> np.ndarray:
@@ -122,9 +126,24 @@ class Refcounts:
         start = self.find_free(count)
         if (start + count) << self.cluster_bits > OFFSET_MASK:
             raise self.file.error("image file would exceed the largest qcow2 offset")
+        self.vet(start, count)
         self.free_hint = start + count
         self.change(np.arange(start, start + count, dtype=np.int64), 1)
         return start << self.cluster_bits
+
+    def check(self, clusters: np.ndarray,
+              delta: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The distinct clusters, their multiplicities and new refcounts after adding
+        ``delta`` per occurrence; raises if a count would leave its range."""
+        uniq, counts = np.unique(np.asarray(clusters, np.int64), return_counts=True)
+        new = self.get(uniq) + counts * delta
+        if (new < 0).any():
+            bad = int(uniq[np.flatnonzero(new < 0)[0]])
+            raise self.file.corrupt(f"refcount of cluster 0x{bad << self.cluster_bits:x} "
+                                    "would drop below zero")
+        if (new > self.max).any():
+            raise self.file.error(f"refcount would exceed its maximum {self.max}")
+        return uniq, counts, new
 
     def change(self, clusters: np.ndarray, delta: int) -> np.ndarray:
         """Add ``delta`` once per occurrence of each cluster index; returns the freed ones.
@@ -135,22 +154,16 @@ class Refcounts:
         clusters = np.asarray(clusters, np.int64)
         if not clusters.size:
             return _EMPTY
-        uniq, counts = np.unique(clusters, return_counts=True)
-        new = self.get(uniq) + counts * delta
-        if (new < 0).any():
-            bad = int(uniq[np.flatnonzero(new < 0)[0]])
-            raise self.file.corrupt(f"refcount of cluster 0x{bad << self.cluster_bits:x} "
-                                    "would drop below zero")
-        if (new > self.max).any():
-            raise self.file.error(f"refcount would exceed its maximum {self.max}")
+        uniq, counts, new = self.check(clusters, delta)
         blocks = uniq >> self.block_bits
+        bounds = (np.flatnonzero(np.diff(blocks)) + 1).tolist()
         mask = (1 << self.block_bits) - 1
         width = self.dtype.itemsize
-        for b in np.unique(blocks):
-            sel = blocks == b
-            block = self._ensure_block(int(b))
-            idx = uniq[sel] & mask
-            block[idx] = block[idx] + (counts[sel] * delta)
+        for start, stop in zip([0, *bounds], [*bounds, len(uniq)]):
+            b = int(blocks[start])
+            block = self._ensure_block(b)
+            idx = uniq[start:stop] & mask
+            block[idx] = block[idx].astype(np.int64) + counts[start:stop] * delta
             lo, hi = int(idx[0]), int(idx[-1]) + 1
             self.file.write(int(self.table[b]) + lo * width, block[lo:hi].tobytes())
         freed = uniq[new == 0] if delta < 0 else _EMPTY
@@ -172,6 +185,7 @@ class Refcounts:
                 self._grow_table(index + 1)
                 continue
             where = self.find_free(1)
+            self.vet(where, 1)
             self.free_hint = where + 1
             block = np.zeros(1 << self.block_bits, self.dtype)
             if where >> self.block_bits == index:
@@ -213,6 +227,7 @@ class Refcounts:
             if last >> self.block_bits < entries:
                 break
             entries = (last >> self.block_bits) + 1
+        self.vet(start, clusters)
         old_offset, old_clusters = self.table_offset, self.table_clusters
         table = np.zeros(entries, np.uint64)
         table[:len(self.table)] = self.table

@@ -16,6 +16,8 @@ _ENTRY = struct.Struct(">QIHHIIQII")
 _EXTRA = struct.Struct(">QQq")
 MAX_EXTRA_DATA = 1024
 MAX_TABLE_BYTES = 1024 * 65536
+#: IDs and names are stored with 16-bit lengths.
+MAX_NAME_BYTES = 0xFFFF
 
 
 @dataclass
