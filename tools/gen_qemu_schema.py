@@ -25,7 +25,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
               "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
               "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "JOB_STATUS_CHANGE",
               "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss", "job-finalize",
-              "query-jobs"),
+              "query-jobs", "x-debug-block-dirty-bitmap-sha256"),
 }
 
 
