@@ -219,18 +219,19 @@ class DirtyBitmapBodyDecoder:
                             f"v{DIRTY_BITMAP_SECTION_VERSION}")
 
     @staticmethod
-    def _flags(r: Reader) -> int:
-        """qemu_get_bitmap_flags: 1, 2 or 4 bytes."""
-        flags = r.u8()
+    def _flags(r: Reader) -> tuple[int, int]:
+        """qemu_get_bitmap_flags: 1, 2 or 4 bytes, the first byte the most significant; also
+        where the 0x80 "more follow" markers ended up."""
+        flags, markers = r.u8(), 0
         if flags & FLAG_EXTRA:
-            flags = flags << 8 | r.u8()
+            flags, markers = flags << 8 | r.u8(), FLAG_EXTRA << 8
             if flags & FLAG_EXTRA:
-                flags = flags << 16 | r.be16()
-        return flags
+                flags, markers = flags << 16 | r.be16(), (markers | FLAG_EXTRA) << 16
+        return flags, markers
 
     def decode(self, r: Reader) -> tuple[object, bool]:
-        flags = self._flags(r)
-        if flags & ~KNOWN_FLAGS:
+        flags, markers = self._flags(r)
+        if flags & ~(KNOWN_FLAGS | markers):
             raise WireError(f"Unknown flags in migrated dirty bitmap chunk: {flags:#x}")
         done = bool(flags & FLAG_EOS)
         node = decode_name(r.str8(), "node alias") if flags & FLAG_DEVICE_NAME else None
