@@ -153,7 +153,7 @@ def test_dirty_bitmap_flags_extension_and_hostile():
     ev, done = D.DirtyBitmapBodyDecoder().decode(Reader(b"\x80\x01", 0, 2))
     assert isinstance(ev, D.BitmapChunk) and ev.flags == 0x8001 and done  # EOS in the second byte
     with pytest.raises(WireError, match="Unknown flags"):
-        D.DirtyBitmapBodyDecoder().decode(Reader(b"\x80\x80\x00\x00", 0, 4))
+        D.DirtyBitmapBodyDecoder().decode(Reader(b"\x80\x80\x01\x00", 0, 4))
     big = b"\x40" + struct.pack(">QIQ", 0, 8, 10 * 1024 + 1)
     with pytest.raises(WireError, match="buffer allocation request is too large"):
         D.DirtyBitmapBodyDecoder().decode(Reader(big, 0, len(big)))
