@@ -156,6 +156,8 @@ class Stress(Workload):
         self._init_header()
 
     def _init_header(self) -> None:
+        # Touch guest RAM only after access(): on a postcopy destination it fetches the page.
+        self.ram.access(0, HEADER_PAGES)
         fresh = bytes(self.ram.bytes[:8]) != MAGIC
         super()._init_header()
         if fresh:
