@@ -232,3 +232,36 @@ def test_blk_and_bitmaps_together(spawn, tmp_path):
     after = bitmaps(dst, "disk0")["b0"]
     assert after["granularity"] == 512 and after["count"] == 0
     assert sha256(dst, "drive0", "b0") == sha256(src, "drive0", "b0")
+
+
+def test_dirty_bitmaps_with_postcopy(spawn_shm, tmp_path):
+    """After a switch to postcopy the bits go in the iterations while the destination guest runs
+    and writes: its enabled bitmap gets the source's bits plus its own writes (the successor),
+    the disabled one exactly the source's."""
+    spawn, shm = spawn_shm
+    disk = image(tmp_path / "shared.img", 8 * MIB)
+    guest = "stress:rate=16,wss=16M,disk=drive0,disk-rate=2"
+    src = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "src.ram"), "--guest", guest,
+                *drive(disk, node_name="disk0"))
+    dst = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "dst.ram"), "--guest", guest,
+                "--incoming", "tcp:127.0.0.1:0", *drive(disk, node_name="disk0"))
+    uri = f"tcp:127.0.0.1:{dst.migrate_status()['socket-address'][0]['port']}"
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0", "granularity": 4096})
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b1", "granularity": 4096})
+    for vm in (src, dst):
+        vm.set_caps(**{"dirty-bitmaps": True, "postcopy-ram": True})
+    wait_for(lambda: bitmaps(src, "disk0")["b0"]["count"] > 0, 10, "guest writes recorded")
+    src.qmp.execute("block-dirty-bitmap-disable", {"node": "disk0", "name": "b1"})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})
+    src.cmd("migrate", uri=uri)
+    wait_for(lambda: src.migrate_status()["status"] == "active", 10, "precopy")
+    src.cmd("migrate-start-postcopy")
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    assert src.wait_migration({"completed", "failed", "cancelled"}, timeout=30)["status"] == "completed"
+    assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    before, after = bitmaps(src, "disk0"), bitmaps(dst, "disk0")
+    assert sha256(dst, "disk0", "b1") == sha256(src, "disk0", "b1")
+    assert not after["b1"]["recording"] and not after["b0"]["busy"]
+    assert after["b0"]["recording"]
+    wait_for(lambda: bitmaps(dst, "disk0")["b0"]["count"] > before["b0"]["count"], 10,
+             "destination writes on top of the migrated bits")
