@@ -265,3 +265,38 @@ def test_dirty_bitmaps_with_postcopy(spawn_shm, tmp_path):
     assert after["b0"]["recording"]
     wait_for(lambda: bitmaps(dst, "disk0")["b0"]["count"] > before["b0"]["count"], 10,
              "destination writes on top of the migrated bits")
+
+
+def test_bitmap_mapping_aliases_both_ways(spawn, tmp_path):
+    """block-bitmap-mapping: the source sends aliases, the destination maps them back to its own names."""
+    disk = image(tmp_path / "shared.img", 4 * MIB)
+    src = spawn("vmigrate", "-m", "16M", *drive(disk, node_name="disk0"))
+    dst, uri = destination(spawn, tmp_path, *drive(disk, node_name="node1"))
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0", "granularity": 65536})
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "unmapped"})
+    src.cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+        {"node-name": "disk0", "alias": "a0", "bitmaps": [{"name": "b0", "alias": "x"}]}]})
+    dst.cmd("migrate-set-parameters", **{"block-bitmap-mapping": [
+        {"node-name": "node1", "alias": "a0",
+         "bitmaps": [{"name": "c0", "alias": "x", "transform": {"persistent": True}}]}]})
+    for vm in (src, dst):
+        vm.set_caps(**{"dirty-bitmaps": True})
+    src.cmd("migrate", uri=uri)
+    assert src.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    after = bitmaps(dst, "node1")
+    assert set(after) == {"c0"}
+    assert after["c0"]["granularity"] == 65536 and after["c0"]["persistent"] is True
+
+
+def test_bitmap_name_over_255_bytes_fails_the_source(spawn, tmp_path):
+    disk = image(tmp_path / "disk.img", 2 * MIB)
+    src = spawn("vmigrate", "-m", "16M", *drive(disk, node_name="disk0"))
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "n" * 300})
+    src.set_caps(**{"dirty-bitmaps": True})
+    src.cmd("migrate", uri=f"exec:cat > {tmp_path / 'stream'}")
+    info = src.wait_migration({"completed", "failed"}, timeout=30)
+    assert info["status"] == "failed"
+    assert info["error-desc"] == (f"Cannot migrate bitmap '{'n' * 300}' on node 'drive0': "
+                                  "Name is longer than 255 bytes")
+    assert not bitmaps(src, "disk0")["n" * 300]["busy"]
