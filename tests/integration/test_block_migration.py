@@ -19,6 +19,7 @@ from vmigrate.block.driver import ImageError
 from vmigrate.block.formats import open_image
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import DISK_BLOCK, DISK_CURSOR_WORD, DISK_STEP_WORD, MAGIC, disk_blocks
+from vmigrate.qmp.client import QMPClientError
 
 MIB = 1 << 20
 QEMU_IMG = shutil.which("qemu-img")
@@ -225,8 +226,15 @@ def test_blk_and_bitmaps_together(spawn, tmp_path):
     src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "b0", "granularity": 512})
     for vm in (src, dst):
         vm.set_caps(**{"dirty-bitmaps": True})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 * MIB})
     src.cmd("migrate", uri=uri, blk=True)
+    # The bitmap is the migration's until it completes.
+    wait_for(lambda: bitmaps(src, "disk0")["b0"]["busy"], 5, "bitmap busy")
+    with pytest.raises(QMPClientError, match="Bitmap 'b0' is currently in use by another operation"):
+        src.qmp.execute("block-dirty-bitmap-remove", {"node": "disk0", "name": "b0"})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
     assert src.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert not bitmaps(src, "disk0")["b0"]["busy"]
     assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
     assert compare(src_img, dst_img).returncode == 0
     after = bitmaps(dst, "disk0")["b0"]
