@@ -23,7 +23,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "qom": ("object-add", "object-del"),
     "block": ("query-block", "query-named-block-nodes",
               "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
-              "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "JOB_STATUS_CHANGE",
+              "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "x-debug-block-dirty-bitmap-sha256",
+              "JOB_STATUS_CHANGE",
               "job-pause", "job-resume", "job-cancel", "job-complete", "job-dismiss", "job-finalize",
               "query-jobs"),
 }
@@ -108,6 +109,8 @@ def definitions(schema: list[dict], entities: tuple[str, ...]) -> list[dict]:
             expr["returns"] = ref(entry["ret-type"], f"{command}-ret")
         if entry.get("allow-oob"):
             expr["allow-oob"] = True
+        if entry.get("features"):
+            expr["features"] = entry["features"]
         expr["allow-preconfig"] = command in PRECONFIG
         out.append(expr)
     return out

@@ -29,6 +29,8 @@ from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.softcpu import SoftVcpus
 from vmigrate.machine.vcpus import VcpuBackend
+from vmigrate.migration.block import BlockSection
+from vmigrate.migration.block_dirty_bitmap import DirtyBitmapSection
 from vmigrate.migration.migration import MigrationManager
 from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.ram import RamSection
@@ -76,6 +78,12 @@ class VM:
         self.objects = config.objects
         self.block = config.block
         self.jobs = JobManager(self.emit_event)
+        disk = config.guest.disk
+        if disk is not None and self.block.lookup(disk) is None:
+            raise ValueError(f"--guest disk={disk}: Cannot find device='{disk}' nor node-name='{disk}'")
+        if config.incoming is not None:
+            # QEMU opens images inactive (BDRV_O_INACTIVE) when -incoming is given.
+            self.block.inactivate_all()
         self.ram = RAMBlock("ram", config.memory, config.mem_path)
         self.vcpus = self._make_vcpus(config)
         if config.incoming is not None:
@@ -102,11 +110,17 @@ class VM:
         self._loop_thread = threading.get_ident()
 
     def _register_sections(self) -> SectionRegistry:
-        """What migrates, in the order and with the section ids of ``-M none`` (savevm.py), then
-        the KVM devices."""
+        """What migrates, in the order and with the section ids of ``-M none`` (savevm.py): the
+        timer, block (blk_mig_init), ram, dirty-bitmap (dirty_bitmap_mig_init); then the KVM
+        devices and globalstate."""
         sections = SectionRegistry()
         sections.register_device(self.clock)
-        sections.register_live(RamSection(self.ram_blocks, self.vcpus))
+        block = BlockSection(self.block)
+        sections.register_live(block)
+        sections.register_live(RamSection(self.ram_blocks, self.vcpus, block.bulk_active))
+        bitmaps = DirtyBitmapSection(self.block)
+        sections.register_live(bitmaps)
+        sections.on_before_vm_start(bitmaps.before_vm_start)
         for device in self.vcpus.devices:
             sections.register_device(device)
         sections.register_device(self.global_state)
@@ -118,7 +132,7 @@ class VM:
 
             return KvmVcpus(self.ram, config.smp, config.guest, serial=config.serial,
                             dirty_ring_size=config.dirty_ring_size, on_error=self._guest_error)
-        return SoftVcpus(config.smp, lambda: config.guest.build(self.ram))
+        return SoftVcpus(config.smp, lambda: config.guest.build(self.ram, self.block.lookup))
 
     def _guest_error(self, message: str) -> None:
         """A vCPU stopped for good (from its thread): say why, stop the VM in ``internal-error``."""

@@ -20,9 +20,12 @@ import numpy as np
 
 from vmigrate.machine.devices import none_machine_bodies
 from vmigrate.migration.wire import WireError
+from vmigrate.migration.wire import block as wire_block
+from vmigrate.migration.wire import dirty_bitmap as wire_dirty_bitmap
 from vmigrate.migration.wire import multifd as wire_multifd
 from vmigrate.migration.wire import ram as wire_ram
 from vmigrate.migration.wire import return_path, stream, xbzrle
+from vmigrate.migration.wire.buffer import Reader, Short
 from vmigrate.qmp.jsonstream import JSONMessageStream
 
 VECTORS = Path(__file__).resolve().parent.parent / "unit" / "vectors"
@@ -85,6 +88,34 @@ def xbzrle_page(data: bytes, split: int) -> None:
     xbzrle.decode_page(data[:PAGE], page)
 
 
+def _section_body(decoder, data: bytes, split: int) -> None:
+    """A section body from bytes arriving in two pieces, as the stream decoder hands it over:
+    records are decoded until the body ends or more bytes are needed."""
+    buf = b""
+    for piece in (data[:split], data[split:]):
+        buf += piece
+        r = Reader(buf, 0, len(buf))
+        while True:
+            start = r.pos
+            try:
+                _, done = decoder.decode(r)
+            except Short:
+                buf = buf[start:]
+                break
+            if done:
+                return
+
+
+def block_body(data: bytes, split: int) -> None:
+    """A ``block`` section body (docs/qemu/block.md §1)."""
+    _section_body(wire_block.BlockBodyDecoder(), data, split)
+
+
+def dirty_bitmap_body(data: bytes, split: int) -> None:
+    """A ``dirty-bitmap`` section body (docs/qemu/block.md §2)."""
+    _section_body(wire_dirty_bitmap.DirtyBitmapBodyDecoder(), data, split)
+
+
 def qmp_input(data: bytes, split: int) -> None:
     """A monitor's input: malformed JSON becomes an error value, never an exception."""
     stream_ = JSONMessageStream()
@@ -135,7 +166,9 @@ RP_SEEDS = (return_path.shut(1) + return_path.pong(7) + return_path.req_pages_id
             + return_path.req_pages(PAGE, PAGE) + return_path.resume_ack(),)
 
 TARGETS: dict[str, Target] = {
-    "stream": Target(load_stream, WireError, _files("[!m]*.bin") + _files("mixed*.bin")),
+    "stream": Target(load_stream, WireError, _files("[!dm]*.bin") + _files("mixed*.bin")),
+    "block": Target(block_body, WireError, ()),
+    "dirty-bitmap": Target(dirty_bitmap_body, WireError, _files("dirty-bitmap-*.bin")),
     "multifd": Target(multifd_channel, WireError, _files("multifd72-*.bin")),
     "return-path": Target(return_path_messages, WireError, ()),
     "xbzrle": Target(xbzrle_page, WireError, ()),
@@ -145,6 +178,8 @@ TARGETS: dict[str, Target] = {
 #: Inline seeds of the targets without captured files.
 SEEDS: dict[str, tuple[bytes, ...]] = {
     "return-path": RP_SEEDS,
+    "block": (wire_block.progress(3) + wire_block.device_block("drive0", 2048, bytes(1 << 20)) + bytes(1 << 20)
+              + wire_block.device_block("drive0", 4096, None) + wire_block.eos(),),
     "xbzrle": (bytes([0x10]) + b"\x01" * 16 + bytes([0x08]),),
     "qmp": QMP_SEEDS,
 }

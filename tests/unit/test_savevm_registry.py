@@ -48,6 +48,12 @@ class CounterSection:
     def _put(self, ctx: SaveContext, value: int) -> None:
         ctx.file.put(value.to_bytes(4, "big"))
 
+    def is_active(self, config) -> bool:
+        return True
+
+    def is_active_iterate(self, ctx: SaveContext) -> bool:
+        return True
+
     def save_setup(self, ctx: SaveContext) -> None:
         self._put(ctx, 0)
 

@@ -84,6 +84,10 @@ class BlockNode:
     bitmaps: dict[str, DirtyBitmap] = field(default_factory=dict)
     _trackers: list[DirtyBitmap] = field(default_factory=list)
     lock: threading.RLock = field(default_factory=threading.RLock)
+    #: QEMU's BDRV_O_INACTIVE cleared: this process owns the image.  A migration source gives
+    #: its images up at completion and an incoming VM gets them at the end of the load (or at
+    #: ``cont`` with ``late-block-activate``); docs/block-migration.md §Activation.
+    active: bool = True
 
     @property
     def read_only(self) -> bool:
@@ -183,6 +187,13 @@ class BlockNode:
                 "write_threshold": 0,
                 "cache": {"writeback": True, "direct": False, "no-flush": False}}
 
+    def inactivate(self) -> None:
+        """Flush and give the image up (bdrv_inactivate_recurse), so another process may open it."""
+        with self.lock:
+            if self.active:
+                self.driver.flush()
+                self.active = False
+
     def close(self) -> None:
         with self.lock:
             self.driver.close()
@@ -264,6 +275,16 @@ class BlockGraph:
             out.append(node.info())
             out.append(node.file_info())
         return out
+
+    def activate_all(self) -> None:
+        """bdrv_activate_all: this process owns every image again."""
+        for node in self._nodes:
+            node.active = True
+
+    def inactivate_all(self) -> None:
+        """bdrv_inactivate_all: every image flushed and given up."""
+        for node in self._nodes:
+            node.inactivate()
 
     def close(self) -> None:
         for node in self._nodes:

@@ -24,7 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accel", help="vCPU backend: kvm[,dirty-ring-size=N] | soft "
                    "(default: kvm where /dev/kvm can run a VM, else soft)")
     p.add_argument("--guest", default="idle", help="workload: idle | ab[:start=SIZE,end=SIZE,sleep=MS] | "
-                   "stress:rate=MBPS,wss=SIZE | checksum[:size=SIZE,rounds=N]")
+                   "stress:rate=MBPS,wss=SIZE[,tick=MS][,disk=DEVICE_OR_NODE,disk-rate=MBPS] | "
+                   "checksum[:size=SIZE,rounds=N]; stress's disk= also writes that --drive/--blockdev, "
+                   "4 KiB blocks stamped with the disk step (docs/block-migration.md)")
     p.add_argument("--serial", help="KVM only: the UART's output to FILE, 'stdio' or 'unix:PATH' "
                    "(a socket clients connect to); default: discarded")
     p.add_argument("--qmp", action="append", default=[], help="QMP server: unix:PATH or tcp:HOST:PORT (repeatable)")

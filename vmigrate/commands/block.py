@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import numpy as np
+
 from vmigrate.block.node import BlockNode, DirtyBitmap
 from vmigrate.commands import command
 from vmigrate.errors import VMError
@@ -70,3 +74,16 @@ def block_dirty_bitmap_disable(vm, args, monitor):
     bs, bitmap = _lookup(vm, args["node"], args["name"])
     _check(bitmap)
     bitmap.enabled = False
+
+
+@command("x-debug-block-dirty-bitmap-sha256")
+def x_debug_block_dirty_bitmap_sha256(vm, args, monitor):
+    """SHA-256 of the bitmap's bottom level as HBitmap stores it (hbitmap_sha256, util/hbitmap.c):
+    one little-endian 64-bit word per 64 bits.  Equal hashes on two VMs mean equal bits, which is
+    how migrated bitmaps are compared with QEMU's."""
+    bs, bitmap = _lookup(vm, args["node"], args["name"])
+    with bs.lock:
+        bits = bitmap.bits.copy()
+    words = np.zeros(-(-len(bits) // 64) * 64, dtype=bool)
+    words[:len(bits)] = bits
+    return {"sha256": hashlib.sha256(np.packbits(words, bitorder="little").tobytes()).hexdigest()}

@@ -34,6 +34,9 @@ def cont(vm, args, monitor):
         return
     if state == "finish-migrate":
         raise QMPError("Migration is not finalized yet")
+    # qmp_cont: the images are taken over again, whether a migration gave them away
+    # (source) or left them inactive (late-block-activate destination).
+    vm.block.activate_all()
     if state == "inmigrate":
         vm.runstate.autostart = True
     else:

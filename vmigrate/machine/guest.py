@@ -15,7 +15,17 @@ offset size    meaning
 8      8       pass / step counter (little-endian u64)
 16     8       stress cursor (page index inside the working set)
 24     8       checksum result, once the counter passed the rounds
+32     8       disk cursor (4 KiB block index inside the disk) of ``stress:disk=``
+40     8       disk step counter of ``stress:disk=`` (the stamp of the last blocks written)
 ====== ======= ===================================================
+
+``stress:...,disk=NAME,disk-rate=MBPS`` also writes the disk (node or
+device) *NAME* round-robin, *disk-rate* MiB/s, through the block node (so
+its dirty bitmaps and block migration see the writes).  Each 4 KiB block
+written holds the disk step number in its first 8 bytes and its own block
+index in the next 8 (little-endian), the rest zero: content that depends
+only on the header, so a destination guest continues the same sequence and
+a test can recompute what the disk must hold.
 
 The x86 programs run under KVM (:mod:`vmigrate.machine.x86guest`) keep the
 same header, so tools read either kind of guest the same way.
@@ -26,13 +36,24 @@ from __future__ import annotations
 import inspect
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, parse_size
 
+if TYPE_CHECKING:
+    from vmigrate.block.node import BlockNode
+
 MAGIC = b"VMIGRATE"
 HEADER_PAGES = 1
+#: The disk workload's unit.
+DISK_BLOCK = 4096
+#: Header words (u64 index) of the disk cursor and the disk step counter.
+DISK_CURSOR_WORD = 4
+DISK_STEP_WORD = 5
+#: Finds a disk by device or node name (QEMU's bdrv_lookup_bs); None when there is none.
+DiskLookup = Callable[[str], "BlockNode | None"]
 
 
 class Workload:
@@ -114,7 +135,8 @@ class Stress(Workload):
 
     name = "stress"
 
-    def __init__(self, ram: RAMBlock, rate: float = 100.0, wss: int = 64 << 20, tick_ms: float = 5.0) -> None:
+    def __init__(self, ram: RAMBlock, rate: float = 100.0, wss: int = 64 << 20, tick_ms: float = 5.0,
+                 disk: str | None = None, disk_rate: float = 8.0, disks: DiskLookup | None = None) -> None:
         super().__init__(ram)
         self.tick = tick_ms / 1000
         self.first = HEADER_PAGES
@@ -122,13 +144,35 @@ class Stress(Workload):
         self.pages_per_second = rate * (1 << 20) / PAGE_SIZE
         self._last = time.monotonic()
         self._credit = 0.0
+        self.disk: BlockNode | None = None
+        if disk is not None:
+            self.disk = disks(disk) if disks is not None else None
+            if self.disk is None:
+                raise ValueError(f"guest disk '{disk}': no such device or node")
+            if self.disk.size < DISK_BLOCK:
+                raise ValueError(f"guest disk '{disk}' is smaller than {DISK_BLOCK} bytes")
+        self.disk_blocks_per_second = disk_rate * (1 << 20) / DISK_BLOCK
+        self._disk_credit = 0.0
         self._init_header()
+
+    def _init_header(self) -> None:
+        # Touch guest RAM only after access(): on a postcopy destination it fetches the page.
+        self.ram.access(0, HEADER_PAGES)
+        fresh = bytes(self.ram.bytes[:8]) != MAGIC
+        super()._init_header()
+        if fresh:
+            self._u64[DISK_CURSOR_WORD:DISK_STEP_WORD + 1] = 0
 
     def step(self) -> float:
         now = time.monotonic()
+        elapsed = now - self._last
         # Bounded catch-up: a guest that was paused does not burst afterwards.
-        self._credit = min(self._credit + (now - self._last) * self.pages_per_second, self.pages_per_second * 0.1)
+        self._credit = min(self._credit + elapsed * self.pages_per_second, self.pages_per_second * 0.1)
         self._last = now
+        if self.disk is not None:
+            self._disk_credit = min(self._disk_credit + elapsed * self.disk_blocks_per_second,
+                                    self.disk_blocks_per_second * 0.1)
+            self._write_disk()
         n = int(self._credit)
         if n:
             self._credit -= n
@@ -158,6 +202,39 @@ class Stress(Workload):
     def write(self, pages: np.ndarray, stamp: int) -> None:
         """How a page is dirtied: its first 8 bytes become the step number."""
         self.ram.pages[pages, :8] = np.frombuffer(stamp.to_bytes(8, "little"), dtype=np.uint8)
+
+    def _write_disk(self) -> None:
+        """The disk's share of a step: the next blocks after the cursor, stamped (module doc).
+
+        A disk given up by a migration (inactive) is not written, as QEMU's
+        writes to an inactive image fail; the guest runs again only once
+        ``cont`` has taken it back anyway.
+        """
+        n = int(self._disk_credit)
+        disk = self.disk
+        if not n or not disk.active:
+            return
+        self._disk_credit -= n
+        total = disk.size // DISK_BLOCK
+        n = min(n, total)
+        self.ram.access(0, HEADER_PAGES)
+        cursor = int(self._u64[DISK_CURSOR_WORD]) % total
+        stamp = int(self._u64[DISK_STEP_WORD]) + 1
+        first_run = min(n, total - cursor)
+        for start, count in ((cursor, first_run), (0, n - first_run)):
+            if count:
+                disk.write(start * DISK_BLOCK, disk_blocks(start, count, stamp))
+        self._u64[DISK_STEP_WORD] = stamp
+        self._u64[DISK_CURSOR_WORD] = (cursor + n) % total
+        self.ram.dirty.mark_range(0, 1)
+
+
+def disk_blocks(first: int, count: int, stamp: int) -> bytes:
+    """The bytes the disk workload writes at blocks [first, first+count) in step *stamp*."""
+    words = np.zeros((count, DISK_BLOCK // 8), dtype="<u8")
+    words[:, 0] = stamp
+    words[:, 1] = np.arange(first, first + count, dtype=np.uint64)
+    return words.tobytes()
 
 
 class Checksum(Workload):
@@ -226,8 +303,8 @@ def read_header(ram_file: str) -> int | None:
 
 @dataclass(frozen=True)
 class GuestSpec:
-    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``, ``stress:rate=MBPS,wss=SIZE[,tick=MS]``,
-    ``checksum[:size=SIZE,rounds=N]``."""
+    """A parsed ``--guest`` value: ``idle``, ``ab[:start=..,end=..,sleep=MS]``,
+    ``stress:rate=MBPS,wss=SIZE[,tick=MS][,disk=NAME,disk-rate=MBPS]``, ``checksum[:size=SIZE,rounds=N]``."""
 
     kind: str
     options: dict
@@ -250,11 +327,12 @@ class GuestSpec:
     def _convert(self) -> dict:
         conv = {
             "ab": {"start": lambda v: parse_size(v, "B"), "end": lambda v: parse_size(v, "B"), "sleep": float},
-            "stress": {"rate": float, "wss": lambda v: parse_size(v, "M"), "tick": float},
+            "stress": {"rate": float, "wss": lambda v: parse_size(v, "M"), "tick": float, "disk": str,
+                       "disk-rate": float},
             "checksum": {"size": lambda v: parse_size(v, "M"), "rounds": int},
             "idle": {},
         }[self.kind]
-        names = {"sleep": "sleep_ms", "tick": "tick_ms"}
+        names = {"sleep": "sleep_ms", "tick": "tick_ms", "disk-rate": "disk_rate"}
         out = {}
         for key, value in self.options.items():
             if key not in conv:
@@ -272,11 +350,21 @@ class GuestSpec:
         KVM take the same ones.
         """
         params = inspect.signature(WORKLOADS[self.kind].__init__).parameters
-        defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
+        defaults = {n: p.default for n, p in params.items()
+                    if p.default is not inspect.Parameter.empty and n != "disks"}
         return {**defaults, **self._convert()}
 
-    def build(self, ram: RAMBlock) -> Workload:
-        return WORKLOADS[self.kind](ram, **self._convert())
+    @property
+    def disk(self) -> str | None:
+        """The disk the workload writes (``stress:disk=``), if any."""
+        return self.options.get("disk")
+
+    def build(self, ram: RAMBlock, disks: DiskLookup | None = None) -> Workload:
+        """The workload over *ram*; *disks* finds the disk a ``disk=`` option names."""
+        options = self._convert()
+        if self.kind == "stress":
+            options["disks"] = disks
+        return WORKLOADS[self.kind](ram, **options)
 
 
 WORKLOADS: dict[str, type[Workload]] = {"idle": Idle, "ab": AB, "stress": Stress, "checksum": Checksum}

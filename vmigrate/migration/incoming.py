@@ -286,7 +286,7 @@ class IncomingMigration:
                 self._close_listener()
                 self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
             else:
-                self._finish_load()
+                self._finish_load(config)
             if self._rp is not None:
                 self._send_rp(return_path.shut(0))
         except Exception as err:
@@ -479,21 +479,33 @@ class IncomingMigration:
             self.status.transition(S.ACTIVE, S.POSTCOPY_ACTIVE)
         else:
             postcopy.run()
-            # QEMU's loadvm_postcopy_handle_run_bh: the guest starts with autostart, whatever
-            # run state the source had.
+            # QEMU's loadvm_postcopy_handle_run_bh: the disks are taken over, the bitmaps still
+            # loading start recording, and the guest starts with autostart, whatever run state
+            # the source had.
+            self.host.block.activate_all()
+            self.host.sections.before_vm_start()
             runstate = self.host.runstate
             if runstate.autostart:
                 runstate.start()
             else:
                 runstate.set("paused")
 
-    def _finish_load(self) -> None:
-        """Run state after a successful load (docs/qemu/states.md §9.1), then ``completed``."""
+    def _finish_load(self, config: MigrationConfig) -> None:
+        """Disks, bitmaps and run state after a successful load (docs/qemu/states.md §9.1,
+        process_incoming_migration_bh), then ``completed``.
+
+        With ``late-block-activate`` the disks stay inactive unless the guest starts now;
+        ``cont`` activates them (docs/block-migration.md §Activation).
+        """
         runstate = self.host.runstate
         received = self.host.global_state.runstate
         if received is not None and received not in INMIGRATE_NEXT:
             # QEMU aborts on this transition (runstate_set, softmmu/runstate.c); the load fails here.
             raise LoadError(f"invalid runstate transition: 'inmigrate' -> '{received}'")
+        starts = received is None or received == "running"
+        if not config.caps.late_block_activate or (runstate.autostart and starts):
+            self.host.block.activate_all()
+        self.host.sections.before_vm_start()
         if received is None or received == "running":
             if runstate.autostart:
                 runstate.start()

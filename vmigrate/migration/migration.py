@@ -40,6 +40,7 @@ from vmigrate.migration.rate_limit import WINDOW_SECONDS, RateLimiter
 from vmigrate.migration.savevm import SaveContext, SaveVM
 from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
 from vmigrate.migration.status import MigrationStatus, StatusMachine
+from vmigrate.migration.block import BlockSection
 from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.tls import client_channel
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream
@@ -52,7 +53,7 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("x-colo", "block", "dirty-bitmaps", "x-ignore-shared")
+UNIMPLEMENTED_CAPABILITIES = ("x-colo", "x-ignore-shared")
 
 
 def now_ms() -> float:
@@ -100,17 +101,29 @@ class MigrationManager:
             raise MigrationError("Guest is waiting for an incoming migration")
         if runstate == "postmigrate":
             raise MigrationError("Can't migrate the vm that was paused due to previous migration")
-        if args.get("blk") or args.get("inc"):
+        blk, inc = bool(args.get("blk")), bool(args.get("inc"))
+        if blk or inc:
             if caps.x_colo:
                 raise MigrationError("No disk migration is required in COLO mode")
             if caps.block or config.params.block_incremental:
                 raise MigrationError("Command options are incompatible with current migration capabilities")
-            raise MigrationError("vmigrate does not implement block migration (blk/inc) yet")
         for cap in UNIMPLEMENTED_CAPABILITIES:
             if getattr(caps, cap.replace("-", "_")):
                 raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
-        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats)
-        session.start(uri, named_fds)
+        cleanup: Callable[[], None] | None = None
+        if blk or inc:
+            # migrate_prepare: the capability (and the parameter) for this attempt only,
+            # undone when it is cleaned up (block_cleanup_parameters).
+            self.options.enable_block(inc)
+            cleanup = self.options.disable_block
+            config = self.options.snapshot()
+        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats, cleanup)
+        try:
+            session.start(uri, named_fds)
+        except MigrationError:
+            if cleanup is not None:
+                cleanup()
+            raise
 
     def snapshot_session(self) -> "OutgoingSession":
         """The attempt a snapshot-save's stream counts as (QEMU's migrate_init in qemu_savevm_state).
@@ -201,9 +214,12 @@ class MultifdSetupError(Exception):
 class OutgoingSession:
     """One outgoing attempt: its config, channels, file, return path, counters and thread."""
 
-    def __init__(self, host: MigrationHost, config: MigrationConfig, xbzrle_stats: XbzrleStats) -> None:
+    def __init__(self, host: MigrationHost, config: MigrationConfig, xbzrle_stats: XbzrleStats,
+                 on_cleanup: Callable[[], None] | None = None) -> None:
+        """*on_cleanup* runs when the attempt is over (``migrate blk=true`` undoes its capability)."""
         self.host = host
         self.config = config
+        self._on_cleanup = on_cleanup
         self.status = StatusMachine(host.emit_event, lambda: config.caps.events)
         self.thread: threading.Thread | None = None
         self.error_desc: str | None = None
@@ -392,10 +408,20 @@ class OutgoingSession:
                 info["compression"] = self.compression_stats.to_qmp()
             if self.auto_converge.percentage:
                 info["cpu-throttle-percentage"] = self.auto_converge.percentage
+            disk = self._disk_info()
+            if disk is not None:
+                info["disk"] = disk
             if status == S.ACTIVE:
                 info["x-vmigrate-forecast"] = self.forecast.forecast().to_qmp()
         elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+
+    def _disk_info(self) -> dict | None:
+        """populate_disk_info: block migration's counters while it has devices."""
+        for section in self.host.sections.live:
+            if isinstance(section, BlockSection):
+                return section.disk_info()
+        return None
 
     # -- the migration thread ---------------------------------------------
 
@@ -456,6 +482,10 @@ class OutgoingSession:
         except (MultifdSetupError, WriteTrackingError) as err:
             log.error("%s", err)
             self._fail(None)
+        except MigrationError as err:
+            # A section's setup refused (dirty-bitmap's checks): QEMU error_reports it and fails.
+            log.error("%s", err.desc)
+            self._fail(err.desc)
         except (ChannelError, OSError, ValueError) as err:
             rp = self.rp
             if rp is not None:
@@ -477,6 +507,8 @@ class OutgoingSession:
             self._fast_switch.exit()
             # QEMU's cleanup bottom half.
             self.status.transition(S.CANCELLING, S.CANCELLED)
+            if self._on_cleanup is not None:
+                self._on_cleanup()
 
     def _turn(self, saver: SaveVM, window: "_Window") -> bool:
         """One turn of QEMU's migration_thread loop; True when the migration is over."""
@@ -705,6 +737,7 @@ class OutgoingSession:
         self._fast_switch.enter()
         self.limiter.set_rate(self.config.params.max_postcopy_bandwidth)
         self.limiter.new_window()
+        host.block.inactivate_all()
         saver.postcopy_switch()
         self.downtime = int(now_ms() - downtime_start)
         trace("postcopy_start_set_run", downtime=self.downtime)
@@ -747,6 +780,9 @@ class OutgoingSession:
             raise MigrationCancelled()
         self.limiter.set_rate(0)
         saver.complete()
+        # The destination takes the images over (qemu_savevm_state_complete_precopy's
+        # bdrv_inactivate_all); a failure from here on gives them back with the guest.
+        host.block.inactivate_all()
         if rp is not None:
             rp.join()
             if rp.error:
@@ -782,6 +818,7 @@ class OutgoingSession:
         if self.status.status == S.COMPLETED or self.postcopy_started:
             runstate.set("postmigrate")
         elif stopped or runstate.state == "finish-migrate":
+            self.host.block.activate_all()
             if was_running:
                 runstate.start()
             elif runstate.state == "finish-migrate":

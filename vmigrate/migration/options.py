@@ -297,6 +297,23 @@ class MigrationOptions:
                                  ram_wp_compatible=ram_wp_compatible)
         self._caps = new
 
+    def enable_block(self, incremental: bool) -> None:
+        """``migrate blk/inc``: migrate_set_block_enabled(true), with the capability checks, and
+        ``block-incremental`` for ``inc`` (migrate_prepare, migration/migration.c)."""
+        new = dict(self._caps)
+        new["block"] = True
+        self._check_capabilities(new, old_postcopy=self._caps["postcopy-ram"], runstate="running",
+                                 incoming_single_channel=False, postcopy_supported=lambda: True,
+                                 uffd_wp_supported=lambda: True, ram_wp_compatible=lambda: True)
+        self._caps = new
+        if incremental:
+            self._params["block-incremental"] = True
+
+    def disable_block(self) -> None:
+        """block_cleanup_parameters: what ``migrate blk/inc`` turned on is off again."""
+        self._caps["block"] = False
+        self._params["block-incremental"] = False
+
     def _check_capabilities(self, c: dict[str, bool], *, old_postcopy: bool, runstate: str,
                             incoming_single_channel: bool,
                             postcopy_supported: Callable[[], bool],

@@ -18,6 +18,7 @@ stream holding its old content is flushed.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -28,6 +29,7 @@ from vmigrate.migration.multifd import MultifdReceiver
 from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
 from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 from vmigrate.migration.qemu_file import QEMUFileOut
+from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
 from vmigrate.migration.stats import PeriodRates
 from vmigrate.migration.wire import ram as wire_ram
@@ -180,6 +182,12 @@ class RamSaver:
         f.put(wire_ram.eos())
         self.stats.account(EOS_SIZE, self._phase())
         return done
+
+    def empty_part(self) -> bool:
+        """A PART body with no pages: EOS only."""
+        self.ctx.file.put(wire_ram.eos())
+        self.stats.account(EOS_SIZE, self._phase())
+        return False
 
     def complete(self) -> None:
         """END body with the VM stopped: final sync, every remaining page, EOS."""
@@ -556,19 +564,32 @@ class RamSection:
     section_id = 2
     version_id = 4
 
-    def __init__(self, blocks: list[RAMBlock], vcpus: VcpuBackend) -> None:
+    def __init__(self, blocks: list[RAMBlock], vcpus: VcpuBackend,
+                 block_bulk_active: Callable[[], bool] = lambda: False) -> None:
+        """*block_bulk_active* says whether block migration is in its bulk phase, during which
+        RAM sends nothing (ram_save_iterate asks blk_mig_bulk_active)."""
         self.blocks = blocks
         self.vcpus = vcpus
+        self.block_bulk_active = block_bulk_active
         self._saver: RamSaver | None = None
         self._loader: RamLoader | None = None
 
     # -- save -------------------------------------------------------------------------
+
+    def is_active(self, config: MigrationConfig) -> bool:
+        return True
+
+    def is_active_iterate(self, ctx: SaveContext) -> bool:
+        return True
 
     def save_setup(self, ctx: SaveContext) -> None:
         self._saver = RamSaver(self.blocks, self.vcpus, ctx)
         self._saver.setup()
 
     def save_iterate(self, ctx: SaveContext) -> bool:
+        if self.block_bulk_active():
+            # Pages sent now would be dirtied again long before the disks' first copy is out.
+            return self._saver.empty_part()
         return self._saver.iterate()
 
     def pending_estimate(self) -> int:

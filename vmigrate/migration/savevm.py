@@ -2,11 +2,12 @@
 
 A VM registers what it migrates in one :class:`SectionRegistry`, in stream
 order: live sections (:class:`SaveVMHandlers`, QEMU's ``SaveVMHandlers``:
-RAM today; block, dirty bitmaps and postcopy discards tomorrow) and device
-models saved whole in the downtime (QEMU's vmstate registrations).  A
-``-M none`` vmigrate VM registers what ``qemu-system-x86_64 -M none`` does
-with the same section ids, so its stream is what a QEMU 7.2 destination of
-that machine expects: ``timer`` (id 0), ``ram`` (id 2, live),
+block, RAM, dirty bitmaps) and device models saved whole in the downtime
+(QEMU's vmstate registrations).  A ``-M none`` vmigrate VM registers what
+``qemu-system-x86_64 -M none`` does with the same section ids, so its
+stream is what a QEMU 7.2 destination of that machine expects: ``timer``
+(id 0), ``block`` (id 1, live, only with the ``block`` capability), ``ram``
+(id 2, live), ``dirty-bitmap`` (id 3, live, only with ``dirty-bitmaps``),
 ``globalstate`` (id 4).
 
 :class:`SaveVM` writes one outgoing attempt's stream (docs/qemu/stream.md
@@ -96,6 +97,10 @@ class SaveVMHandlers(Protocol):
     section_id: int
     version_id: int
 
+    def is_active(self, config: MigrationConfig) -> bool: ...  # takes part in this attempt (QEMU's is_active)
+
+    def is_active_iterate(self, ctx: SaveContext) -> bool: ...  # gets a PART now (QEMU's is_active_iterate)
+
     def save_setup(self, ctx: SaveContext) -> None: ...  # the START body
 
     def save_iterate(self, ctx: SaveContext) -> bool: ...  # a PART body; True when nothing was left
@@ -134,9 +139,19 @@ class SectionRegistry:
     def __init__(self) -> None:
         self.live: list[SaveVMHandlers] = []
         self.devices: list[DeviceModel] = []
+        self._before_vm_start: list[Callable[[], None]] = []
 
     def register_live(self, handlers: SaveVMHandlers) -> None:
         self.live.append(handlers)
+
+    def on_before_vm_start(self, hook: Callable[[], None]) -> None:
+        """Run *hook* when an incoming migration hands the guest over to this side."""
+        self._before_vm_start.append(hook)
+
+    def before_vm_start(self) -> None:
+        """What QEMU runs before starting a migrated guest (dirty_bitmap_mig_before_vm_start)."""
+        for hook in self._before_vm_start:
+            hook()
 
     def register_device(self, device: "DeviceModel") -> None:
         self.devices.append(device)
@@ -194,6 +209,11 @@ class SaveVM:
         self._header_sent = False
         self._set_up: list[SaveVMHandlers] = []
 
+    def _live(self) -> list[SaveVMHandlers]:
+        """The live sections taking part now: QEMU asks is_active before each use, and the
+        dirty-bitmap section drops out after its setup when there was nothing to migrate."""
+        return [s for s in self.registry.live if s.is_active(self.ctx.config)]
+
     def set_file(self, f: QEMUFileOut, preempt: QEMUFileOut | None) -> None:
         """A postcopy recovery's new connections."""
         self.f = self.ctx.file = f
@@ -201,7 +221,7 @@ class SaveVM:
 
     def postcopy_resume(self, received: dict[str, "np.ndarray"]) -> None:
         """The destination's received bitmaps (block -> one bool per page) after a recovery."""
-        for s in self.registry.live:
+        for s in self._live():
             if s.supports_postcopy:
                 s.save_postcopy_resume(self.ctx, received)
 
@@ -227,9 +247,13 @@ class SaveVM:
         f = self.f
         trace("savevm_state_setup")
         self._header()
-        if self.ctx.config.caps.postcopy_ram:
+        caps = self.ctx.config.caps
+        if caps.postcopy_ram:
             f.put(stream.postcopy_advise(PAGE_SIZE, PAGE_SIZE))
-        for s in self.registry.live:
+        elif caps.dirty_bitmaps:
+            # migrate_postcopy() is postcopy-ram or dirty-bitmaps; without RAM postcopy the advise is empty.
+            f.put(stream.postcopy_advise(None))
+        for s in self._live():
             trace("savevm_section_start", id=s.idstr, section_id=s.section_id)
             f.put(stream.section_start(s.section_id, s.idstr, s.instance_id, s.version_id))
             self._set_up.append(s)
@@ -241,7 +265,9 @@ class SaveVM:
         """One PART per live section until the rate limit stops it; True when all were done."""
         f = self.f
         done = True
-        for s in self.registry.live:
+        for s in self._live():
+            if not s.is_active_iterate(self.ctx):
+                continue
             if f.rate_limited():
                 return False
             f.put(stream.section_part(s.section_id))
@@ -251,20 +277,20 @@ class SaveVM:
         return done
 
     def pending_estimate(self) -> int:
-        return sum(s.pending_estimate() for s in self.registry.live)
+        return sum(s.pending_estimate() for s in self._live())
 
     def pending_exact(self) -> int:
-        return sum(s.pending_exact() for s in self.registry.live)
+        return sum(s.pending_exact() for s in self._live())
 
     @property
     def first_copy_done(self) -> bool:
-        return all(s.first_copy_done for s in self.registry.live)
+        return all(s.first_copy_done for s in self._live())
 
     def complete(self) -> None:
         """Every live section's END, the device sections, EOF and the VM description."""
         trace("savevm_state_complete_precopy")
         f = self.f
-        for s in self.registry.live:
+        for s in self._live():
             f.put(stream.section_end(s.section_id))
             s.save_complete(self.ctx)
             f.put(stream.footer(s.section_id))
@@ -288,12 +314,13 @@ class SaveVM:
         """
         trace("savevm_state_postcopy_switch")
         f = self.f
-        for s in self.registry.live:
+        live = self._live()
+        for s in live:
             if not s.supports_postcopy:
                 f.put(stream.section_end(s.section_id))
                 s.save_complete(self.ctx)
                 f.put(stream.footer(s.section_id))
-        for s in self.registry.live:
+        for s in live:
             if s.supports_postcopy:
                 s.save_postcopy_switch(self.ctx)
         f.put(stream.ping(2))
@@ -308,8 +335,8 @@ class SaveVM:
         """One PART of each postcopy section; True when all were done."""
         f = self.f
         done = True
-        for s in self.registry.live:
-            if s.supports_postcopy:
+        for s in self._live():
+            if s.supports_postcopy and s.is_active_iterate(self.ctx):
                 f.put(stream.section_part(s.section_id))
                 done = s.save_iterate(self.ctx) and done
                 f.put(stream.footer(s.section_id))
@@ -320,7 +347,7 @@ class SaveVM:
         """END of each postcopy section, then EOF: no device state (it went in the package) and no vmdesc."""
         trace("savevm_state_complete_postcopy")
         f = self.f
-        for s in self.registry.live:
+        for s in self._live():
             if s.supports_postcopy:
                 f.put(stream.section_end(s.section_id))
                 s.save_complete_postcopy(self.ctx)

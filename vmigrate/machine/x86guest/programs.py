@@ -44,6 +44,8 @@ def program_for(spec: GuestSpec, ram_top: int, tsc_hz: int) -> Program | None:
         first, last = _work_window(args["start"], args["end"], ram_top, "ab")
         return Program("ab", {"rdi": first, "rsi": last, "rbx": round(args["sleep_ms"] * 1000)})
     if spec.kind == "stress":
+        if spec.disk is not None:
+            raise ValueError("the stress guest writes a disk on software vCPUs only (--accel soft)")
         first, last = _work_window(WORK_BASE, WORK_BASE + args["wss"], ram_top, "stress")
         return Program("stress", {
             "rdi": first, "rsi": (last - first) // PAGE_SIZE,
