@@ -233,3 +233,38 @@ def test_no_room_in_header_cluster(tmp_path):
         img.store_bitmaps([_stored("a", MIB, 65536, [0])])
     img.close()
     assert path.read_bytes()[:512] == before[:512]
+    assert check_image(path) == []
+
+
+def test_commands_follow_qemus_bitmap_checks(tmp_path):
+    """clear refuses inconsistent and read-only bitmaps, enable/disable inconsistent ones,
+    remove read-only ones only (block/monitor/bitmap-qmp-cmds.c)."""
+    from types import SimpleNamespace
+
+    from vmigrate.block.node import BlockGraph
+    from vmigrate.commands import block as commands
+
+    path = make_qcow2(tmp_path / "a.qcow2", MIB)
+    img = open_image("qcow2", str(path))
+    img.store_bitmaps([_stored("b", MIB, 65536, [0])])
+    img.close()
+    img = open_image("qcow2", str(path))
+    img.close()                                  # left in use: inconsistent from now on
+    for read_only, refused in ((True, {"clear", "enable", "disable", "remove"}),
+                               (False, {"clear", "enable", "disable"})):
+        graph = BlockGraph()
+        graph.add(BlockNode("d0", open_image("qcow2", str(path), read_only=read_only)))
+        vm = SimpleNamespace(block=graph)
+        for name in ("clear", "enable", "disable", "remove"):
+            handler = getattr(commands, f"block_dirty_bitmap_{name}")
+            if name in refused:
+                with pytest.raises(VMError, match="^Bitmap 'b' is (inconsistent and cannot be "
+                                                  "used|readonly and cannot be modified)$"):
+                    handler(vm, {"node": "d0", "name": "b"}, None)
+            else:
+                handler(vm, {"node": "d0", "name": "b"}, None)
+        graph.close()
+    img = open_image("qcow2", str(path), read_only=True)
+    assert img.stored_bitmaps() == []
+    img.close()
+    assert check_image(path) == []

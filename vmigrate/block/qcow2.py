@@ -773,7 +773,8 @@ class Qcow2Image(BlockDriver):
     def store_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
         """Write each consistent bitmap to fresh clusters, then a fresh directory and the
         header extension, then free the old clusters: a crash leaks at worst.  An
-        inconsistent bitmap keeps its old entry (in use) and clusters, as QEMU keeps it."""
+        inconsistent bitmap keeps its old entry (in use) and clusters, as QEMU keeps it.
+        The stored bitmaps are no longer in use: call this when they stop changing (close)."""
         if not bitmaps and not self._bitmaps:
             return
         self._begin_write()
@@ -790,23 +791,22 @@ class Qcow2Image(BlockDriver):
                     raise self.file.error(f"bitmap '{b.name}' does not match the disk size")
         old = {e.name: (e, t) for e, t in self._bitmaps}
         new: list[tuple[BitmapEntry, np.ndarray]] = []
+        written: list[tuple[BitmapEntry, np.ndarray]] = []
         try:
             for b in bitmaps:
                 if not b.inconsistent:
-                    new.append(self._write_bitmap(b))
+                    written.append(self._write_bitmap(b))
+                    new.append(written[-1])
                 elif b.name in old:
-                    new.append(old[b.name])
+                    new.append(old.pop(b.name))
             self._commit_directory(new)
         except BaseException:
-            for entry, table in new:
-                if old.get(entry.name, (None,))[0] is not entry:
-                    self._release(self._bitmap_clusters(entry, table))
-            raise
-        kept = {id(e) for e, _ in new}
-        for entry, table in old.values():
-            if id(entry) not in kept:
+            for entry, table in written:
                 self._release(self._bitmap_clusters(entry, table))
-        self._inconsistent &= {e.name for e, _ in new}
+            raise
+        for entry, table in old.values():
+            self._release(self._bitmap_clusters(entry, table))
+        self._inconsistent = {e.name for e, _ in new if e.in_use}
         log.info("%s: stored %d persistent bitmaps", self.filename, len(new))
 
     def remove_stored_bitmap(self, name: str) -> None:
