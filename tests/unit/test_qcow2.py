@@ -376,17 +376,23 @@ def test_snapshot_table_round_trip_keeps_unknown_extra_data():
     assert next_id(parsed) == "8"
 
 
-def test_autoclear_bits_cleared_on_first_write_unknown_extension_kept(tmp_path):
-    path = make_qcow2(tmp_path / "a.qcow2", MIB, autoclear=1,
+def test_unknown_autoclear_bits_cleared_on_first_write_unknown_extension_kept(tmp_path):
+    """Bit 0 (bitmaps) stays: vmigrate maintains the bitmaps extension."""
+    path = make_qcow2(tmp_path / "a.qcow2", MIB, autoclear=0b110,
                       extensions=((0x12345678, b"keep me"),))
     img = open_image("qcow2", str(path))
     assert img.read(0, 4) == bytes(4)
-    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 1
+    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 0b110
     assert img.header.extensions == [(0x12345678, b"keep me")]
     img.write(0, b"x")
     img.close()
     raw = path.read_bytes()
     assert struct.unpack_from(">Q", raw, 88)[0] == 0 and b"keep me" in raw
+    path = make_qcow2(tmp_path / "b.qcow2", MIB, autoclear=0b11)
+    img = open_image("qcow2", str(path))
+    img.write(0, b"x")
+    img.close()
+    assert struct.unpack_from(">Q", path.read_bytes(), 88)[0] == 0b01
 
 
 def test_version2_reads_and_writes(tmp_path):

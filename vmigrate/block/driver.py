@@ -11,6 +11,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class ImageError(Exception):
@@ -29,6 +33,22 @@ class Snapshot:
     vm_clock_nsec: int
     #: -1 when the snapshot was not taken under record/replay.
     icount: int = -1
+
+
+@dataclass
+class StoredBitmap:
+    """A persistent dirty bitmap as an image stores it (qcow2's bitmap directory).
+
+    ``bits`` has one bool per ``granularity`` bytes of the disk; an ``inconsistent`` one
+    (qcow2's in_use flag was found set: its writer never saved it) has no usable bits and
+    stays in the image as it is until removed (block/qcow2-bitmap.c).
+    """
+
+    name: str
+    granularity: int
+    enabled: bool
+    inconsistent: bool
+    bits: "np.ndarray"
 
 
 class BlockDriver(ABC):
@@ -115,3 +135,27 @@ class BlockDriver(ABC):
 
     def read_vmstate(self, pos: int, length: int) -> bytes:
         raise ImageError("Block driver does not support snapshots")
+
+    # Persistent dirty bitmaps: only formats whose supports_persistent_bitmaps is True
+    # implement these (QEMU's bdrv_supports_persistent_dirty_bitmap and friends).
+
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        return False
+
+    def stored_bitmaps(self) -> list[StoredBitmap]:
+        """The bitmaps the image held when it was opened."""
+        return []
+
+    def can_store_new_bitmap(self, name: str, granularity: int, existing: list[str]) -> None:
+        """Raise ImageError (QEMU's text) if a new persistent bitmap could not be stored
+        beside the persistent bitmaps ``existing`` (block/qcow2-bitmap.c)."""
+        raise ImageError("Operation not supported")
+
+    def store_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
+        """Make the image's bitmaps exactly ``bitmaps``, saved and consistent."""
+        raise ImageError("Block driver does not support persistent bitmaps")
+
+    def remove_stored_bitmap(self, name: str) -> None:
+        """Drop one bitmap from the image now, leaving the others as they are."""
+        raise ImageError("Block driver does not support persistent bitmaps")

@@ -13,6 +13,7 @@ vCPU writing the disk, the migration thread reading it and the monitor.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 import threading
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vmigrate.block.driver import BlockDriver, ImageError, Snapshot
+from vmigrate.block.driver import BlockDriver, ImageError, Snapshot, StoredBitmap
 from vmigrate.errors import VMError
+
+log = logging.getLogger(__name__)
 
 #: QEMU's BDRV_BITMAP_MAX_NAME_SIZE.
 MAX_BITMAP_NAME = 1023
@@ -46,6 +49,10 @@ class DirtyBitmap:
         self.persistent = persistent
         #: Held by an operation (migration of this bitmap): commands that change it refuse.
         self.busy = False
+        #: Loaded from an image that says its last writer never saved it (qcow2's in_use).
+        self.inconsistent = False
+        #: Persistent and loaded from an image opened read-only: it cannot be changed.
+        self.readonly = False
         self.bits = np.zeros(-(-size // granularity), dtype=bool)
 
     def mark(self, offset: int, length: int) -> None:
@@ -61,8 +68,11 @@ class DirtyBitmap:
 
     def info(self) -> dict:
         """A ``BlockDirtyInfo``."""
-        return {"name": self.name, "recording": self.enabled, "persistent": self.persistent,
-                "busy": self.busy, "granularity": self.granularity, "count": self.count()}
+        out = {"name": self.name, "recording": self.enabled, "persistent": self.persistent,
+               "busy": self.busy, "granularity": self.granularity, "count": self.count()}
+        if self.inconsistent:
+            out["inconsistent"] = True
+        return out
 
 
 _auto_ids = itertools.count()
@@ -138,11 +148,13 @@ class BlockNode:
             granularity = default_granularity(self.driver)
         elif granularity < 512 or granularity & (granularity - 1):
             raise VMError("Granularity must be power of 2 and at least 512")
-        if persistent and self.driver.format_name != "qcow2":
+        if persistent and not self.driver.supports_persistent_bitmaps:
             raise VMError(f"Can't store persistent bitmaps to {self.device_or_node_name}: Operation not supported")
         with self.lock:
             if name in self.bitmaps:
                 raise VMError(f"Bitmap already exists: {name}")
+            if persistent:
+                self._can_store_new_bitmap(name, granularity)
             if len(name.encode()) > MAX_BITMAP_NAME:
                 raise VMError(f"Bitmap name too long: {name}")
             bitmap = DirtyBitmap(name, self.size, granularity, enabled=not disabled, persistent=persistent)
@@ -196,7 +208,59 @@ class BlockNode:
 
     def close(self) -> None:
         with self.lock:
+            try:
+                self.store_persistent_bitmaps()
+            except ImageError as err:
+                log.error("%s: failed to store persistent bitmaps: %s", self.node_name, err)
             self.driver.close()
+
+    # -- persistent dirty bitmaps (stored in the image; qcow2's bitmap directory) ----------
+    # Loaded when the node is created and stored when it closes, as QEMU's qcow2 driver does
+    # on open and close (block/qcow2-bitmap.c); see docs/snapshots.md.
+
+    def __post_init__(self) -> None:
+        self.load_persistent_bitmaps()
+
+    def load_persistent_bitmaps(self) -> None:
+        """The image's bitmaps as persistent DirtyBitmaps (read-only ones on a read-only node)."""
+        loaded = {}
+        for stored in self.driver.stored_bitmaps():
+            bitmap = DirtyBitmap(stored.name, self.size, stored.granularity,
+                                 enabled=stored.enabled, persistent=True)
+            bitmap.bits[:] = stored.bits
+            bitmap.inconsistent = stored.inconsistent
+            bitmap.readonly = self.read_only
+            loaded[stored.name] = bitmap
+        self.bitmaps.update(loaded)
+
+    def store_persistent_bitmaps(self) -> None:
+        """Make the image's bitmaps this node's persistent ones (a read-only node never writes)."""
+        if self.read_only or not self.driver.supports_persistent_bitmaps:
+            return
+        with self.lock:
+            self.driver.store_bitmaps([
+                StoredBitmap(b.name, b.granularity, b.enabled, b.inconsistent, b.bits)
+                for b in self.bitmaps.values() if b.persistent])
+
+    def remove_bitmap(self, name: str) -> None:
+        """Forget a bitmap; a persistent one leaves the image at once (QEMU's
+        bdrv_remove_persistent_dirty_bitmap)."""
+        with self.lock:
+            bitmap = self.bitmap(name)
+            if bitmap.persistent and not self.read_only:
+                try:
+                    self.driver.remove_stored_bitmap(name)
+                except ImageError as err:
+                    raise VMError(str(err)) from None
+            del self.bitmaps[name]
+
+    def _can_store_new_bitmap(self, name: str, granularity: int) -> None:
+        existing = [b.name for b in self.bitmaps.values() if b.persistent]
+        try:
+            self.driver.can_store_new_bitmap(name, granularity, existing)
+        except ImageError as err:
+            raise VMError(f"Can't make bitmap '{name}' persistent in "
+                          f"'{self.device_or_node_name}': {err}") from None
 
 
 def image_info(driver: BlockDriver) -> dict:

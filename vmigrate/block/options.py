@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from vmigrate.block.driver import ImageError
+from vmigrate.block.driver import BlockDriver, ImageError
 from vmigrate.block.formats import open_image, probe
 from vmigrate.block.node import BlockGraph, BlockNode, auto_node_name
 
@@ -87,8 +87,7 @@ def add_blockdev(graph: BlockGraph, text: str) -> BlockNode:
     read_only = _flag(options, "read-only")
     backing = _backing(graph, options.pop("backing", "default"))
     _no_leftovers(options)
-    node = BlockNode(name, open_image(driver, filename, read_only=read_only, backing=backing))
-    return _add(graph, node)
+    return _add(graph, name, open_image(driver, filename, read_only=read_only, backing=backing))
 
 
 def add_drive(graph: BlockGraph, text: str) -> BlockNode:
@@ -104,11 +103,17 @@ def add_drive(graph: BlockGraph, text: str) -> BlockNode:
     name = options.pop("node-name", None)
     read_only = _flag(options, "readonly")
     _no_leftovers(options)
-    node = BlockNode(name or auto_node_name(), open_image(fmt, filename, read_only=read_only), device=device)
-    return _add(graph, node)
+    return _add(graph, name or auto_node_name(), open_image(fmt, filename, read_only=read_only),
+                device=device)
 
 
-def _add(graph: BlockGraph, node: BlockNode) -> BlockNode:
+def _add(graph: BlockGraph, name: str, driver: BlockDriver, device: str = "") -> BlockNode:
+    """The node over an open image (loading its persistent bitmaps), added to the graph."""
+    try:
+        node = BlockNode(name, driver, device=device)
+    except ImageError:
+        driver.close()
+        raise
     try:
         return graph.add(node)
     except ImageError:

@@ -17,12 +17,18 @@ import zlib
 
 import numpy as np
 
-from vmigrate.block.driver import BlockDriver, ImageError, Snapshot
+from vmigrate.block.driver import BlockDriver, ImageError, Snapshot, StoredBitmap
+from vmigrate.block.qcow2_bitmap import (
+    FLAG_AUTO, FLAG_IN_USE, MAX_BITMAPS, MAX_BITS, MAX_DATA_BYTES, MAX_DIRECTORY_BYTES,
+    MAX_GRANULARITY_BITS, MAX_NAME_BYTES as MAX_BITMAP_NAME, MAX_TABLE_ENTRIES,
+    MIN_GRANULARITY_BITS, TABLE_ALL_ONES, BitmapEntry, BitmapsExtension, check_entry,
+    decode_bits, encode_bits, entry_bytes, pack_directory, pack_extension, parse_directory,
+    parse_bitmap_table, parse_extension)
 from vmigrate.block.qcow2_file import HostFile
 from vmigrate.block.qcow2_format import (
-    COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAX_L1_BYTES, MAX_SNAPSHOTS,
-    OFF_AUTOCLEAR, OFF_L1, OFF_REFTABLE, OFF_SIZE, OFF_SNAPSHOTS, Header, check_table,
-    cluster_bits_of, parse_header)
+    AUTOCLEAR_BITMAPS, COMPAT_LAZY_REFCOUNTS, EXT_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    MAX_L1_BYTES, MAX_SNAPSHOTS, OFF_AUTOCLEAR, OFF_BACKING, OFF_L1, OFF_REFTABLE, OFF_SIZE,
+    OFF_SNAPSHOTS, Header, check_table, cluster_bits_of, extensions_bytes, parse_header)
 from vmigrate.block.qcow2_l2 import (
     COMPRESSED_KIND, COPIED, NORMAL, OFFSET, UNALLOCATED, ZERO, EntryFormat)
 from vmigrate.block.qcow2_refcount import OFFSET_MASK, Refcounts
@@ -90,9 +96,12 @@ class Qcow2Image(BlockDriver):
                 check_table(self.filename, f"snapshot '{sn.id}' L1 table", sn.l1_table_offset,
                             sn.l1_size * 8, self.cluster_size, f.size)
         self._sn_l1_spans = self._snapshot_l1_spans()
+        self._load_bitmap_directory()
         self._check_layout()
         self.refs.vet = self._vet
-        self._autoclear_pending = bool(h.autoclear) and h.version >= 3
+        self._autoclear_pending = bool(h.autoclear & ~self._autoclear_known)
+        if self._bitmaps and not self.read_only:
+            self._mark_bitmaps_in_use()
 
     # -- metadata placement --------------------------------------------------------------
 
@@ -115,6 +124,12 @@ class Qcow2Image(BlockDriver):
         if self._snapshot_bytes:
             spans.append((*self._clusters(self.header.snapshots_offset, self._snapshot_bytes),
                           "the snapshot table"))
+        if self._bitmap_dir.directory_size:
+            spans.append((*self._clusters(self._bitmap_dir.directory_offset,
+                                          self._bitmap_dir.directory_size),
+                          "the bitmap directory"))
+        spans.extend((*self._clusters(e.table_offset, 8 * e.table_size),
+                      f"bitmap '{e.name}' table") for e, _ in self._bitmaps)
         return spans
 
     def _overlap(self, first: int, end: int) -> str | None:
@@ -187,6 +202,11 @@ class Qcow2Image(BlockDriver):
                       "compression-type": "zlib"}
         if h.version >= 3:
             data["lazy-refcounts"] = bool(h.compatible & COMPAT_LAZY_REFCOUNTS)
+        if self._bitmaps:
+            data["bitmaps"] = [
+                {"flags": [f for bit, f in ((FLAG_IN_USE, "in-use"), (FLAG_AUTO, "auto"))
+                           if e.flags & bit],
+                 "name": e.name, "granularity": e.granularity} for e, _ in self._bitmaps]
         data["refcount-bits"] = 1 << h.refcount_order
         if h.version >= 3:
             data["corrupt"] = bool(h.incompatible & INCOMPAT_CORRUPT)
@@ -247,14 +267,15 @@ class Qcow2Image(BlockDriver):
 
     def _begin_write(self) -> None:
         """Refuse writes we must not do; clear autoclear bits we do not maintain (qcow2.txt:
-        a program that does not understand them clears them when it modifies the image)."""
+        a program that does not understand them clears them when it modifies the image).
+        Version 3 images keep bit 0: vmigrate maintains their bitmaps."""
         if self.read_only:
             raise ImageError(f"Image '{self.filename}' is read-only")
         if self.file.inconsistent:
             raise self.file.error("refusing to write to an image with inconsistent metadata")
         if self._autoclear_pending:
-            self._write_header(OFF_AUTOCLEAR, ">Q", 0)
-            self.header.autoclear = 0
+            self.header.autoclear &= self._autoclear_known
+            self._write_header(OFF_AUTOCLEAR, ">Q", self.header.autoclear)
             self._autoclear_pending = False
 
     def _decompress(self, entry: int) -> bytes:
@@ -652,3 +673,229 @@ class Qcow2Image(BlockDriver):
             self._release(np.arange(first, first + count, dtype=np.int64))
         self._update_copied()
         log.info("%s: snapshot %s '%s' deleted", self.filename, sn.id, sn.name)
+
+    # -- persistent dirty bitmaps ------------------------------------------------------------
+
+    @property
+    def _autoclear_known(self) -> int:
+        """Autoclear bits this driver maintains: the bitmaps bit, on version 3 images."""
+        return AUTOCLEAR_BITMAPS if self.header.version >= 3 else 0
+
+    def _load_bitmap_directory(self) -> None:
+        """Parse and validate the directory and every bitmap table; the bitmaps are ignored
+        (their clusters only leak) when autoclear bit 0 says a program without bitmap support
+        modified the image, as block/qcow2.c does."""
+        self._bitmaps: list[tuple[BitmapEntry, np.ndarray]] = []
+        self._bitmap_dir = BitmapsExtension(0, 0, 0)
+        #: Bitmaps found in use at open (not saved by their last writer): never read.
+        self._inconsistent: set[str] = set()
+        h, f, cs = self.header, self.file, self.cluster_size
+        data = next((d for kind, d in h.extensions if kind == EXT_BITMAPS), None)
+        if data is None or h.version < 3:
+            return
+        if not h.autoclear & AUTOCLEAR_BITMAPS:
+            log.warning("%s: a program lacking bitmap support modified this file, so its "
+                        "bitmaps are ignored (their clusters leak)", self.filename)
+            return
+        ext = parse_extension(data, cs, self.filename)
+        check_table(self.filename, "bitmap directory", ext.directory_offset,
+                    ext.directory_size, cs, f.size)
+        raw = f.read_meta(ext.directory_offset, ext.directory_size, "bitmap directory")
+        for entry in parse_directory(raw, ext.nb_bitmaps, self.filename):
+            check_entry(entry, cs, self._size, f.size, self.filename)
+            table = parse_bitmap_table(f.read_meta(entry.table_offset, 8 * entry.table_size,
+                                            f"bitmap '{entry.name}' table"),
+                                cs, f.size, self.filename, entry.name)
+            self._bitmaps.append((entry, table))
+            if entry.in_use:
+                self._inconsistent.add(entry.name)
+        self._bitmap_dir = ext
+
+    def _mark_bitmaps_in_use(self) -> None:
+        """Set in_use on every bitmap while the image is open read-write, in place, so that
+        a crash leaves them marked inconsistent (block/qcow2-bitmap.c does the same)."""
+        self._begin_write()
+        for entry, _ in self._bitmaps:
+            entry.flags |= FLAG_IN_USE
+        self.file.write(self._bitmap_dir.directory_offset,
+                        pack_directory([e for e, _ in self._bitmaps]))
+
+    @property
+    def supports_persistent_bitmaps(self) -> bool:
+        return True
+
+    def stored_bitmaps(self) -> list[StoredBitmap]:
+        cs = self.cluster_size
+        out = []
+        for entry, table in self._bitmaps:
+            nbits = -(-self._size // entry.granularity)
+            inconsistent = entry.name in self._inconsistent
+            if inconsistent:
+                bits = np.zeros(nbits, bool)
+            else:
+                bits = decode_bits(table, lambda offset: self.file.read_meta(
+                    offset, cs, f"bitmap '{entry.name}' data"), nbits, cs)
+            out.append(StoredBitmap(entry.name, entry.granularity,
+                                    entry.auto and not inconsistent, inconsistent, bits))
+        return out
+
+    def can_store_new_bitmap(self, name: str, granularity: int, existing: list[str]) -> None:
+        """qcow2_co_can_store_new_dirty_bitmap's checks and texts (block/qcow2-bitmap.c)."""
+        if self.header.version < 3:
+            raise ImageError("Cannot store dirty bitmaps in qcow2 v2 files")
+        self._check_bitmap(name, granularity)
+        self._check_directory([*existing, name])
+
+    def _check_bitmap(self, name: str, granularity: int) -> None:
+        """check_constraints_on_bitmap (block/qcow2-bitmap.c); vmigrate also caps a bitmap
+        at MAX_BITS."""
+        bits = granularity.bit_length() - 1
+        if bits > MAX_GRANULARITY_BITS:
+            raise ImageError(f"Granularity exceeds maximum ({1 << MAX_GRANULARITY_BITS} bytes)")
+        if bits < MIN_GRANULARITY_BITS:
+            raise ImageError(f"Granularity is under minimum ({1 << MIN_GRANULARITY_BITS} bytes)")
+        nbits = -(-self._size // granularity)
+        data_bytes = -(-nbits // 8)
+        if (data_bytes > MAX_DATA_BYTES or data_bytes > MAX_TABLE_ENTRIES * self.cluster_size
+                or nbits > MAX_BITS):
+            raise ImageError("Too much space will be occupied by the bitmap. "
+                             "Use larger granularity")
+        if len(name.encode()) > MAX_BITMAP_NAME:
+            raise ImageError(f"Name length exceeds maximum ({MAX_BITMAP_NAME} characters)")
+
+    @staticmethod
+    def _check_directory(names: list[str]) -> None:
+        if len(names) > MAX_BITMAPS:
+            raise ImageError("Maximum number of persistent bitmaps is already reached")
+        if sum(entry_bytes(len(n.encode())) for n in names) > MAX_DIRECTORY_BYTES:
+            raise ImageError("Not enough space in the bitmap directory")
+
+    def store_bitmaps(self, bitmaps: list[StoredBitmap]) -> None:
+        """Write each consistent bitmap to fresh clusters, then a fresh directory and the
+        header extension, then free the old clusters: a crash leaks at worst.  An
+        inconsistent bitmap keeps its old entry (in use) and clusters, as QEMU keeps it.
+        The stored bitmaps are no longer in use: call this when they stop changing (close)."""
+        if not bitmaps and not self._bitmaps:
+            return
+        self._begin_write()
+        if self.header.version < 3:
+            raise ImageError("Cannot store dirty bitmaps in qcow2 v2 files")
+        names = [b.name for b in bitmaps]
+        if len(set(names)) != len(names):
+            raise self.file.error("duplicate bitmap names")
+        self._check_directory(names)
+        for b in bitmaps:
+            if not b.inconsistent:
+                self._check_bitmap(b.name, b.granularity)
+                if len(b.bits) != -(-self._size // b.granularity):
+                    raise self.file.error(f"bitmap '{b.name}' does not match the disk size")
+        old = {e.name: (e, t) for e, t in self._bitmaps}
+        new: list[tuple[BitmapEntry, np.ndarray]] = []
+        written: list[tuple[BitmapEntry, np.ndarray]] = []
+        try:
+            for b in bitmaps:
+                if not b.inconsistent:
+                    written.append(self._write_bitmap(b))
+                    new.append(written[-1])
+                elif b.name in old:
+                    new.append(old.pop(b.name))
+            self._commit_directory(new)
+        except BaseException:
+            for entry, table in written:
+                self._release(self._bitmap_clusters(entry, table))
+            raise
+        for entry, table in old.values():
+            self._release(self._bitmap_clusters(entry, table))
+        self._inconsistent = {e.name for e, _ in new if e.in_use}
+        log.info("%s: stored %d persistent bitmaps", self.filename, len(new))
+
+    def remove_stored_bitmap(self, name: str) -> None:
+        """block/qcow2-bitmap.c qcow2_co_remove_persistent_dirty_bitmap: a new directory
+        without it, then its clusters freed; the others stay as they are."""
+        gone = [(e, t) for e, t in self._bitmaps if e.name == name]
+        if not gone:
+            return
+        self._begin_write()
+        self._commit_directory([(e, t) for e, t in self._bitmaps if e.name != name])
+        self._release(self._bitmap_clusters(*gone[0]))
+        self._inconsistent.discard(name)
+
+    def _bitmap_clusters(self, entry: BitmapEntry, table: np.ndarray) -> np.ndarray:
+        """The host clusters a bitmap holds: its data clusters and its table."""
+        data = (table[table > np.uint64(TABLE_ALL_ONES)] >> np.uint64(self.cluster_bits))
+        first, end = self._clusters(entry.table_offset, 8 * entry.table_size)
+        return np.concatenate([data.astype(np.int64), np.arange(first, end, dtype=np.int64)])
+
+    def _write_bitmap(self, bitmap: StoredBitmap) -> tuple[BitmapEntry, np.ndarray]:
+        """Data clusters (one contiguous run; all-zero and all-one clusters are table
+        entries 0 and 1), then the table."""
+        cs = self.cluster_size
+        kinds, clusters = encode_bits(bitmap.bits, cs)
+        table = kinds.astype(np.uint64)
+        data = np.flatnonzero(kinds < 0)
+        tclusters = -(-8 * len(table) // cs)
+        base = self.refs.allocate(int(data.size)) if data.size else 0
+        try:
+            table_offset = self.refs.allocate(tclusters)
+        except BaseException:
+            first = base >> self.cluster_bits
+            self._release(np.arange(first, first + data.size, dtype=np.int64))
+            raise
+        if data.size:
+            table[data] = np.uint64(base) + np.arange(data.size, dtype=np.uint64) * np.uint64(cs)
+            self.file.write(base, clusters[data].tobytes())
+        padded = np.zeros(tclusters * cs // 8, np.uint64)
+        padded[:len(table)] = table
+        self.file.write(table_offset, padded.astype(">u8").tobytes())
+        entry = BitmapEntry(bitmap.name, table_offset, len(table),
+                            FLAG_AUTO if bitmap.enabled else 0,
+                            bitmap.granularity.bit_length() - 1)
+        return entry, table
+
+    def _commit_directory(self, bitmaps: list[tuple[BitmapEntry, np.ndarray]]) -> None:
+        """A fresh directory, then the header switched to it (or the extension removed and
+        autoclear bit 0 cleared when no bitmap is left), then the old directory freed."""
+        cs = self.cluster_size
+        old = self._bitmap_dir
+        ext = BitmapsExtension(0, 0, 0)
+        if bitmaps:
+            raw = pack_directory([e for e, _ in bitmaps])
+            clusters = -(-len(raw) // cs)
+            ext = BitmapsExtension(len(bitmaps), len(raw), self.refs.allocate(clusters))
+            self.file.write(ext.directory_offset, raw, bytes(clusters * cs - len(raw)))
+        try:
+            self._write_extensions(pack_extension(ext) if bitmaps else None)
+        except BaseException:
+            if bitmaps:
+                self._release(np.arange(*self._clusters(ext.directory_offset,
+                                                        ext.directory_size), dtype=np.int64))
+            raise
+        self._bitmaps, self._bitmap_dir = bitmaps, ext
+        if old.directory_size:
+            self._release(np.arange(*self._clusters(old.directory_offset, old.directory_size),
+                                    dtype=np.int64))
+
+    def _write_extensions(self, bitmaps_ext: bytes | None) -> None:
+        """Rewrite the header cluster's extension area with the bitmaps extension replaced,
+        added or removed, the backing file name after the end marker, and autoclear bit 0
+        saying whether the extension is there: one write of the header's first bytes."""
+        h, cs = self.header, self.cluster_size
+        extensions = [(k, d) for k, d in h.extensions if k != EXT_BITMAPS]
+        if bitmaps_ext is not None:
+            extensions.append((EXT_BITMAPS, bitmaps_ext))
+        backing = (h.backing_file or "").encode("utf-8", "surrogateescape")
+        area = extensions_bytes(extensions)
+        old_end = max(h.header_length + len(extensions_bytes(h.extensions)),
+                      h.backing_file_offset + h.backing_file_size)
+        if h.header_length + len(area) + len(backing) > cs:
+            raise self.file.error("no room in the header cluster for the bitmaps extension")
+        autoclear = (h.autoclear | AUTOCLEAR_BITMAPS if bitmaps_ext is not None
+                     else h.autoclear & ~AUTOCLEAR_BITMAPS)
+        head = bytearray(self.file.read_meta(0, h.header_length, "image header"))
+        backing_offset = h.header_length + len(area) if backing else 0
+        struct.pack_into(">QI", head, OFF_BACKING, backing_offset, len(backing))
+        struct.pack_into(">Q", head, OFF_AUTOCLEAR, autoclear)
+        out = bytes(head) + area + backing
+        self.file.write(0, out, bytes(max(0, old_end - len(out))))
+        h.extensions, h.autoclear = extensions, autoclear
+        h.backing_file_offset, h.backing_file_size = backing_offset, len(backing)

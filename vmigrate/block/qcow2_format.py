@@ -27,6 +27,9 @@ COMPAT_LAZY_REFCOUNTS = 1 << 0
 EXT_END = 0x00000000
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_FEATURE_NAMES = 0x6803F857
+EXT_BITMAPS = 0x23852875
+#: Autoclear feature bits (88-95): bit 0 says the bitmaps extension is consistent.
+AUTOCLEAR_BITMAPS = 1 << 0
 
 MIN_CLUSTER_BITS = 9
 MAX_CLUSTER_BITS = 21
@@ -40,6 +43,7 @@ MAX_SNAPSHOTS = 65536
 OFF_SIZE = 24
 OFF_L1 = 36            # l1_size (u32) then l1_table_offset (u64)
 OFF_REFTABLE = 48      # refcount_table_offset (u64) then refcount_table_clusters (u32)
+OFF_BACKING = 8        # backing_file_offset (u64) then backing_file_size (u32)
 OFF_SNAPSHOTS = 60     # nb_snapshots (u32) then snapshots_offset (u64)
 OFF_INCOMPAT = 72
 OFF_AUTOCLEAR = 88
@@ -152,7 +156,7 @@ def _parse_extensions(h: Header, buf: bytes, name: str) -> None:
         data_end = pos + 8 + length
         if data_end > end:
             raise _fail(name, f"header extension 0x{kind:08x} overruns the header cluster")
-        if kind in seen and kind in (EXT_BACKING_FORMAT, EXT_FEATURE_NAMES):
+        if kind in seen and kind in (EXT_BACKING_FORMAT, EXT_FEATURE_NAMES, EXT_BITMAPS):
             raise _fail(name, f"duplicate header extension 0x{kind:08x}")
         seen.add(kind)
         data = bytes(buf[pos + 8:data_end])
@@ -166,6 +170,14 @@ def _parse_extensions(h: Header, buf: bytes, name: str) -> None:
         pos = (data_end + 7) & ~7
     if pos < end:
         raise _fail(name, "header extension area truncated")
+
+
+def extensions_bytes(extensions: list[tuple[int, bytes]]) -> bytes:
+    """The extension area as it follows the header: each padded to 8, then the end marker."""
+    out = bytearray()
+    for kind, data in extensions:
+        out += struct.pack(">II", kind, len(data)) + data + bytes(-len(data) % 8)
+    return bytes(out + bytes(8))
 
 
 def _check_features(h: Header, name: str) -> None:

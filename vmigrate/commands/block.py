@@ -29,10 +29,15 @@ def _lookup(vm, node: str, name: str) -> tuple[BlockNode, DirtyBitmap]:
     return bs, bs.bitmap(name)
 
 
-def _check(bitmap: DirtyBitmap, busy: bool = True) -> None:
-    """bdrv_dirty_bitmap_check (vmigrate's bitmaps are never read-only or inconsistent)."""
-    if busy and bitmap.busy:
+def _check(bitmap: DirtyBitmap, readonly: bool = True, inconsistent: bool = True) -> None:
+    """bdrv_dirty_bitmap_check: busy always; read-only (BDRV_BITMAP_RO) and inconsistent
+    (BDRV_BITMAP_INCONSISTENT) bitmaps as each command asks (block/monitor/bitmap-qmp-cmds.c)."""
+    if bitmap.busy:
         raise VMError(f"Bitmap '{bitmap.name}' is currently in use by another operation and cannot be used")
+    if readonly and bitmap.readonly:
+        raise VMError(f"Bitmap '{bitmap.name}' is readonly and cannot be modified")
+    if inconsistent and bitmap.inconsistent:
+        raise VMError(f"Bitmap '{bitmap.name}' is inconsistent and cannot be used")
 
 
 @command("block-dirty-bitmap-add")
@@ -49,9 +54,8 @@ def block_dirty_bitmap_add(vm, args, monitor):
 @command("block-dirty-bitmap-remove")
 def block_dirty_bitmap_remove(vm, args, monitor):
     bs, bitmap = _lookup(vm, args["node"], args["name"])
-    _check(bitmap)
-    with bs.lock:
-        del bs.bitmaps[bitmap.name]
+    _check(bitmap, inconsistent=False)
+    bs.remove_bitmap(bitmap.name)
 
 
 @command("block-dirty-bitmap-clear")
@@ -65,14 +69,14 @@ def block_dirty_bitmap_clear(vm, args, monitor):
 @command("block-dirty-bitmap-enable")
 def block_dirty_bitmap_enable(vm, args, monitor):
     bs, bitmap = _lookup(vm, args["node"], args["name"])
-    _check(bitmap)
+    _check(bitmap, readonly=False)
     bitmap.enabled = True
 
 
 @command("block-dirty-bitmap-disable")
 def block_dirty_bitmap_disable(vm, args, monitor):
     bs, bitmap = _lookup(vm, args["node"], args["name"])
-    _check(bitmap)
+    _check(bitmap, readonly=False)
     bitmap.enabled = False
 
 
