@@ -8,6 +8,7 @@ phase has work; the destination guest must continue the same sequence.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -290,3 +291,32 @@ def test_bitmap_name_over_255_bytes_fails_the_source(spawn, tmp_path):
     assert info["error-desc"] == (f"Cannot migrate bitmap '{'n' * 300}' on node 'drive0': "
                                   "Name is longer than 255 bytes")
     assert not bitmaps(src, "disk0")["n" * 300]["busy"]
+
+
+def test_persistent_bitmap_over_shared_qcow2(spawn, tmp_path):
+    """A persistent bitmap in a shared qcow2 image migrates with dirty-bitmaps and lands in the
+    image once, when the destination lets it go; the source, inactive, writes nothing more."""
+    disk = tmp_path / "shared.qcow2"
+    subprocess.run([QEMU_IMG, "create", "-q", "-f", "qcow2", str(disk), "8M"], check=True, timeout=30)
+    guest = "stress:rate=1,wss=1M,disk=disk0,disk-rate=2"
+    args = ("--blockdev", f"driver=qcow2,node-name=disk0,file={disk}")
+    src = spawn("vmigrate", "-m", "16M", "--guest", guest, *args)
+    src.qmp.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "p0", "persistent": True})
+    dst, uri = destination(spawn, tmp_path, "--guest", guest, *args)
+    for vm in (src, dst):
+        vm.set_caps(**{"dirty-bitmaps": True})
+    wait_for(lambda: bitmaps(src, "disk0")["p0"]["count"] > 0, 10, "guest writes recorded")
+    src.cmd("migrate", uri=uri)
+    assert src.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
+    assert sha256(dst, "disk0", "p0") == sha256(src, "disk0", "p0")
+    assert bitmaps(dst, "disk0")["p0"]["persistent"] and "inconsistent" not in bitmaps(dst, "disk0")["p0"]
+    src.close()
+    dst.cmd("cont")
+    dst.close()
+    check = subprocess.run([QEMU_IMG, "check", str(disk)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0 and "No errors were found" in check.stdout, check.stdout
+    info = subprocess.run([QEMU_IMG, "info", "--output=json", str(disk)], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+    assert [b["name"] for b in json.loads(info)["format-specific"]["data"]["bitmaps"]] == ["p0"]
+    assert "in-use" not in json.loads(info)["format-specific"]["data"]["bitmaps"][0]["flags"]
