@@ -73,6 +73,18 @@ def sha256(vm, name: str) -> str:
     return vm.qmp.execute("x-debug-block-dirty-bitmap-sha256", {"node": "disk0", "name": name})["sha256"]
 
 
+def assert_bitmaps_arrived(src, dst) -> None:
+    """b0 (recording, written to) and b1 (disabled) equal on both sides: bits, granularity, state."""
+    before, after = bitmap_info(src), bitmap_info(dst)
+    assert set(after) == {"b0", "b1"}
+    for name in ("b0", "b1"):
+        assert after[name]["granularity"] == before[name]["granularity"]
+        assert after[name]["count"] == before[name]["count"]
+        assert sha256(dst, name) == sha256(src, name)
+    assert before["b0"]["count"] > 0
+    assert after["b0"]["recording"] and not after["b1"]["recording"]
+
+
 @pytest.mark.parametrize("zero_blocks", [False, True], ids=["plain", "zero-blocks"])
 def test_qemu_to_vmigrate_blk(spawn, tmp_path, zero_blocks):
     size = 16 * MIB
@@ -124,13 +136,7 @@ def test_qemu_to_vmigrate_dirty_bitmaps(spawn, tmp_path):
         vm.set_caps(**{"dirty-bitmaps": True})
     src.cmd("migrate", uri=listen(dst))
     finish(src, dst)
-    before, after = bitmap_info(src), bitmap_info(dst)
-    assert set(after) == {"b0", "b1"}
-    for name in ("b0", "b1"):
-        assert after[name]["granularity"] == before[name]["granularity"]
-        assert after[name]["count"] == before[name]["count"] > 0
-        assert sha256(dst, name) == sha256(src, name)
-    assert after["b0"]["recording"] and not after["b1"]["recording"]
+    assert_bitmaps_arrived(src, dst)
 
 
 def test_vmigrate_to_qemu_dirty_bitmaps(spawn, tmp_path):
@@ -145,10 +151,4 @@ def test_vmigrate_to_qemu_dirty_bitmaps(spawn, tmp_path):
     wait_for(lambda: bitmap_info(src)["b0"]["count"] > 64 * 1024, 10, "guest writes recorded")
     src.cmd("migrate", uri=listen(dst))
     finish(src, dst)
-    before, after = bitmap_info(src), bitmap_info(dst)
-    assert set(after) == {"b0", "b1"}
-    for name in ("b0", "b1"):
-        assert after[name]["granularity"] == before[name]["granularity"]
-        assert after[name]["count"] == before[name]["count"]
-        assert sha256(dst, name) == sha256(src, name)
-    assert after["b0"]["recording"] and not after["b1"]["recording"]
+    assert_bitmaps_arrived(src, dst)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from image_model import scribble
 from vmigrate.block.driver import ImageError
 from vmigrate.block.formats import open_image
 from vmigrate.block.node import BlockNode
@@ -44,15 +45,6 @@ def converted(path: Path, *options: str) -> bytes:
     data = out.read_bytes()
     out.unlink()
     return data
-
-
-def scribble(img, model: bytearray, rnd: random.Random, count: int, span: int) -> None:
-    for _ in range(count):
-        n = rnd.randrange(1, span)
-        off = rnd.randrange(0, len(model) - n)
-        data = rnd.randbytes(n)
-        img.write(off, data)
-        model[off:off + n] = data
 
 
 def qemu_map(path: Path) -> list[dict]:

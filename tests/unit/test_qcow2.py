@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from image_model import scribble
 from vmigrate.block.driver import ImageError
 from vmigrate.block.formats import open_image
 from vmigrate.block.qcow2 import Qcow2Image
@@ -137,15 +138,6 @@ def check_image(path: Path) -> list[str]:
 
 def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def scribble(img, model: bytearray, rnd: random.Random, count: int, span: int) -> None:
-    for _ in range(count):
-        n = rnd.randrange(1, span)
-        off = rnd.randrange(0, len(model) - n)
-        data = rnd.randbytes(n)
-        img.write(off, data)
-        model[off:off + n] = data
 
 
 @pytest.mark.parametrize("cluster_bits,order", [(16, 4), (12, 4), (9, 4), (12, 3), (12, 5),

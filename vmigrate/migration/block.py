@@ -28,7 +28,7 @@ import numpy as np
 
 from vmigrate.block.node import BlockGraph, BlockNode, DirtyBitmap
 from vmigrate.migration.config import MigrationConfig
-from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
+from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext, SaverSection
 from vmigrate.migration.wire import block as wire
 from vmigrate.trace import trace
 
@@ -282,7 +282,7 @@ class BlockLoader:
                 node.write(offset + lo, view[lo:hi])
 
 
-class BlockSection:
+class BlockSection(SaverSection):
     """The ``block`` entry of the section registry (savevm_block_handlers), registered before
     ``ram`` with section id 1, as blk_mig_init runs before ram_mig_init."""
 
@@ -294,8 +294,8 @@ class BlockSection:
     supports_postcopy = False
 
     def __init__(self, graph: BlockGraph) -> None:
+        super().__init__()
         self.graph = graph
-        self._saver: BlockSaver | None = None
         self._loader: BlockLoader | None = None
 
     def is_active(self, config: MigrationConfig) -> bool:
@@ -315,39 +315,12 @@ class BlockSection:
 
     # -- save -------------------------------------------------------------------------
 
-    def save_setup(self, ctx: SaveContext) -> None:
-        self._saver = BlockSaver(self.graph, ctx)
-        self._saver.setup()
-
-    def save_iterate(self, ctx: SaveContext) -> bool:
-        return self._saver.iterate()
-
-    def pending_estimate(self) -> int:
-        return self._saver.pending()
-
-    def pending_exact(self) -> int:
-        return self._saver.pending()
+    def make_saver(self, ctx: SaveContext) -> BlockSaver:
+        return BlockSaver(self.graph, ctx)
 
     @property
     def first_copy_done(self) -> bool:
         return self._saver.bulk_completed
-
-    def save_complete(self, ctx: SaveContext) -> None:
-        self._saver.complete()
-
-    def save_postcopy_switch(self, ctx: SaveContext) -> None:
-        return None
-
-    def save_complete_postcopy(self, ctx: SaveContext) -> None:
-        return None
-
-    def save_postcopy_resume(self, ctx: SaveContext, received: dict) -> None:
-        return None
-
-    def save_cleanup(self) -> None:
-        saver, self._saver = self._saver, None
-        if saver is not None:
-            saver.cleanup()
 
     # -- load -------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from vmigrate.block.node import BlockGraph, BlockNode, DirtyBitmap
 from vmigrate.errors import VMError
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
-from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext
+from vmigrate.migration.savevm import LoadContext, LoadError, SaveContext, SaverSection
 from vmigrate.migration.wire import dirty_bitmap as wire
 from vmigrate.trace import trace
 
@@ -365,7 +365,7 @@ class DirtyBitmapLoader:
             self.cancel("")
 
 
-class DirtyBitmapSection:
+class DirtyBitmapSection(SaverSection):
     """The ``dirty-bitmap`` entry of the section registry (savevm_dirty_bitmap_handlers),
     registered after ``ram`` with section id 3, as dirty_bitmap_mig_init runs after ram_mig_init."""
 
@@ -377,8 +377,8 @@ class DirtyBitmapSection:
     supports_postcopy = True
 
     def __init__(self, graph: BlockGraph) -> None:
+        super().__init__()
         self.graph = graph
-        self._saver: DirtyBitmapSaver | None = None
         self._loader: DirtyBitmapLoader | None = None
 
     def is_active(self, config: MigrationConfig) -> bool:
@@ -392,40 +392,16 @@ class DirtyBitmapSection:
 
     # -- save -------------------------------------------------------------------------
 
-    def save_setup(self, ctx: SaveContext) -> None:
-        self._saver = DirtyBitmapSaver(self.graph, ctx)
-        self._saver.setup()
-
-    def save_iterate(self, ctx: SaveContext) -> bool:
-        return self._saver.iterate()
-
-    def pending_estimate(self) -> int:
-        return self._saver.pending()
-
-    def pending_exact(self) -> int:
-        return self._saver.pending()
+    def make_saver(self, ctx: SaveContext) -> DirtyBitmapSaver:
+        return DirtyBitmapSaver(self.graph, ctx)
 
     @property
     def first_copy_done(self) -> bool:
         """Nothing to send while the guest runs: the bits go at completion."""
         return True
 
-    def save_complete(self, ctx: SaveContext) -> None:
-        self._saver.complete()
-
-    def save_postcopy_switch(self, ctx: SaveContext) -> None:
-        return None
-
     def save_complete_postcopy(self, ctx: SaveContext) -> None:
         self._saver.complete()
-
-    def save_postcopy_resume(self, ctx: SaveContext, received: dict) -> None:
-        return None
-
-    def save_cleanup(self) -> None:
-        saver, self._saver = self._saver, None
-        if saver is not None:
-            saver.cleanup()
 
     # -- load -------------------------------------------------------------------------
 

@@ -133,6 +133,67 @@ class SaveVMHandlers(Protocol):
     def load_cleanup(self) -> None: ...  # any outcome
 
 
+class SectionSaver(Protocol):
+    """One attempt's source side of a section held by a :class:`SaverSection`."""
+
+    def setup(self) -> None: ...
+
+    def iterate(self) -> bool: ...  # True when nothing was left
+
+    def pending(self) -> int: ...
+
+    def complete(self) -> None: ...
+
+    def cleanup(self) -> None: ...
+
+
+class SaverSection:
+    """A live section whose source side is one :class:`SectionSaver` per attempt.
+
+    ``block`` and ``dirty-bitmap`` share this shape (QEMU's block.c and
+    block-dirty-bitmap.c keep their per-migration state in one struct too);
+    a subclass makes the saver and says what happens in postcopy.
+    """
+
+    supports_postcopy = False
+
+    def __init__(self) -> None:
+        self._saver: SectionSaver | None = None
+
+    def make_saver(self, ctx: SaveContext) -> SectionSaver:
+        raise NotImplementedError
+
+    def save_setup(self, ctx: SaveContext) -> None:
+        self._saver = self.make_saver(ctx)
+        self._saver.setup()
+
+    def save_iterate(self, ctx: SaveContext) -> bool:
+        return self._saver.iterate()
+
+    def pending_estimate(self) -> int:
+        return self._saver.pending()
+
+    def pending_exact(self) -> int:
+        return self._saver.pending()
+
+    def save_complete(self, ctx: SaveContext) -> None:
+        self._saver.complete()
+
+    def save_postcopy_switch(self, ctx: SaveContext) -> None:
+        return None
+
+    def save_complete_postcopy(self, ctx: SaveContext) -> None:
+        return None
+
+    def save_postcopy_resume(self, ctx: SaveContext, received: dict) -> None:
+        return None
+
+    def save_cleanup(self) -> None:
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.cleanup()
+
+
 class SectionRegistry:
     """QEMU's ``savevm_state.handlers``: everything that migrates, in stream order."""
 
