@@ -39,6 +39,10 @@ class HostFile:
             raise self.corrupt(f"short read of {what} at 0x{offset:x}")
         return data
 
+    def read_data(self, offset: int, length: int) -> bytes:
+        """Guest data in one pread (shorter past the end of the file)."""
+        return os.pread(self.fd, length, offset)
+
     def read_into(self, view: memoryview, offset: int) -> None:
         """Guest data: bytes past the end of the file read as zeroes (the caller's buffer is)."""
         while view:
