@@ -233,7 +233,7 @@ def test_query_migrate_forecasts_that_precopy_cannot_converge(spawn_shm):
     src.cmd("migrate", uri=uri)
     wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= 3, 30, "three passes")
     # The rates are averaged over the windows: the first pass's estimate gives way within seconds.
-    wait_for(lambda: not src.migrate_status()["x-vmigrate-forecast"]["converges"], 5, "the forecast to settle")
+    wait_for(lambda: not src.migrate_status()["x-vmigrate-forecast"]["converges"], 15, "the forecast to settle")
     forecast = src.migrate_status()["x-vmigrate-forecast"]
     assert forecast["converges"] is False and "seconds" not in forecast, forecast
     assert forecast["dirty-rate"] >= forecast["bandwidth"] > 0, forecast

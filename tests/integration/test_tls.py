@@ -59,6 +59,7 @@ def test_tls_hostname_names_the_server_on_a_unix_socket(spawn, tmp_path):
                                src_params={"tls-hostname": "localhost"})
     info = migrate_in_passes(src, uri, passes=1, bandwidth=64 * MIB)
     assert info["status"] == "completed", info
+    assert dst.wait_migration({"completed", "failed"})["status"] == "completed"
     assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
 
 
@@ -180,6 +181,8 @@ def test_credentials_added_over_qmp(spawn, tmp_path):
     uri = listen_with_data(tmp_path / "src.ram", dst, "tcp:127.0.0.1:0", seed=9)
     info = migrate_in_passes(src, uri, passes=1, bandwidth=64 * MIB)
     assert info["status"] == "completed", info
+    # The source completes once its last bytes are sent; the destination may still be loading them.
+    assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
     assert ram_files_equal(tmp_path / "src.ram", tmp_path / "dst.ram")
 
     src.cmd("object-del", id="tls9")
