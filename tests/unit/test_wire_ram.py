@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -295,3 +296,29 @@ def test_write_pages_handles_unsorted_and_repeated_indices(tmp_path):
     block.write_pages(np.array([6, 4, 5]), data)
     assert list(block.pages[4:7, 0]) == [2, 3, 1]
     block.close()
+
+
+def test_mem_size_with_gpa_bytes():
+    """x-ignore-shared: each entry is idstr, used_length, then the block's GPA as be64
+    (ram_save_setup, migration/ram.c); the total counts the ignored blocks too."""
+    wire = R.mem_size([R.RamBlockInfo("ram", 2 * PAGE, gpa=0), R.RamBlockInfo("hi", PAGE, gpa=0x1_0000_0000)])
+    assert wire == bytes.fromhex(
+        "0000000000003004"                     # total 0x3000 | MEM_SIZE
+        "03" "72616d" "0000000000002000" "0000000000000000"
+        "02" "6869" "0000000000001000" "0000000100000000")
+    events = body_events(wire, {"ram": 2 * PAGE, "hi": PAGE}, ignore_shared=True)
+    assert events[0].blocks == (R.RamBlockInfo("ram", 2 * PAGE, None, 0),
+                                R.RamBlockInfo("hi", PAGE, None, 0x1_0000_0000))
+
+
+def test_mem_size_with_gpa_matches_qemu_capture():
+    """QEMU 7.2's own START body for an 8 KiB shared ``ram0`` block with x-ignore-shared."""
+    capture = (Path(__file__).parent / "vectors" / "ignoreshared8k.bin").read_bytes()
+    assert R.mem_size([R.RamBlockInfo("ram0", 2 * PAGE, gpa=0)]) in capture
+
+
+def test_page_of_an_ignored_block_is_refused():
+    """The source sends no page of an ignored block: one that does is refused with QEMU's text."""
+    wire = R.mem_size([R.RamBlockInfo("ram", PAGE, gpa=0)]) + R.zero_page("ram", 0, R.ChannelState())
+    with pytest.raises(WireError, match="block ram should not be migrated !"):
+        body_events(wire, {"ram": PAGE}, ignore_shared=True, ignored_blocks={"ram"})

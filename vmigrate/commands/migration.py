@@ -11,6 +11,7 @@ import time
 from vmigrate.commands import command
 from vmigrate.machine import host
 from vmigrate.machine.write_tracking import write_tracking_compatible
+from vmigrate.migration.ram import migrated_blocks
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.wire import WireError
 from vmigrate.qmp.errors import QMPError
@@ -44,7 +45,8 @@ def migrate_set_capabilities(vm, args, monitor):
         incoming_single_channel=mig.incoming.single_channel,
         postcopy_supported=host.postcopy_supported,
         uffd_wp_supported=host.uffd_write_protect_supported,
-        ram_wp_compatible=lambda: write_tracking_compatible(vm.ram_blocks),
+        # QEMU's check skips the blocks ignored under the capabilities already set (ramblock_is_ignored).
+        ram_wp_compatible=lambda: write_tracking_compatible(migrated_blocks(vm.ram_blocks, mig.options.snapshot())),
     )
 
 

@@ -78,13 +78,17 @@ class DirtyLog:
 class RAMBlock:
     """One named RAM region (QEMU's RAMBlock), e.g. ``ram`` for ``-M none -m``."""
 
-    def __init__(self, idstr: str, size: int, mem_path: str | None = None) -> None:
+    def __init__(self, idstr: str, size: int, mem_path: str | None = None, gpa: int = 0) -> None:
+        """*gpa* is where the block sits in guest physical memory (QEMU's ``mr->addr``): ``-M
+        none`` maps its machine RAM at 0.  A *mem_path* block is mapped MAP_SHARED (QEMU's
+        RAM_SHARED, ``memory-backend-file,share=on``), which ``x-ignore-shared`` leaves unsent."""
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"RAM size must be a positive multiple of {PAGE_SIZE} bytes")
         self.idstr = idstr
         self.size = size
         self.mem_path = mem_path
         self.shared = mem_path is not None
+        self.gpa = gpa
         if mem_path is None:
             self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             # Transparent huge pages make first-touch faults of guest RAM several times slower here.

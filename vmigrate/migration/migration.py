@@ -36,6 +36,7 @@ from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.postcopy import FastThreadSwitch, PageRequests
 from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileOut
+from vmigrate.migration.ram import migrated_blocks
 from vmigrate.migration.rate_limit import WINDOW_SECONDS, RateLimiter
 from vmigrate.migration.savevm import SaveContext, SaveVM
 from vmigrate.migration.stats import CompressionStats, RamStats, XbzrleStats
@@ -53,7 +54,7 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("x-colo", "x-ignore-shared")
+UNIMPLEMENTED_CAPABILITIES = ("x-colo",)
 
 
 def now_ms() -> float:
@@ -238,7 +239,7 @@ class OutgoingSession:
         #: A background snapshot's write protection; its faults queue in front of the scan, uncounted.
         self.write_tracking: WriteTracking | None = None
         if config.caps.background_snapshot:
-            self.write_tracking = WriteTracking(host.ram_blocks)
+            self.write_tracking = WriteTracking(migrated_blocks(host.ram_blocks, config))
             self.page_requests = PageRequests(None)
         #: The guest was handed over: whatever happens now, the source must not run it again.
         self.postcopy_started = False
@@ -255,7 +256,8 @@ class OutgoingSession:
         self._was_running = False
         self._stopped = False
         self.auto_converge = AutoConverge(host.vcpus)
-        self.total_ram = sum(b.size for b in host.ram_blocks)
+        #: QEMU's ram_bytes_total: the ignored blocks (x-ignore-shared) are not counted.
+        self.total_ram = sum(b.size for b in migrated_blocks(host.ram_blocks, config))
         self.start_ms = now_ms()
         self.setup_time = 0
         self.total_time = 0

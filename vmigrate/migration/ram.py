@@ -9,6 +9,13 @@ QEMU's ram_save_target_page, to the compression threads, as ZERO records,
 to the multifd channels, as XBZRLE deltas (:mod:`.xbzrle`) or as PAGE
 records; the destination applies whole runs of each kind.
 
+With ``x-ignore-shared`` a block mapped from a shared file is ignored
+(QEMU's ramblock_is_ignored, migration/ram.c): it is listed in the setup
+record with its guest physical address but has no bitmap, is never synced
+nor sent, and counts in no RAM total but the listed one; the destination
+maps the same file, so its memory already holds the pages
+(docs/qemu/ram.md §1.1).
+
 A background snapshot (docs/background-snapshot.md) uses no dirty log: the
 all-dirty bitmap is sent once, pages the guest writes to are queued in
 front of the scan, and each saved range loses its write protection once the
@@ -55,16 +62,30 @@ EOS_SIZE = 8
 DIRTY_CLIENT = "migration"
 
 
+def ramblock_is_ignored(block: RAMBlock, config: MigrationConfig) -> bool:
+    """QEMU's ramblock_is_ignored: with ``x-ignore-shared``, a shared block is not migrated
+    (every vmigrate block is migratable)."""
+    return config.caps.x_ignore_shared and block.shared
+
+
+def migrated_blocks(blocks: list[RAMBlock], config: MigrationConfig) -> list[RAMBlock]:
+    """The blocks whose pages a migration sends (QEMU's RAMBLOCK_FOREACH_NOT_IGNORED)."""
+    return [b for b in blocks if not ramblock_is_ignored(b, config)]
+
+
 class RamSaver:
     """The source side of one attempt (QEMU's RAMState): migration bitmaps, cursor, page senders."""
 
     def __init__(self, blocks: list[RAMBlock], dirty_log: VcpuBackend, ctx: SaveContext) -> None:
         """``ctx.config`` switches on XBZRLE and compression (their counters are the
         context's ``*_stats`` objects, which outlive this saver); ``ctx.multifd``
-        routes non-zero pages to the multifd channels."""
-        self.blocks = blocks
+        routes non-zero pages to the multifd channels.  ``blocks`` are all of them; only
+        those not ignored get a bitmap and pages."""
         self.ctx = ctx
         self.config = ctx.config
+        #: Every block, as the setup record lists them (QEMU's RAMBLOCK_FOREACH_MIGRATABLE).
+        self.listed = blocks
+        self.blocks = migrated_blocks(blocks, self.config)
         self.xbzrle_stats = ctx.xbzrle_stats
         self.compression_stats = ctx.compression_stats
         self.multifd = ctx.multifd
@@ -110,7 +131,9 @@ class RamSaver:
             self.compress = CompressSender(params.compress_threads, params.compress_level,
                                            params.compress_wait_thread, self.compression_stats,
                                            self._write_compressed)
-        f.put(wire_ram.mem_size([(b.idstr, b.size) for b in self.blocks]))
+        gpa = caps.x_ignore_shared
+        f.put(wire_ram.mem_size([wire_ram.RamBlockInfo(b.idstr, b.size, gpa=b.gpa if gpa else None)
+                                 for b in self.listed]))
         for block, bitmap in zip(self.blocks, self.bitmaps):
             bitmap[:] = True
         self.stats.remaining_pages = sum(b.npages for b in self.blocks)
@@ -471,12 +494,18 @@ class RamLoader:
     """
 
     def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0,
-                 postcopy: PostcopyIncoming | None = None) -> None:
+                 postcopy: PostcopyIncoming | None = None, ignore_shared: bool = False) -> None:
         """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability);
-        with *postcopy*, pages are recorded as received, and placed through it once it listens."""
+        with *postcopy*, pages are recorded as received, and placed through it once it listens.
+        With *ignore_shared* (``x-ignore-shared``) the shared blocks receive nothing: their
+        contents are the file's, kept as they are (no zeroing, no prefault, not even a scan
+        for holes)."""
         self.blocks = {b.idstr: b for b in blocks}
         self.postcopy = postcopy
-        self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks}
+        self.ignore_shared = ignore_shared
+        #: Blocks whose pages the source does not send (QEMU's ramblock_is_ignored).
+        self.ignored = frozenset(b.idstr for b in blocks if ignore_shared and b.shared)
+        self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks if b.idstr not in self.ignored}
         self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
         #: The multifd channels' receiver, once they are all connected.
         self.multifd: MultifdReceiver | None = None
@@ -526,6 +555,26 @@ class RamLoader:
 
     def known_blocks(self) -> dict[str, int]:
         return {name: b.size for name, b in self.blocks.items()}
+
+    def check_block_list(self, event: "wire_ram.RamMemSize") -> None:
+        """The setup record's block list against the local blocks (names and sizes were checked
+        by the decoder).
+
+        With ``x-ignore-shared`` each entry carries the source block's guest physical address,
+        which must be the local one for an ignored block, as QEMU's ram_load_precopy requires
+        (migration/ram.c, its text).  A local block that is not shared is refused as well:
+        QEMU 7.2 accepts it and runs the guest on memory the source never sent (a vmigrate
+        block is shared exactly when it comes from ``--mem-path``; docs/qemu/ram.md §1.1).
+        """
+        if not self.ignore_shared:
+            return
+        for info in event.blocks:
+            block = self.blocks[info.idstr]
+            if not block.shared:
+                raise LoadError(f"Block {info.idstr} is not shared here: x-ignore-shared needs the "
+                                f"destination to map the source's RAM file (--mem-path)")
+            if info.gpa != block.gpa:
+                raise LoadError(f"Mismatched GPAs for block {info.idstr} {info.gpa}!= {block.gpa}")
 
     def load_pages(self, event: "wire_ram.RamPages") -> None:
         if self.postcopy is not None and self.postcopy.placing:
@@ -629,13 +678,15 @@ class RamSection:
     def load_setup(self, ctx: LoadContext) -> wire_ram.RamBodyDecoder:
         caps, params = ctx.config.caps, ctx.config.params
         loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0,
-                                          ctx.postcopy)
+                                          ctx.postcopy, caps.x_ignore_shared)
         if caps.multifd:
             if not ctx.multifd_channels:
                 raise LoadError("multifd is not supported by current protocol")
-            loader.multifd = MultifdReceiver(ctx.multifd_channels, params.multifd_compression, self.blocks,
+            loader.multifd = MultifdReceiver(ctx.multifd_channels, params.multifd_compression,
+                                             [b for b in self.blocks if b.idstr not in loader.ignored],
                                              on_pages=loader.pages_written)
-        return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True)
+        return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True,
+                                       ignore_shared=caps.x_ignore_shared, ignored_blocks=loader.ignored)
 
     def load_state(self, event: object) -> None:
         loader = self._loader
@@ -649,6 +700,8 @@ class RamSection:
             loader.load_compressed(event)
         elif isinstance(event, wire_ram.RamEOS):
             loader.end_of_section()
+        elif isinstance(event, wire_ram.RamMemSize):
+            loader.check_block_list(event)
 
     def load_cleanup(self) -> None:
         loader, self._loader = self._loader, None

@@ -432,7 +432,9 @@ class RamBodyDecoder:
     ``None`` (for inspection tools) adopts the list announced by MEM_SIZE.
     ``page_size_blocks`` names the blocks whose MEM_SIZE entry carries a page
     size (postcopy advised, postcopy-ram on, huge pages); ``ignore_shared``
-    says that entries carry a GPA; ``accept_compressed`` mirrors the
+    says that entries carry a GPA, and no page may name one of the
+    ``ignored_blocks`` (QEMU's ramblock_is_ignored: the destination's shared
+    blocks then); ``accept_compressed`` mirrors the
     destination's ``compress`` capability.  With ``variable_runs`` XBZRLE
     and COMPRESS_PAGE records come as :class:`RamXbzrleRun` /
     :class:`RamCompressedRun` events covering every following CONTINUE
@@ -445,6 +447,7 @@ class RamBodyDecoder:
     accept_compressed: bool = False
     variable_runs: bool = False
     ignore_shared: bool = False
+    ignored_blocks: Container[str] = ()
     page_size_blocks: Container[str] = ()
     version_id: int = RAM_SECTION_VERSION
     instance_ids: frozenset[int] = frozenset({0})
@@ -509,6 +512,8 @@ class RamBodyDecoder:
         name = decode_name(r.str8(), "RAMBlock name")
         if self.blocks is None or name not in self.blocks:
             raise WireError(f"Can't find block {name}")
+        if name in self.ignored_blocks:
+            raise WireError(f"block {name} should not be migrated !")
         return name
 
     def _used_length(self, block: str) -> int:
