@@ -490,22 +490,27 @@ class RamLoader:
     It remembers which pages are known to be zero (never backed, or zeroed
     by this migration) so a zero page costs nothing there: reading a page to
     test it would allocate it, and most of a fresh guest's pages are zero.
-    The guest of an incoming VM has not run, so nothing else writes its RAM.
+    The guest of an incoming VM has not run, so nothing else writes its RAM;
+    a snapshot-load's has (``ram_fresh``).
     """
 
     def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0,
-                 postcopy: PostcopyIncoming | None = None, ignore_shared: bool = False) -> None:
+                 postcopy: PostcopyIncoming | None = None, ignore_shared: bool = False,
+                 ram_fresh: bool = True) -> None:
         """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability);
         with *postcopy*, pages are recorded as received, and placed through it once it listens.
         With *ignore_shared* (``x-ignore-shared``) the shared blocks receive nothing: their
         contents are the file's, kept as they are (no zeroing, no prefault, not even a scan
-        for holes)."""
+        for holes).  Without *ram_fresh* (the guest ran, as before a snapshot-load) only a RAM
+        file's holes are known zero: anonymous memory may hold anything."""
         self.blocks = {b.idstr: b for b in blocks}
         self.postcopy = postcopy
         self.ignore_shared = ignore_shared
         #: Blocks whose pages the source does not send (QEMU's ramblock_is_ignored).
         self.ignored = frozenset(b.idstr for b in blocks if ignore_shared and b.shared)
-        self.known_zero = {b.idstr: b.unbacked_pages() for b in blocks if b.idstr not in self.ignored}
+        self.known_zero = {b.idstr: b.unbacked_pages() if ram_fresh or b.mem_path is not None
+                           else np.zeros(b.npages, dtype=np.bool_)
+                           for b in blocks if b.idstr not in self.ignored}
         self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
         #: The multifd channels' receiver, once they are all connected.
         self.multifd: MultifdReceiver | None = None
@@ -678,7 +683,7 @@ class RamSection:
     def load_setup(self, ctx: LoadContext) -> wire_ram.RamBodyDecoder:
         caps, params = ctx.config.caps, ctx.config.params
         loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0,
-                                          ctx.postcopy, caps.x_ignore_shared)
+                                          ctx.postcopy, caps.x_ignore_shared, ctx.ram_fresh)
         if caps.multifd:
             if not ctx.multifd_channels:
                 raise LoadError("multifd is not supported by current protocol")

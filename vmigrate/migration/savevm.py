@@ -87,6 +87,9 @@ class LoadContext:
     multifd_channels: list[Channel] = field(default_factory=list)
     #: The postcopy state of an attempt with ``postcopy-ram`` (None without).
     postcopy: "PostcopyIncoming | None" = None
+    #: False when the guest has run before this load (snapshot-load): its RAM holds data, so
+    #: no page of anonymous memory can be assumed zero.
+    ram_fresh: bool = True
 
 
 class SaveVMHandlers(Protocol):

@@ -186,7 +186,7 @@ def load(host: MigrationHost, config: MigrationConfig, tag: str, vmstate: str, d
 def _load_stream(host: MigrationHost, config: MigrationConfig, node: BlockNode, size: int) -> None:
     """qemu_loadvm_state over the VM-state area, undone if the stream breaks part way."""
     devices = host.sections.device_state_stream()
-    loader = LoadVM(host.sections, LoadContext(config), host.machine_type, host.uuid, lambda command: None)
+    loader = LoadVM(host.sections, LoadContext(config, ram_fresh=False), host.machine_type, host.uuid, lambda command: None)
     with RamBackup(host.ram_blocks) as backup:
         try:
             loader.run(QEMUFileIn(VMStateChannel(node, size)))
