@@ -102,6 +102,9 @@ class VM:
         self.global_state = GlobalState()
         self.sections = self._register_sections()
         self.announcer = Announcer(config.nics)
+        for nic in config.nics:
+            nic.set_running(self.runstate.running)
+            self.runstate.add_listener(nic.set_running)
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(MigrationHost(
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,

@@ -115,3 +115,25 @@ def test_nic_spec():
             NicSpec.parse(bad, 0)
     with pytest.raises(NicError):
         parse_mac("52:54:00:ab:cd:zz")
+
+
+def test_a_stopped_vm_holds_its_frames_until_it_runs():
+    """net/net.c: nothing leaves a stopped VM's NIC; its frames leave, in order, when it starts."""
+    import socket
+
+    from vmigrate.machine.net import Nic
+
+    out, peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    peer.setblocking(False)
+    nic = Nic(NicSpec.parse("raw,ifname=x", 0), out.detach())
+    try:
+        nic.send(b"one")
+        nic.send(b"two")
+        with pytest.raises(BlockingIOError):
+            peer.recv(64)
+        nic.set_running(True)
+        nic.send(b"three")
+        assert [peer.recv(64) for _ in range(3)] == [b"one", b"two", b"three"]
+    finally:
+        nic.close()
+        peer.close()

@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,9 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 DEFAULT_MAC = bytes.fromhex("525400123456")
+#: Frames a stopped VM's NIC holds at most (net/net.c: a netdev's queue of 10000 packets);
+#: beyond it they are dropped.
+HELD_MAX = 10000
 
 
 class NicError(ValueError):
@@ -81,11 +85,19 @@ class NicSpec:
 
 
 class Nic:
-    """An open NIC: frames given to :meth:`send` leave through its backend."""
+    """An open NIC: frames given to :meth:`send` leave through its backend while the VM runs.
+
+    While it does not, QEMU holds them (net/net.c qemu_can_send_packet is false when the VM is
+    not running; net/queue.c queues the packet) and sends them when the VM starts
+    (net_vm_change_state_handler): an announcement on a stopped VM leaves at ``cont``, at once.
+    """
 
     def __init__(self, spec: NicSpec, fd: int) -> None:
         self.spec = spec
         self._fd = fd
+        self._lock = threading.Lock()
+        self._running = False
+        self._held: list[bytes] = []
 
     @property
     def id(self) -> str:
@@ -96,13 +108,31 @@ class Nic:
         return self.spec.mac
 
     def send(self, frame: bytes) -> None:
-        """One frame, or OSError (a tap whose interface is down answers EIO, as QEMU's tap sees)."""
-        os.write(self._fd, frame)
+        """One frame out, or held while the VM is stopped; OSError where the backend refuses it
+        (a tap whose interface is down answers EIO)."""
+        with self._lock:
+            if not self._running:
+                if len(self._held) < HELD_MAX:
+                    self._held.append(frame)
+                return
+            os.write(self._fd, frame)
+
+    def set_running(self, running: bool) -> None:
+        """The VM started or stopped; on start the held frames go out, in order."""
+        with self._lock:
+            self._running = running
+            held, self._held = (self._held, []) if running else ([], self._held)
+            for frame in held:
+                try:
+                    os.write(self._fd, frame)
+                except OSError as err:
+                    log.debug("NIC %s: a held frame dropped: %s", self.id, err)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def _open_tap(ifname: str) -> int:
