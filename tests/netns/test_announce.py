@@ -175,8 +175,10 @@ def test_announce_self_through_a_tap_like_qemu(two_hosts, tmp_path):
         qemu.close()
 
 
-def test_incoming_migration_announces(two_hosts, tmp_path):
-    """The destination announces after loading, with the parameters it has then; the source does not."""
+@pytest.mark.parametrize("paused", [False, True], ids=["autostart", "paused"])
+def test_incoming_migration_announces(two_hosts, tmp_path, paused):
+    """The destination announces after loading, with the parameters it has then; the source does
+    not.  A destination without autostart (``-S``) announces too, but its frames leave at ``cont``."""
     a, b = two_hosts
     # Each VM's NIC sends out of its own end; the capture on the other end sees the other VM's frames.
     capture_at_b = Capture(b.netns, b.link)
@@ -184,14 +186,20 @@ def test_incoming_migration_announces(two_hosts, tmp_path):
     src_mac, dst_mac = MAC, MAC2
     src = a.run(tmp_path / "src.sock", tmp_path / "src.log", "-m", "32M", *nic_args("raw", a.link, src_mac, "n0"))
     dst = b.run(tmp_path / "dst.sock", tmp_path / "dst.log", "-m", "32M", *nic_args("raw", b.link, dst_mac, "n0"),
-                "--incoming", f"tcp:{b.address}:4444")
+                "--incoming", f"tcp:{b.address}:4444", *(["-S"] if paused else []))
     try:
         params = dict(initial=30, max=100, rounds=4, step=40)
         dst.cmd("migrate-set-parameters", **{f"announce-{k}": v for k, v in params.items()})
         src.cmd("migrate", uri=f"tcp:{b.address}:4444")
         assert src.wait_migration({"completed", "failed"}, timeout=60)["status"] == "completed"
         assert dst.wait_migration({"completed", "failed"}, timeout=30)["status"] == "completed"
-        check_schedule(capture_at_a.frames(params["rounds"], 3), dst_mac, params)
+        if paused:
+            assert capture_at_a.frames(1, 1.5) == []
+            dst.cmd("cont")
+            held = capture_at_a.frames(params["rounds"], 3)
+            assert [d for _, d in held] == [self_announce_frame(dst_mac)] * params["rounds"]
+        else:
+            check_schedule(capture_at_a.frames(params["rounds"], 3), dst_mac, params)
         assert capture_at_b.frames(1, 0.5) == []
     finally:
         src.close()
