@@ -11,6 +11,7 @@ from vmigrate.trace import setup_logging, trace
 
 if TYPE_CHECKING:
     from vmigrate.block.node import BlockGraph
+    from vmigrate.machine.net import Nic
     from vmigrate.objects import UserObjects
 
 
@@ -128,11 +129,11 @@ def open_block(blockdevs: list[str], drives: list[str]) -> "BlockGraph":
     return graph
 
 
-def open_nics(texts: list[str]) -> list:
+def open_nics(texts: list[str]) -> list["Nic"]:
     """``--nic``s, opened at start so a missing interface or a refused tap stops the start."""
     from vmigrate.machine.net import NicError, NicSpec, open_nic
 
-    nics = []
+    nics: list[Nic] = []
     try:
         specs = [NicSpec.parse(text, i) for i, text in enumerate(texts)]
         ids = [spec.id for spec in specs]
