@@ -20,12 +20,14 @@ from vmigrate import QEMU_VERSION, __version__
 from vmigrate.block.node import BlockGraph
 from vmigrate.commands import CommandDispatcher
 from vmigrate.job import JobManager
+from vmigrate.machine.announce import Announcer
 from vmigrate.machine.devices import GlobalState, VirtualClock
 from vmigrate.machine.dirtylimit import DirtyLimitService
 from vmigrate.machine.dirtyrate import DirtyRateMeasurement
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.host import keep_large_buffers_in_heap
 from vmigrate.machine.memory import RAMBlock
+from vmigrate.machine.net import Nic
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.softcpu import SoftVcpus
 from vmigrate.machine.vcpus import VcpuBackend
@@ -66,6 +68,8 @@ class VMConfig:
     objects: UserObjects = field(default_factory=UserObjects)
     #: ``--blockdev`` and ``--drive`` nodes, opened.
     block: BlockGraph = field(default_factory=BlockGraph)
+    #: ``--nic`` backends, opened; they carry the self-announcements (docs/announce.md).
+    nics: list[Nic] = field(default_factory=list)
 
 
 class VM:
@@ -97,12 +101,16 @@ class VM:
         self.clock = VirtualClock()
         self.global_state = GlobalState()
         self.sections = self._register_sections()
+        self.announcer = Announcer(config.nics)
+        for nic in config.nics:
+            nic.set_running(self.runstate.running)
+            self.runstate.add_listener(nic.set_running)
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(MigrationHost(
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
             global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
             machine_type=self.machine_type, emit_event=self.emit_event,
-            objects=self.objects, block=self.block))
+            objects=self.objects, block=self.block, announce=self.announcer.after_migration))
         self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
         self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()
@@ -187,6 +195,9 @@ class VM:
 
     def close(self) -> None:
         self.migration.shutdown()
+        self.announcer.close()
+        for nic in self.config.nics:
+            nic.close()
         self.vcpus.shutdown()
         self.block.close()
         self.qmp.close()

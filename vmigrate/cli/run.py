@@ -11,6 +11,7 @@ from vmigrate.trace import setup_logging, trace
 
 if TYPE_CHECKING:
     from vmigrate.block.node import BlockGraph
+    from vmigrate.machine.net import Nic
     from vmigrate.objects import UserObjects
 
 
@@ -43,6 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--drive", action="append", default=[], metavar="file=PATH,format=qcow2|raw,id=ID,...",
                    help="a disk with a device name, like QEMU's -drive if=none "
                    "([,node-name=NAME][,readonly=on]); block migration sends device names (repeatable)")
+    p.add_argument("--nic", action="append", default=[], metavar="tap|raw,ifname=NAME[,mac=MAC][,id=ID]",
+                   help="a NIC for self-announce (docs/announce.md): tap opens or makes tap interface NAME, "
+                   "raw sends through existing interface NAME (AF_PACKET); id is what announce-self's "
+                   "interfaces names (default nicN) (repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
@@ -79,7 +84,7 @@ def config_from_args(args: argparse.Namespace):
     for text in args.object:
         add_object(objects, text)
     return VMConfig(
-        objects=objects, block=open_block(args.blockdev, args.drive), memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
+        nics=open_nics(args.nic), objects=objects, block=open_block(args.blockdev, args.drive), memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
         dirty_ring_size=dirty_ring_size, serial=args.serial,
         guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
     )
@@ -122,6 +127,25 @@ def open_block(blockdevs: list[str], drives: list[str]) -> "BlockGraph":
         graph.close()
         raise CLIError(str(err)) from None
     return graph
+
+
+def open_nics(texts: list[str]) -> list["Nic"]:
+    """``--nic``s, opened at start so a missing interface or a refused tap stops the start."""
+    from vmigrate.machine.net import NicError, NicSpec, open_nic
+
+    nics: list[Nic] = []
+    try:
+        specs = [NicSpec.parse(text, i) for i, text in enumerate(texts)]
+        ids = [spec.id for spec in specs]
+        if len(set(ids)) != len(ids):
+            raise NicError("--nic: duplicate id")
+        for spec in specs:
+            nics.append(open_nic(spec))
+    except NicError as err:
+        for nic in nics:
+            nic.close()
+        raise CLIError(str(err)) from None
+    return nics
 
 
 def parse_accel(text: str | None) -> tuple[str, int]:

@@ -10,6 +10,7 @@ import time
 
 from vmigrate.commands import command
 from vmigrate.machine import host
+from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.write_tracking import write_tracking_compatible
 from vmigrate.migration.ram import migrated_blocks
 from vmigrate.migration.savevm import LoadError
@@ -184,7 +185,9 @@ def yank(vm, args, monitor):
 
 @command("announce-self")
 def announce_self(vm, args, monitor):
-    """A VM without NICs has nobody to announce (QEMU answers {} too)."""
+    """Starts the timer named ``id`` on the ``--nic``s (net/announce.c qmp_announce_self; no range
+    checks, as in QEMU: docs/qemu/misc.md §1.2).  A VM without NICs sends nothing and answers {}."""
+    vm.announcer.announce_self(AnnounceParameters.from_qmp(args))
 
 
 @command("xen-save-devices-state")

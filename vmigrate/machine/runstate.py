@@ -32,6 +32,17 @@ class RunState:
         self._lock = threading.RLock()
         #: QEMU's ``autostart``: false with ``-S``; a destination resumes the guest only if set.
         self.autostart = initial != "prelaunch"
+        self._listeners: list[Callable[[bool], None]] = []
+
+    def add_listener(self, listener: Callable[[bool], None]) -> None:
+        """Call *listener* with the new value of :attr:`running` whenever it changes (QEMU's
+        vm change state handlers), under the transition's lock."""
+        self._listeners.append(listener)
+
+    def _changed(self, was_running: bool) -> None:
+        if self.running != was_running:
+            for listener in self._listeners:
+                listener(self.running)
 
     @property
     def state(self) -> str:
@@ -44,7 +55,9 @@ class RunState:
     def set(self, state: str) -> None:
         """Change the state without touching the vCPUs (e.g. inmigrate → paused)."""
         with self._lock:
+            was_running = self.running
             self._state = state
+            self._changed(was_running)
 
     def stop(self, state: str = "paused") -> bool:
         """Stop the guest into *state*; returns whether it was running.
@@ -57,6 +70,7 @@ class RunState:
                 return False
             self._vcpus.pause_all()
             self._state = state
+            self._changed(True)
             self._emit("STOP", None)
             return True
 
@@ -65,7 +79,7 @@ class RunState:
         with self._lock:
             if self.running:
                 return self.stop(state)
-            self._state = state
+            self.set(state)
             return False
 
     def start(self) -> None:
@@ -75,4 +89,5 @@ class RunState:
                 return
             self._state = "running"
             self._vcpus.resume_all()
+            self._changed(False)
             self._emit("RESUME", None)

@@ -17,6 +17,7 @@ import select
 import threading
 import uuid as uuidlib
 
+from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.runstate import INMIGRATE_NEXT
 from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
 from vmigrate.migration.config import MigrationConfig
@@ -482,6 +483,7 @@ class IncomingMigration:
             # QEMU's loadvm_postcopy_handle_run_bh: the disks are taken over, the bitmaps still
             # loading start recording, and the guest starts with autostart, whatever run state
             # the source had.
+            self._announce()
             self.host.block.activate_all()
             self.host.sections.before_vm_start()
             runstate = self.host.runstate
@@ -489,6 +491,13 @@ class IncomingMigration:
                 runstate.start()
             else:
                 runstate.set("paused")
+
+    def _announce(self) -> None:
+        """Self-announce with the ``announce-*`` parameters as they are now, not as the attempt
+        began (migrate_announce_params), whether or not the guest starts (docs/announce.md)."""
+        p = self.options.param
+        self.host.announce(AnnounceParameters(p("announce-initial"), p("announce-max"),
+                                              p("announce-rounds"), p("announce-step")))
 
     def _finish_load(self, config: MigrationConfig) -> None:
         """Disks, bitmaps and run state after a successful load (docs/qemu/states.md §9.1,
@@ -505,6 +514,7 @@ class IncomingMigration:
         starts = received is None or received == "running"
         if not config.caps.late_block_activate or (runstate.autostart and starts):
             self.host.block.activate_all()
+        self._announce()
         self.host.sections.before_vm_start()
         if received is None or received == "running":
             if runstate.autostart:

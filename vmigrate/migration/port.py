@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from vmigrate.block.node import BlockGraph
+from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.devices import GlobalState
 from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
@@ -39,3 +40,6 @@ class MigrationHost:
     objects: Mapping[str, object]
     #: The VM's disks: block migration, dirty-bitmap migration and snapshots work on them.
     block: BlockGraph
+    #: Starts the self-announcement of an incoming migration (QEMU's qemu_announce_self on
+    #: MigrationIncomingState's timer); returns at once, the rounds run on their own thread.
+    announce: Callable[[AnnounceParameters], None]
