@@ -42,6 +42,8 @@ def test_qmp_shell_talks_to_a_vm(spawn, tmp_path):
     (["run", "--guest", "nosuch"], "unknown guest workload 'nosuch'"),
     (["run", "--accel", "tcg"], "accelerator 'tcg' is not available"),
     (["run", "--qmp", "bogus"], "invalid QMP address 'bogus'"),
+    (["run", "--accel", "soft", "--incoming", "vsock:x:1"], "--incoming vsock:x:1: Failed to parse cid 'x'"),
+    (["run", "--accel", "soft", "--incoming", "rdma::1"], "--incoming rdma::1: RDMA ERROR: RDMA host is not set!"),
     (["analyze", "/nonexistent/stream"], "/nonexistent/stream"),
 ])
 def test_errors_are_one_clear_line(args, message):

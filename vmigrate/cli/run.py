@@ -179,6 +179,7 @@ def parse_accel(text: str | None) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     from vmigrate.machine.kvm import KvmUnavailable
     from vmigrate.machine.x86guest.build import GuestBuildError
+    from vmigrate.migration.errors import MigrationError
     from vmigrate.vm import run_vm
 
     setup_logging(args.verbose, args.trace)
@@ -192,3 +193,6 @@ def run(args: argparse.Namespace) -> int:
         return run_vm(config)
     except (OSError, ValueError, KvmUnavailable, GuestBuildError) as err:
         raise CLIError(str(err)) from None
+    except MigrationError as err:
+        # The only migration request of a start: QEMU names the option and exits (qemu_start_incoming_migration).
+        raise CLIError(f"--incoming {config.incoming}: {err.desc}") from None

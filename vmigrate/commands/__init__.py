@@ -68,7 +68,7 @@ class CommandDispatcher:
 
 def _load_handlers() -> None:
     """Import the handler modules so their @command decorators run."""
-    from vmigrate.commands import block, job, machine, migration  # noqa: F401
+    from vmigrate.commands import block, job, machine, migration, replication  # noqa: F401
 
 
 _load_handlers()

@@ -1,4 +1,4 @@
-"""Migration transports: tcp, unix, exec and fd URIs, both directions.
+"""Migration transports: tcp, unix, vsock, exec and fd URIs, both directions.
 
 Parsing a URI is synchronous (its errors are the ``migrate`` command's own);
 connecting happens in the migration thread, so a refused connection ends the
@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from vmigrate.migration import rdma
 from vmigrate.migration.errors import MigrationError
 
 
@@ -32,8 +33,10 @@ class ChannelError(Exception):
 class MigrationAddress:
     """A parsed migration URI (QEMU's SocketAddress, or exec/fd)."""
 
-    kind: str  # tcp | unix | exec | fd
+    kind: str  # tcp | unix | vsock | exec | fd
     host: str = ""
+    #: vsock's context id, a string checked when the socket is opened (as QEMU does).
+    cid: str = ""
     #: A service string, resolved by getaddrinfo when the channel is opened (QEMU keeps it a string too).
     port: str = ""
     path: str = ""
@@ -46,10 +49,16 @@ class MigrationAddress:
     @property
     def multi_channel(self) -> bool:
         """Whether multifd / postcopy-preempt channels can be opened (QEMU: socket transports only)."""
-        return self.kind in ("tcp", "unix")
+        return self.kind in SOCKET_KINDS
 
     def describe(self) -> str:
+        if self.kind == "vsock":
+            return f"{self.cid}:{self.port}"
         return f"{self.host}:{self.port}" if self.kind == "tcp" else self.path
+
+
+#: The transports QEMU opens through its socket address code (migration/socket.c).
+SOCKET_KINDS = ("tcp", "unix", "vsock")
 
 
 INVALID_PROTOCOL = "Parameter 'uri' expects a valid migration protocol"
@@ -66,7 +75,11 @@ def parse_uri(uri: str, incoming: bool = False) -> MigrationAddress:
     if uri.startswith(("unix:", "vsock:")):
         return _socket_address(uri)
     if uri.startswith("rdma:"):
-        raise MigrationError("vmigrate does not implement RDMA migration (rdma:)")
+        try:
+            addr = _inet_address(uri[5:])
+        except MigrationError:
+            raise rdma.bad_address(uri[5:]) from None
+        raise rdma.refusal(addr.host, incoming)
     if uri.startswith("exec:"):
         return MigrationAddress("exec", command=uri[5:])
     if uri.startswith("fd:"):
@@ -85,8 +98,31 @@ def _socket_address(text: str) -> MigrationAddress:
             raise MigrationError("invalid file descriptor address")
         return MigrationAddress("fd", fdname=text[3:])
     if text.startswith("vsock:"):
-        raise MigrationError("vmigrate does not implement vsock migration yet")
+        return _vsock_address(text[6:])
     return _inet_address(text[4:] if text.startswith("tcp:") else text)
+
+
+def _vsock_address(text: str) -> MigrationAddress:
+    """QEMU's vsock_parse: ``CID:PORT``, each kept as text until the socket is opened."""
+    m = re.match(r"([^:]{1,32}):([^,]{1,32})", text)
+    if not m:
+        raise MigrationError(f"error parsing address '{text}'")
+    if m.end() != len(text):
+        raise MigrationError(f"trailing characters in address '{text}'")
+    return MigrationAddress("vsock", cid=m.group(1), port=m.group(2))
+
+
+def vsock_sockaddr(addr: MigrationAddress) -> tuple[int, int]:
+    """QEMU's vsock_parse_vaddr_to_sockaddr: both numbers decimal and 32-bit, as parse_uint_full takes them.
+
+    Raises ChannelError: outgoing, its text is the migration's ``error-desc``.
+    """
+    numbers = []
+    for what, text in (("cid", addr.cid), ("port", addr.port)):
+        if not re.fullmatch(r"[ \t\n\v\f\r]*\+?[0-9]+", text) or int(text) > 0xFFFFFFFF:
+            raise ChannelError(f"Failed to parse {what} '{text}'")
+        numbers.append(int(text))
+    return numbers[0], numbers[1]
 
 
 def _inet_address(text: str) -> MigrationAddress:
@@ -430,15 +466,40 @@ def connect(addr: MigrationAddress, timeout: float = 30.0) -> Channel:
             sock.close()
             raise ChannelError(f"Failed to connect to '{addr.path}': {os.strerror(err.errno or 111)}") from None
         return SocketChannel(sock)
+    if addr.kind == "vsock":
+        return _connect_vsock(addr)
     raise ValueError(f"not a socket address: {addr.kind}")
 
 
+def _connect_vsock(addr: MigrationAddress) -> SocketChannel:
+    """QEMU's vsock_connect_addr: a blocking connect, so the kernel's vsock connect timeout
+    (2 s unless SO_VM_SOCKETS_CONNECT_TIMEOUT says otherwise) decides when it gives up."""
+    sockaddr = vsock_sockaddr(addr)
+    try:
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    except OSError as err:
+        raise ChannelError(f"Failed to create socket family {socket.AF_VSOCK}: "
+                           f"{os.strerror(err.errno or errno.EAFNOSUPPORT)}") from None
+    try:
+        sock.connect(sockaddr)
+    except OSError as err:
+        sock.close()
+        raise ChannelError(f"Failed to connect to '{addr.describe()}': "
+                           f"{os.strerror(err.errno or errno.ETIMEDOUT)}") from None
+    return SocketChannel(sock)
+
+
 class Listener:
-    """A listening socket for ``migrate-incoming tcp:/unix:``."""
+    """A listening socket for ``migrate-incoming tcp:/unix:/vsock:``."""
 
     def __init__(self, addr: MigrationAddress) -> None:
         self.addr = addr
-        self.sock = self._bind_tcp(addr) if addr.kind == "tcp" else self._bind_unix(addr.path)
+        if addr.kind == "tcp":
+            self.sock = self._bind_tcp(addr)
+        elif addr.kind == "vsock":
+            self.sock = self._bind_vsock(addr)
+        else:
+            self.sock = self._bind_unix(addr.path)
         #: Where we listen, fixed at bind time (query-migrate's ``socket-address``).
         self.address = self._socket_address()
 
@@ -453,6 +514,25 @@ class Listener:
         except OSError as err:
             sock.close()
             raise MigrationError(f"Failed to bind socket to {path}: {os.strerror(err.errno or 98)}") from None
+        return sock
+
+    @staticmethod
+    def _bind_vsock(addr: MigrationAddress) -> socket.socket:
+        """QEMU's vsock_listen_saddr, with its texts."""
+        try:
+            sockaddr = vsock_sockaddr(addr)
+        except ChannelError as err:
+            raise MigrationError(str(err)) from None
+        try:
+            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        except OSError as err:
+            raise MigrationError(f"Failed to create socket: {os.strerror(err.errno or errno.EAFNOSUPPORT)}") from None
+        for step, what in ((lambda: sock.bind(sockaddr), "bind socket"), (lambda: sock.listen(16), "listen on socket")):
+            try:
+                step()
+            except OSError as err:
+                sock.close()
+                raise MigrationError(f"Failed to {what}: {os.strerror(err.errno or errno.EINVAL)}") from None
         return sock
 
     @staticmethod
@@ -483,6 +563,10 @@ class Listener:
         """The bound address as QMP's SocketAddress (port 0 resolved; the port is a string)."""
         if self.addr.kind == "unix":
             return {"type": "unix", "path": self.addr.path}
+        if self.addr.kind == "vsock":
+            # QEMU's member order for a vsock SocketAddress, as query-migrate sends it.
+            cid, port = self.sock.getsockname()
+            return {"port": str(port), "cid": str(cid), "type": "vsock"}
         host, port = self.sock.getsockname()[:2]
         info = {"type": "inet", "host": host, "port": str(port)}
         info["ipv6" if self.sock.family == socket.AF_INET6 else "ipv4"] = True

@@ -19,7 +19,8 @@ import uuid as uuidlib
 
 from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.runstate import INMIGRATE_NEXT
-from vmigrate.migration.channel import Channel, ChannelError, CommandChannel, FdChannel, Listener, parse_uri
+from vmigrate.migration.channel import (SOCKET_KINDS, Channel, ChannelError, CommandChannel, FdChannel, Listener,
+                                        parse_uri)
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.multifd import MultifdError, recv_exact
@@ -83,7 +84,7 @@ class IncomingMigration:
         # QEMU announces the setup whatever the events capability, without a status change.
         self.host.emit_event("MIGRATION", {"status": S.SETUP.value})
         addr = parse_uri(uri, incoming=True)
-        if addr.kind in ("tcp", "unix"):
+        if addr.kind in SOCKET_KINDS:
             self.listener = Listener(addr)
             target = self._accept
         elif addr.kind == "exec":
@@ -355,8 +356,8 @@ class IncomingMigration:
         # As for migrate-incoming, QEMU announces this whatever the events capability.
         self.host.emit_event("MIGRATION", {"status": S.SETUP.value})
         addr = parse_uri(uri, incoming=True)
-        if addr.kind not in ("tcp", "unix"):
-            raise MigrationError(f"vmigrate recovers postcopy over tcp: and unix: only, not '{addr.kind}:'")
+        if addr.kind not in SOCKET_KINDS:
+            raise MigrationError(f"vmigrate recovers postcopy over tcp:, unix: and vsock: only, not '{addr.kind}:'")
         self._close_listener()
         listener = self.listener = Listener(addr)
         threading.Thread(target=self._accept_recovery, args=(listener,), name="incoming recovery",

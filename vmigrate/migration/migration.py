@@ -544,7 +544,7 @@ class OutgoingSession:
         if not self.config.caps.postcopy_preempt:
             return None
         if not self._addr.multi_channel:
-            raise ChannelError("postcopy-preempt needs a tcp: or unix: migration URI")
+            raise ChannelError("postcopy-preempt needs a tcp:, unix: or vsock: migration URI")
         return QEMUFileOut(factory(), RateLimiter(0))
 
     def _close_link(self) -> None:
