@@ -16,13 +16,14 @@ from typing import Any
 
 from vmigrate.errors import VMError
 from vmigrate.migration.authz import AuthzError, ListAuthz, SimpleAuthz
-from vmigrate.migration.tls import PskCreds, TlsCreds, TlsCredsError
+from vmigrate.migration.tls import AnonCreds, PskCreds, TlsCreds, TlsCredsError
 from vmigrate.qapi.schema import load as load_schema
 
 #: Each type's constructor: properties (without ``qom-type``) -> the object.
 OBJECT_TYPES: dict[str, Callable[[Mapping[str, str]], object]] = {
     "tls-creds-x509": TlsCreds.from_options,
     "tls-creds-psk": PskCreds.from_options,
+    "tls-creds-anon": AnonCreds.from_options,
     "authz-simple": SimpleAuthz.from_options,
     "authz-list": ListAuthz.from_options,
 }

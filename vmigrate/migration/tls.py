@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
-from vmigrate.migration import tls_psk
+from vmigrate.migration import tls_anon, tls_psk
 from vmigrate.migration.authz import Authz
 from vmigrate.migration.channel import Channel, ChannelError, FdChannel, SocketChannel
 
@@ -38,6 +38,7 @@ CA_CERT = "ca-cert.pem"
 SERVER_CERT, SERVER_KEY = "server-cert.pem", "server-key.pem"
 CLIENT_CERT, CLIENT_KEY = "client-cert.pem", "client-key.pem"
 PSK_FILE = "keys.psk"
+DH_PARAMS = "dh-params.pem"
 #: Bytes read from the socket per call (one TLS record is at most ~16 KiB).
 RECV_CHUNK = 1 << 16
 
@@ -47,7 +48,8 @@ class TlsError(ChannelError):
 
 
 class TlsCredsError(ValueError):
-    """A ``tls-creds-x509`` or ``tls-creds-psk`` object that cannot be created (the process does not start)."""
+    """A ``tls-creds-x509``, ``tls-creds-psk`` or ``tls-creds-anon`` object that cannot be created
+    (the process does not start)."""
 
 
 def _on_off(name: str, value: str) -> bool:
@@ -82,8 +84,10 @@ class TlsCreds:
         return cls(obj_id, directory, endpoint, verify_peer, context)
 
 
-def _common_options(options: Mapping[str, str], known: set[str]) -> tuple[str, str, str]:
-    """(id, dir, endpoint) with QEMU's texts for the properties every tls-creds type has."""
+def _common_options(options: Mapping[str, str], known: set[str],
+                    dir_required: bool = True) -> tuple[str, str, str]:
+    """(id, dir, endpoint) with QEMU's texts for the properties every tls-creds type has; *dir* is
+    ``""`` when it is optional (anon) and not given."""
     unknown = set(options) - known
     if unknown:
         raise TlsCredsError(f"Invalid parameter '{sorted(unknown)[0]}'")
@@ -92,8 +96,8 @@ def _common_options(options: Mapping[str, str], known: set[str]) -> tuple[str, s
     endpoint = options.get("endpoint", "client")
     if endpoint not in ("client", "server"):
         raise TlsCredsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
-    directory = options.get("dir")
-    if not directory:
+    directory = options.get("dir", "")
+    if not directory and dir_required:
         raise TlsCredsError("Missing 'dir' property value")
     return options["id"], directory, endpoint
 
@@ -142,6 +146,40 @@ class PskCreds:
         # negotiates TLS 1.3 with it (docs/tls.md, "PSK credentials").
         context.minimum_version = ssl.TLSVersion.TLSv1_3
         return cls(obj_id, directory, endpoint, context, callback)
+
+
+@dataclass(frozen=True)
+class AnonCreds:
+    """One ``tls-creds-anon`` object (QEMU's crypto/tlscredsanon.c): anonymous Diffie-Hellman in
+    TLS 1.2, no certificate and no key, so it encrypts but proves nothing about the peer
+    (docs/tls.md, "Anonymous credentials").  A server's DH group is ``DIR/dh-params.pem`` when
+    there is one; the context comes from :mod:`vmigrate.migration.tls_anon`."""
+
+    id: str
+    dir: str
+    endpoint: str
+    context: ssl.SSLContext
+    #: Nothing to verify: QEMU's credential check is a no-op for anon (crypto/tlssession.c), so
+    #: no ``tls-hostname`` is needed and ``tls-authz`` is not consulted.
+    verify_peer: bool = False
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, str]) -> "AnonCreds":
+        """``id=ID[,dir=DIR][,endpoint=client|server][,verify-peer=on|off]`` (QEMU's default: client)."""
+        if "loaded" in options:
+            raise TlsCredsError("Property 'tls-creds-anon.loaded' is not writable")
+        obj_id, directory, endpoint = _common_options(
+            options, {"id", "dir", "endpoint", "verify-peer"}, dir_required=False)
+        _on_off("verify-peer", options.get("verify-peer", "on"))  # accepted, as QEMU does; unused
+        if endpoint == "client":
+            return cls(obj_id, directory, endpoint, tls_anon.client_context())
+        # QEMU reads dh-params.pem only from a server's dir, optional there (qcrypto_tls_creds_anon_load).
+        dh_params = _credential(directory, DH_PARAMS, required=False) if directory else None
+        try:
+            context = tls_anon.server_context(dh_params)
+        except tls_anon.DhParamsError as err:
+            raise TlsCredsError(str(err)) from None
+        return cls(obj_id, directory, endpoint, context)
 
 
 def _server_key(path: str, identity: str) -> bytes | None:
@@ -268,12 +306,12 @@ def _check_times(directory: str, endpoint: str) -> None:
                 raise TlsCredsError(f"The {what} {path} is not yet active")
 
 
-def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds | PskCreds:
+def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> TlsCreds | PskCreds | AnonCreds:
     """QEMU's migration_tls_get_creds and qcrypto_tls_creds_check_endpoint, with their texts."""
     found = objects.get(creds_id)
     if found is None:
         raise TlsError(f"No TLS credentials with id '{creds_id}'")
-    if not isinstance(found, (TlsCreds, PskCreds)):
+    if not isinstance(found, (TlsCreds, PskCreds, AnonCreds)):
         raise TlsError(f"Object with id '{creds_id}' is not TLS credentials")
     if found.endpoint != endpoint:
         raise TlsError(f"Expected TLS credentials for a {endpoint} endpoint")
@@ -283,7 +321,7 @@ def get_creds(objects: Mapping[str, object], creds_id: str, endpoint: str) -> Tl
 def client_channel(channel: Channel, objects: Mapping[str, object], creds_id: str,
                    hostname: str) -> "TlsChannel":
     """The source's side (migration_tls_client_create): *hostname* is ``tls-hostname`` or the URI's
-    host; a unix socket has none, which only PSK and ``verify-peer=off`` x509 credentials can do without."""
+    host; a unix socket has none, which only PSK, anon and ``verify-peer=off`` x509 credentials can do without."""
     found = get_creds(objects, creds_id, "client")
     if not hostname and found.verify_peer:
         # QEMU's check of the server's certificate (crypto/tlssession.c) needs a name to match.
