@@ -28,15 +28,21 @@ from tls_certs import CA, make_pki, write_creds, write_psk
 from test_interop_postcopy import postcopy
 from transport import Transport, migrate, settle
 from vmigrate.harness.waiting import wait_for
+from vmigrate.migration.tls_anon import FFDHE2048_PEM
 
 pytestmark = pytest.mark.timeout(90)
 
 SIZE = "64M"
 
 
-def tls_object(directory: Path, endpoint: str, psk: bool = False, verify_peer: str = "on") -> tuple[str, str]:
+def tls_object(directory: Path, endpoint: str, psk: bool = False, verify_peer: str = "on",
+               anon: bool = False) -> tuple[str, str]:
     """The same option for both kinds (vmigrate's ``--object`` takes QEMU's ``-object`` syntax):
-    x509 credentials, or PSK ones (a client uses the key of ``username=qemu``)."""
+    x509 credentials, PSK ones (a client uses the key of ``username=qemu``) or anonymous ones
+    (a server's dir holds ``dh-params.pem`` when it exists)."""
+    if anon:
+        return "-object", f"tls-creds-anon,id=tls0,endpoint={endpoint}" + (f",dir={directory}" if directory.is_dir()
+                                                                            else "")
     if psk:
         return "-object", (f"tls-creds-psk,id=tls0,dir={directory},endpoint={endpoint}"
                            + (",username=qemu" if endpoint == "client" else ""))
@@ -44,8 +50,9 @@ def tls_object(directory: Path, endpoint: str, psk: bool = False, verify_peer: s
 
 
 def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: str, multifd: bool,
-          ram: Path | None = None, psk: bool = False, verify_peer: str = "on", **params) -> Machine:
-    obj = tls_object(directory, endpoint, psk, verify_peer)
+          ram: Path | None = None, psk: bool = False, verify_peer: str = "on", anon: bool = False,
+          **params) -> Machine:
+    obj = tls_object(directory, endpoint, psk, verify_peer, anon)
     if kind == "vmigrate":
         obj = ("--object", obj[1])
     vm = machines.start(kind, SIZE, *obj, *args, ram=ram)
@@ -54,15 +61,23 @@ def start(machines: Machines, kind: str, directory: Path, endpoint: str, *args: 
     return vm
 
 
-@pytest.mark.parametrize("creds", ["x509", "x509-no-client-cert", "psk"])
+@pytest.mark.parametrize("creds", ["x509", "x509-no-client-cert", "psk", "anon", "anon-dh-params"])
 @pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd"])
 @pytest.mark.parametrize("src_kind", ["qemu", "vmigrate"])
 def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, creds) -> None:
     """x509 credentials (a client certificate the destination verifies, or none and
-    ``verify-peer=off`` there) or PSK ones; GnuTLS on QEMU's side, OpenSSL on vmigrate's (docs/tls.md)."""
+    ``verify-peer=off`` there), PSK ones or anonymous ones (the server's DH group its own default, or
+    RFC 7919's ffdhe2048 from ``dh-params.pem``); GnuTLS on QEMU's side, OpenSSL on vmigrate's
+    (docs/tls.md)."""
     psk = creds == "psk"
+    anon = creds.startswith("anon")
     server_verify = "off" if creds == "x509-no-client-cert" else "on"
-    if psk:
+    if anon:
+        client = server = tmp_path / "anon"
+        if creds == "anon-dh-params":
+            server.mkdir()
+            (server / "dh-params.pem").write_text(FFDHE2048_PEM)
+    elif psk:
         server = client = write_psk(tmp_path / "psk")
     else:
         server, client = make_pki(tmp_path / "pki")
@@ -70,14 +85,15 @@ def test_tls_migration(machines: Machines, tmp_path, src_kind, multifd, creds) -
             for name in ("client-cert.pem", "client-key.pem"):
                 (client / name).unlink()
     dst_kind = "vmigrate" if src_kind == "qemu" else "qemu"
-    src = start(machines, src_kind, client, "client", multifd=multifd, psk=psk, **{"max-bandwidth": 10 << 30})
+    src = start(machines, src_kind, client, "client", multifd=multifd, psk=psk, anon=anon,
+                **{"max-bandwidth": 10 << 30})
     fill_pattern(src.ram, src.size, seed=7, random_pages=4096)
 
     def start_dst() -> Machine:
         ram = machines.ram_path(dst_kind)
         fill_garbage(ram, src.size)
         return start(machines, dst_kind, server, "server", "-incoming", "defer", "-S", multifd=multifd, ram=ram,
-                     psk=psk, verify_peer=server_verify)
+                     psk=psk, verify_peer=server_verify, anon=anon)
 
     if src_kind == "vmigrate":
         src.vm.cmd("stop")  # the RAM file is written by the test, not a guest
