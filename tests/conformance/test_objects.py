@@ -61,3 +61,25 @@ def test_psk_objects(fresh_pair, tmp_path):
     p.same("object-add", {"qom-type": "tls-creds-psk", "id": "psk3", "dir": str(tmp_path / "none")})
     p.same("migrate-set-parameters", {"tls-creds": "psk1"})
     p.same("object-del", {"id": "psk0"})
+
+
+def test_anon_objects(fresh_pair, tmp_path):
+    """``dir`` is optional and only a server reads ``dh-params.pem`` from it; ``loaded`` is read-only."""
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "dh-params.pem").write_text("garbage\n")
+    p = fresh_pair()
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon0"})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon0", "endpoint": "server"})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon1", "endpoint": "server",
+                          "dir": str(tmp_path / "none")})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon2", "endpoint": "server",
+                          "dir": str(tmp_path / "bad")})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon3", "dir": str(tmp_path / "bad"),
+                          "verify-peer": False})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon4", "loaded": True})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon5", "verify-peer": "yes"})
+    p.same("object-add", {"qom-type": "tls-creds-anon", "id": "anon6", "endpoint": "middle"})
+    p.same("migrate-set-parameters", {"tls-creds": "anon3"})
+    p.same("query-migrate-parameters")
+    p.same("object-del", {"id": "anon3"})
+    p.same("object-del", {"id": "anon3"})
