@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--object", action="append", default=[], metavar="TYPE,id=ID,...",
                    help="create an object, like QEMU's -object (',,' is a literal comma): "
                    "tls-creds-x509,id=ID,dir=DIR[,endpoint=client|server][,verify-peer=on|off][,sanity-check=on|off], "
+                   "tls-creds-psk,id=ID,dir=DIR[,endpoint=client|server][,username=NAME], "
+                   "tls-creds-anon,id=ID[,dir=DIR][,endpoint=client|server], "
                    "authz-simple,id=ID,identity=DN, "
                    "authz-list,id=ID[,policy=allow|deny][,rules.N.match=M,rules.N.policy=P[,rules.N.format=exact|glob]] "
                    "(repeatable)")
