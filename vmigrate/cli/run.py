@@ -48,8 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a NIC for self-announce (docs/announce.md): tap opens or makes tap interface NAME, "
                    "raw sends through existing interface NAME (AF_PACKET); id is what announce-self's "
                    "interfaces names (default nicN) (repeatable)")
-    p.add_argument("--device", action="append", default=[], metavar="failover-primary,id=ID[,unplug-delay=MS]",
-                   help="a failover primary NIC, which a migration asks the guest to unplug first (wait-unplug; "
+    p.add_argument("--device", action="append", default=[],
+                   metavar="failover-primary,id=ID[,unplug-delay=MS]", help="a failover primary NIC, which a migration asks the guest to unplug first (wait-unplug; "
                    "the software guest ejects it after unplug-delay ms, default 100) (repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",

@@ -22,6 +22,7 @@ from qtest_guest import PRIMARY, QtestFailoverQemu  # noqa: E402
 WATCHED = ("MIGRATION", "UNPLUG_PRIMARY", "MIGRATION_PASS")
 #: How long each side stays in wait-unplug (QEMU: until the test ejects; vmigrate: unplug-delay).
 UNPLUG_S = 1.5
+DEVICE = f"failover-primary,id={PRIMARY},unplug-delay={int(UNPLUG_S * 1000)}"
 
 
 @pytest.fixture
@@ -53,7 +54,7 @@ def watched(vm, until: str, timeout: float = 20.0) -> list[tuple[str, object]]:
 
 
 def test_wait_unplug_then_active(qemu, spawn, tmp_path):
-    ours = spawn("vmigrate", "-m", "16M", "--device", f"failover-primary,id={PRIMARY},unplug-delay={int(UNPLUG_S * 1000)}")
+    ours = spawn("vmigrate", "-m", "16M", "--device", DEVICE)
     answers = {}
     for side, vm in (("qemu", qemu), ("vmigrate", ours)):
         started = time.monotonic()
@@ -74,7 +75,7 @@ def test_wait_unplug_then_active(qemu, spawn, tmp_path):
 
 
 def test_cancel_in_wait_unplug_waits_for_the_guest(qemu, spawn, tmp_path):
-    ours = spawn("vmigrate", "-m", "16M", "--device", f"failover-primary,id={PRIMARY},unplug-delay={int(UNPLUG_S * 1000)}")
+    ours = spawn("vmigrate", "-m", "16M", "--device", DEVICE)
     answers = {}
     for side, vm in (("qemu", qemu), ("vmigrate", ours)):
         assert start(vm, tmp_path)["status"] == "wait-unplug"
