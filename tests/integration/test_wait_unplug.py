@@ -82,3 +82,17 @@ def test_bad_device_option(capsys):
     for text in ("failover-primary", "e1000,id=x", "failover-primary,id=x,unplug-delay=z"):
         assert main(["run", "--device", text]) == 1
     assert "unplug-delay" in capsys.readouterr().err
+
+
+def test_background_snapshot_waits_too(spawn_shm):
+    """bg_migration_thread calls qemu_savevm_wait_unplug after its setup as well."""
+    spawn, shm = spawn_shm
+    src = spawn("vmigrate", "-m", "16M", "--mem-path", str(shm / "src.ram"),
+                "--device", f"failover-primary,id={PRIMARY},unplug-delay=300")
+    src.set_caps(events=True, **{"background-snapshot": True})
+    src.cmd("migrate", uri=f"exec:cat > {shm / 'snapshot.bin'}")
+    assert src.wait_migration({"completed", "failed", "cancelled"}, timeout=30)["status"] == "completed"
+    assert sequence(src, "completed", []) == [
+        ("MIGRATION", {"status": "setup"}), ("UNPLUG_PRIMARY", {"device-id": PRIMARY}),
+        ("MIGRATION", {"status": "wait-unplug"}), ("MIGRATION", {"status": "active"}),
+        ("MIGRATION", {"status": "completed"})]
