@@ -27,7 +27,7 @@ def sequence(vm, until: str, seen: list, timeout: float = 20.0) -> list:
 
 def test_primary_unplugged_before_active(spawn, tmp_path):
     src = spawn("vmigrate", "-m", "16M", "--device", f"failover-primary,id={PRIMARY},unplug-delay=600")
-    dst = spawn("vmigrate", "-m", "16M", "-S", "--device", f"failover-primary,id={PRIMARY}",
+    dst = spawn("vmigrate", "-m", "16M", "-S", "-v", "--device", f"failover-primary,id={PRIMARY}",
                 "--incoming", "tcp:127.0.0.1:0")
     port = dst.migrate_status()["socket-address"][0]["port"]
     src.set_caps(events=True)
@@ -42,6 +42,8 @@ def test_primary_unplugged_before_active(spawn, tmp_path):
                     ("MIGRATION", {"status": "completed"})]
     # setup-time runs until the thread leaves wait-unplug (QEMU's s->setup_time).
     assert src.migrate_status()["setup-time"] >= 500
+    # The destination shows its hidden primary once the standby's state is loaded.
+    assert f"failover primary {PRIMARY}: plugged" in dst.log()
 
 
 def test_cancel_during_wait_unplug_plugs_back(spawn, tmp_path):
