@@ -24,6 +24,7 @@ from vmigrate.machine.announce import Announcer
 from vmigrate.machine.devices import GlobalState, VirtualClock
 from vmigrate.machine.dirtylimit import DirtyLimitService
 from vmigrate.machine.dirtyrate import DirtyRateMeasurement
+from vmigrate.machine.failover import FailoverPairs, FailoverPrimary, FailoverSpec
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.host import keep_large_buffers_in_heap
 from vmigrate.machine.memory import RAMBlock
@@ -70,6 +71,8 @@ class VMConfig:
     block: BlockGraph = field(default_factory=BlockGraph)
     #: ``--nic`` backends, opened; they carry the self-announcements (docs/announce.md).
     nics: list[Nic] = field(default_factory=list)
+    #: ``--device failover-primary``s (docs/failover.md).
+    failover: list[FailoverSpec] = field(default_factory=list)
 
 
 class VM:
@@ -105,12 +108,16 @@ class VM:
         for nic in config.nics:
             nic.set_running(self.runstate.running)
             self.runstate.add_listener(nic.set_running)
+        # A destination's primaries stay hidden until the standby's state arrives (failover.py).
+        self.failover = FailoverPairs([FailoverPrimary(spec, hidden=config.incoming is not None)
+                                       for spec in config.failover], self.emit_event)
         self.qmp = QMPServer(CommandDispatcher(self), QEMU_VERSION, PACKAGE, loop)
         self.migration = MigrationManager(MigrationHost(
             ram_blocks=self.ram_blocks, sections=self.sections, runstate=self.runstate,
             global_state=self.global_state, vcpus=self.vcpus, uuid=config.uuid,
             machine_type=self.machine_type, emit_event=self.emit_event,
-            objects=self.objects, block=self.block, announce=self.announcer.after_migration))
+            objects=self.objects, block=self.block, announce=self.announcer.after_migration,
+            failover=self.failover))
         self.dirty_rate = DirtyRateMeasurement(self.ram_blocks, self.vcpus)
         self.dirty_limit = DirtyLimitService(self.vcpus)
         self._shutdown = asyncio.Event()
@@ -196,6 +203,7 @@ class VM:
     def close(self) -> None:
         self.migration.shutdown()
         self.announcer.close()
+        self.failover.close()
         for nic in self.config.nics:
             nic.close()
         self.vcpus.shutdown()

@@ -50,6 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a NIC for self-announce (docs/announce.md): tap opens or makes tap interface NAME, "
                    "raw sends through existing interface NAME (AF_PACKET); id is what announce-self's "
                    "interfaces names (default nicN) (repeatable)")
+    p.add_argument("--device", action="append", default=[],
+                   metavar="failover-primary,id=ID[,unplug-delay=MS]", help="a failover primary NIC, which a migration asks the guest to unplug first (wait-unplug; "
+                   "the software guest ejects it after unplug-delay ms, default 100) (repeatable)")
     p.add_argument("-S", dest="start_paused", action="store_true", help="start with the guest paused")
     p.add_argument("--trace", action="append", default=[], metavar="PATTERN",
                    help="print the trace points matching PATTERN to stderr, like QEMU's -trace: "
@@ -80,15 +83,23 @@ def config_from_args(args: argparse.Namespace):
     accel, dirty_ring_size = parse_accel(args.accel)
     if args.serial is not None and accel != "kvm":
         raise CLIError("--serial needs --accel kvm (the software vCPU has no UART)")
+    from vmigrate.machine.failover import FailoverError, FailoverSpec
     from vmigrate.objects import UserObjects
 
+    try:
+        failover = [FailoverSpec.parse(text) for text in args.device]
+    except FailoverError as err:
+        raise CLIError(str(err)) from None
+    ids = [spec.id for spec in failover]
+    if len(set(ids)) != len(ids):
+        raise CLIError("Duplicate ID for device")
     objects = UserObjects()
     for text in args.object:
         add_object(objects, text)
     return VMConfig(
         nics=open_nics(args.nic), objects=objects, block=open_block(args.blockdev, args.drive), memory=memory, mem_path=args.mem_path, name=args.name, uuid=uuid, smp=args.smp, accel=accel,
         dirty_ring_size=dirty_ring_size, serial=args.serial,
-        guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused,
+        guest=guest, qmp=args.qmp, incoming=args.incoming, start_paused=args.start_paused, failover=failover,
     )
 
 

@@ -2,7 +2,8 @@
 
 QEMU 7.2's bg_migration_thread (migration/migration.c, facts in
 docs/qemu/snapshot-jobs.md §8; design in docs/background-snapshot.md): no
-rate limit; populate RAM; header and setup; ``setup → active``; stop the
+rate limit; populate RAM; header and setup; ``setup → active`` (through ``wait-unplug`` with a
+failover primary, wait_unplug.py); stop the
 guest (run state ``paused``), save the device state into memory,
 write-protect all RAM, restart the guest whatever its state was; send RAM,
 the pages the guest writes first; stop the protection; append the device
@@ -23,6 +24,7 @@ from vmigrate.migration.port import MigrationHost
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.savevm import SaveVM
 from vmigrate.migration.status import MigrationStatus, StatusMachine
+from vmigrate.migration.wait_unplug import wait_unplug
 from vmigrate.trace import trace
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class BackgroundSnapshot:
             self.saver.setup()
         except ChannelError:
             pass  # the file keeps the error: the loop fails the snapshot once active, as in QEMU
-        if not self.status.transition(S.SETUP, S.ACTIVE):
+        if not wait_unplug(self.status, self.host.failover, S.SETUP, S.ACTIVE):
             raise SnapshotCancelled()
         self.times.setup_time = int(self.now_ms() - thread_start)
         trace("migration_thread_setup_complete")

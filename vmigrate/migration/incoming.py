@@ -485,6 +485,7 @@ class IncomingMigration:
             # loading start recording, and the guest starts with autostart, whatever run state
             # the source had.
             self._announce()
+            self.host.failover.negotiated()
             self.host.block.activate_all()
             self.host.sections.before_vm_start()
             runstate = self.host.runstate
@@ -516,6 +517,8 @@ class IncomingMigration:
         if not config.caps.late_block_activate or (runstate.autostart and starts):
             self.host.block.activate_all()
         self._announce()
+        # The standby's features came with the device state (virtio_net_set_features).
+        self.host.failover.negotiated()
         self.host.sections.before_vm_start()
         if received is None or received == "running":
             if runstate.autostart:

@@ -44,6 +44,7 @@ from vmigrate.migration.status import MigrationStatus, StatusMachine
 from vmigrate.migration.block import BlockSection
 from vmigrate.migration.throttle import AutoConverge
 from vmigrate.migration.tls import client_channel
+from vmigrate.migration.wait_unplug import wait_unplug
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream
 from vmigrate.trace import trace
 
@@ -442,6 +443,9 @@ class OutgoingSession:
             self.file = f = QEMUFileOut(channel, self.limiter)
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
+            # QEMU's migration state notifiers in migrate_fd_connect, before the thread: the
+            # failover standby asks the guest to unplug its primary (docs/failover.md).
+            self.host.failover.request_unplug()
             self.expected_downtime = self.config.params.downtime_limit
             thread_start = now_ms()
             self._addr = addr
@@ -462,7 +466,7 @@ class OutgoingSession:
                 saver.setup()
             except ChannelError:
                 pass  # as QEMU's file keeps a write error, the loop below fails the migration once active
-            self.status.transition(S.SETUP, S.ACTIVE)
+            wait_unplug(self.status, self.host.failover, S.SETUP, S.ACTIVE)
             self.setup_time = int(now_ms() - thread_start)
             trace("migration_thread_setup_complete")
             window = _Window(self, f)
@@ -509,6 +513,9 @@ class OutgoingSession:
             self._fast_switch.exit()
             # QEMU's cleanup bottom half.
             self.status.transition(S.CANCELLING, S.CANCELLED)
+            if self.status.status in (S.FAILED, S.CANCELLED):
+                # The notifiers after cleanup (migration_has_failed): the primary comes back.
+                self.host.failover.replug()
             if self._on_cleanup is not None:
                 self._on_cleanup()
 

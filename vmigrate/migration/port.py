@@ -9,7 +9,7 @@ engine may use, and nothing under ``vmigrate/migration`` imports the VM.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
 from vmigrate.block.node import BlockGraph
 from vmigrate.machine.announce import AnnounceParameters
@@ -18,6 +18,26 @@ from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.savevm import SectionRegistry
+
+
+class GuestUnplug(Protocol):
+    """The failover primaries a migration must see unplugged first (vmigrate/machine/failover.py).
+
+    QEMU reaches them through the migration state notifiers and the
+    ``dev_unplug_pending`` hook of the standby's VMState (hw/net/virtio-net.c).
+    """
+
+    def request_unplug(self) -> bool:
+        """Ask the guest to unplug every plugged primary, emitting ``UNPLUG_PRIMARY`` for each."""
+
+    def unplug_pending(self) -> bool:
+        """Whether the guest has yet to finish an unplug."""
+
+    def replug(self) -> None:
+        """Plug back what a failed or cancelled migration had unplugged."""
+
+    def negotiated(self) -> None:
+        """A destination loaded the standby's state: its hidden primaries appear to the guest."""
 
 
 @dataclass(frozen=True)
@@ -43,3 +63,5 @@ class MigrationHost:
     #: Starts the self-announcement of an incoming migration (QEMU's qemu_announce_self on
     #: MigrationIncomingState's timer); returns at once, the rounds run on their own thread.
     announce: Callable[[AnnounceParameters], None]
+    #: The failover primaries: unplugged by the guest before a migration leaves ``setup``.
+    failover: GuestUnplug

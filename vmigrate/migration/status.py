@@ -55,7 +55,9 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # Source: migrate; destination: a multifd channel refused before the stream began.
     S.NONE: frozenset({S.SETUP, S.ACTIVE, S.FAILED}),
     # completed: a snapshot-save stream (qemu_savevm_state) skips active.
-    S.SETUP: frozenset({S.ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    S.SETUP: frozenset({S.ACTIVE, S.WAIT_UNPLUG, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    # Only the migration thread leaves it (qemu_savevm_wait_unplug), or migrate_cancel.
+    S.WAIT_UNPLUG: frozenset({S.ACTIVE, S.CANCELLING}),
     # Source: migrate-start-postcopy took effect; destination: POSTCOPY_LISTEN.
     S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.FAILED, S.CANCELLING}),
@@ -65,7 +67,6 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.POSTCOPY_ACTIVE: frozenset({S.POSTCOPY_PAUSED, S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER, S.FAILED, S.CANCELLING}),
     S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLING}),
-    S.WAIT_UNPLUG: frozenset(),
     S.COLO: frozenset(),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
