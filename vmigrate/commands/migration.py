@@ -108,12 +108,12 @@ def migrate_recover(vm, args, monitor):
 
 @command("query-colo-status")
 def query_colo_status(vm, args, monitor):
-    return {"mode": "none", "last-mode": "none", "reason": "none"}
+    return vm.migration.colo.query()
 
 
 @command("x-colo-lost-heartbeat")
 def x_colo_lost_heartbeat(vm, args, monitor):
-    raise QMPError("The feature 'colo' is not enabled")
+    vm.migration.colo.lost_heartbeat()
 
 
 @command("client_migrate_info")

@@ -21,6 +21,7 @@ from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.runstate import INMIGRATE_NEXT
 from vmigrate.migration.channel import (SOCKET_KINDS, Channel, ChannelError, CommandChannel, FdChannel, Listener,
                                         parse_uri)
+from vmigrate.migration.colo import ColoSecondary, ColoState
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.multifd import MultifdError, recv_exact
@@ -43,9 +44,15 @@ INPUT_POLL_MS = 200
 
 
 class IncomingMigration:
-    def __init__(self, host: MigrationHost, options: MigrationOptions) -> None:
+    def __init__(self, host: MigrationHost, options: MigrationOptions, colo: ColoState) -> None:
+        """*colo* is the process's COLO state: ENABLE_COLO makes this side a secondary."""
         self.host = host
         self.options = options
+        self.colo_state = colo
+        #: The stream carried ENABLE_COLO (QEMU's migration_incoming_colo_enabled).
+        self._colo_enabled = False
+        #: The checkpoint loop once the load entered COLO.
+        self.colo: ColoSecondary | None = None
         self.status = StatusMachine(host.emit_event, lambda: options.cap("events"))
         self.started = False
         #: Once a single-channel transport (exec:, fd:) was used, multifd is refused.
@@ -111,6 +118,8 @@ class IncomingMigration:
         info["status"] = status.value
         if status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+        if self.colo is not None:
+            info["x-vmigrate-colo"] = {"checkpoints": self.colo.checkpoints}
         postcopy = self.postcopy
         if status == S.COMPLETED and postcopy is not None and postcopy.blocktime is not None:
             postcopy.blocktime.to_qmp(info)
@@ -263,6 +272,7 @@ class IncomingMigration:
         self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
         self._rp_opened = False
+        self._colo_enabled = False
         host = self.host
         postcopy = self.postcopy = PostcopyIncoming(
             host.ram_blocks, self._send_rp, host.vcpus.thread_ids,
@@ -287,6 +297,11 @@ class IncomingMigration:
                 # The guest runs already: its run state was decided by POSTCOPY_RUN.
                 self._close_listener()
                 self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
+            elif self._colo_enabled:
+                self._colo(channel, ctx, loader.sections, loader.bodies)
+                self._finish_load(config)
+                # secondary_vm_do_failover: "-S" is ignored, the secondary takes over.
+                host.runstate.start()
             else:
                 self._finish_load(config)
             if self._rp is not None:
@@ -433,6 +448,9 @@ class IncomingMigration:
             if not self._rp_opened:
                 raise LoadError(f"CMD_PING (0x{value:x}) received with no return path")
             self._send_rp(return_path.pong(value))
+        elif cmd.cmd == stream.MIG_CMD_ENABLE_COLO:
+            # QEMU 7.2 does not ask for x-colo here (loadvm_process_enable_colo).
+            self._colo_enabled = True
         elif cmd.cmd == stream.MIG_CMD_PACKAGED:
             trace("loadvm_handle_cmd_packaged", length=stream.decode_packaged(cmd.payload))
         elif cmd.cmd == stream.MIG_CMD_RECV_BITMAP:
@@ -494,6 +512,16 @@ class IncomingMigration:
             else:
                 runstate.set("paused")
 
+    def _colo(self, channel: Channel, ctx: LoadContext, sections: dict, bodies: dict) -> None:
+        """colo_process_incoming_thread: ``colo`` until a failover, the guest stopped meanwhile
+        (docs/colo.md); the checkpoints' pages may now land on pages the first load wrote."""
+        self.status.transition(S.ACTIVE, S.COLO)
+        self.host.runstate.set("colo")
+        ctx.ram_fresh = False
+        self.colo = ColoSecondary(self.colo_state, channel, self.host.sections, ctx, sections, bodies,
+                                  lambda: self.status.transition(S.COLO, S.COMPLETED))
+        self.colo.run()
+
     def _announce(self) -> None:
         """Self-announce with the ``announce-*`` parameters as they are now, not as the attempt
         began (migrate_announce_params), whether or not the guest starts (docs/announce.md)."""
@@ -528,4 +556,5 @@ class IncomingMigration:
         else:
             runstate.set(received)
         self._close_listener()
+        # After COLO the failover completed the status already.
         self.status.transition(S.ACTIVE, S.COMPLETED)

@@ -25,6 +25,7 @@ import numpy as np
 from vmigrate.machine.memory import PAGE_SIZE
 from vmigrate.machine.write_tracking import WriteTracking
 from vmigrate.migration.background_snapshot import BackgroundSnapshot, SnapshotCancelled, WriteTrackingError
+from vmigrate.migration.colo import ColoPrimary, ColoState
 from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError, CommandChannel, FdChannel,
                                         MigrationAddress, ZeroCopySocket, connect, parse_uri)
 from vmigrate.migration.config import MigrationConfig
@@ -55,7 +56,7 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 RESUME_TIMEOUT = 30.0
 
 #: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES = ("x-colo",)
+UNIMPLEMENTED_CAPABILITIES: tuple[str, ...] = ()
 
 
 def now_ms() -> float:
@@ -72,7 +73,9 @@ class MigrationManager:
         self.xbzrle_stats = XbzrleStats()
         #: The current or last outgoing attempt.
         self.outgoing: OutgoingSession | None = None
-        self.incoming = IncomingMigration(host, self.options)
+        #: The process's COLO mode, whichever direction runs it (docs/colo.md).
+        self.colo = ColoState(host.emit_event)
+        self.incoming = IncomingMigration(host, self.options, self.colo)
 
     @property
     def outgoing_status(self) -> MigrationStatus:
@@ -96,7 +99,7 @@ class MigrationManager:
                 raise MigrationError("Postcopy recovery cannot work when release-ram capability is set")
             self.outgoing.resume(uri, named_fds)
             return
-        if self.outgoing_running:
+        if self.outgoing_running or self.outgoing_status == S.COLO:
             raise MigrationError("There's a migration process in progress")
         runstate = self.host.runstate.state
         if runstate == "inmigrate":
@@ -112,6 +115,10 @@ class MigrationManager:
         for cap in UNIMPLEMENTED_CAPABILITIES:
             if getattr(caps, cap.replace("-", "_")):
                 raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
+        if caps.x_colo and (caps.return_path or caps.multifd):
+            # The checkpoints' replies use the channel's reverse direction, which a return-path
+            # reader would take; multifd would carry checkpoint pages the secondary's cache misses.
+            raise MigrationError("vmigrate does not implement x-colo with return-path or multifd yet")
         cleanup: Callable[[], None] | None = None
         if blk or inc:
             # migrate_prepare: the capability (and the parameter) for this attempt only,
@@ -119,7 +126,7 @@ class MigrationManager:
             self.options.enable_block(inc)
             cleanup = self.options.disable_block
             config = self.options.snapshot()
-        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats, cleanup)
+        session = self.outgoing = OutgoingSession(self.host, config, self.xbzrle_stats, cleanup, self.colo)
         try:
             session.start(uri, named_fds)
         except MigrationError:
@@ -132,7 +139,7 @@ class MigrationManager:
 
         ``query-migrate`` then reports it, setup to completed, like a migration.
         """
-        if self.outgoing_running:
+        if self.outgoing_running or self.outgoing_status == S.COLO:
             raise MigrationError("There's a migration process in progress")
         config = self.options.snapshot()
         if config.caps.block:
@@ -217,9 +224,13 @@ class OutgoingSession:
     """One outgoing attempt: its config, channels, file, return path, counters and thread."""
 
     def __init__(self, host: MigrationHost, config: MigrationConfig, xbzrle_stats: XbzrleStats,
-                 on_cleanup: Callable[[], None] | None = None) -> None:
-        """*on_cleanup* runs when the attempt is over (``migrate blk=true`` undoes its capability)."""
+                 on_cleanup: Callable[[], None] | None = None, colo: ColoState | None = None) -> None:
+        """*on_cleanup* runs when the attempt is over (``migrate blk=true`` undoes its capability);
+        *colo* is the process's COLO state, which ``x-colo`` engages after the first precopy."""
         self.host = host
+        self.colo_state = colo
+        #: The checkpointing engine once the attempt is in ``colo``.
+        self.colo: ColoPrimary | None = None
         self.config = config
         self._on_cleanup = on_cleanup
         self.status = StatusMachine(host.emit_event, lambda: config.caps.events)
@@ -396,8 +407,8 @@ class OutgoingSession:
             return
         info["status"] = status.value
         if status in (S.ACTIVE, S.CANCELLING, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER,
-                      S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED):
-            completed = status == S.COMPLETED
+                      S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED, S.COLO):
+            completed = status in (S.COMPLETED, S.COLO)
             info["setup-time"] = self.setup_time
             info["total-time"] = self.total_time if completed else int(now_ms() - self.start_ms)
             if completed:
@@ -416,6 +427,8 @@ class OutgoingSession:
                 info["disk"] = disk
             if status == S.ACTIVE:
                 info["x-vmigrate-forecast"] = self.forecast.forecast().to_qmp()
+            if self.colo is not None:
+                info["x-vmigrate-colo"] = self.colo.stats.to_qmp()
         elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
 
@@ -483,6 +496,8 @@ class OutgoingSession:
                     window = _Window(self, self.file)
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
+            if self.status.status == S.COLO:
+                self._colo(saver)
         except (MigrationCancelled, SnapshotCancelled):
             pass
         except (MultifdSetupError, WriteTrackingError) as err:
@@ -789,9 +804,11 @@ class OutgoingSession:
             raise MigrationCancelled()
         self.limiter.set_rate(0)
         saver.complete()
-        # The destination takes the images over (qemu_savevm_state_complete_precopy's
-        # bdrv_inactivate_all); a failure from here on gives them back with the guest.
-        host.block.inactivate_all()
+        colo = self.config.caps.x_colo
+        if not colo:
+            # The destination takes the images over (qemu_savevm_state_complete_precopy's
+            # bdrv_inactivate_all); a failure from here on gives them back with the guest.
+            host.block.inactivate_all()
         if rp is not None:
             rp.join()
             if rp.error:
@@ -804,9 +821,20 @@ class OutgoingSession:
         if transfer:
             self.mbps = (f.transferred + self.stats.multifd_bytes) * 8 / transfer / 1000
         status = self.status.status
-        if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, S.COMPLETED):
+        # migration_completion: an x-colo source enters COLO instead of completing.
+        final = S.COLO if colo and status == S.ACTIVE else S.COMPLETED
+        if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, final):
             raise MigrationCancelled()
         return was_running
+
+    def _colo(self, saver: SaveVM) -> None:
+        """migrate_start_colo_process: checkpoints on this thread until a failover ends them;
+        the guest runs on here whatever the outcome (docs/colo.md)."""
+        self._was_running = False
+        self.colo = ColoPrimary(self.colo_state, self.channel, self.file, saver, self.host.runstate,
+                                lambda: self.config.params.x_checkpoint_delay,
+                                lambda: self.status.transition(S.COLO, S.COMPLETED))
+        self.colo.run()
 
     def _fail(self, desc: str | None) -> None:
         self.error_desc = desc
@@ -824,6 +852,8 @@ class OutgoingSession:
         self.auto_converge.stop()
         if self.config.caps.background_snapshot:
             return  # the snapshot restarted its guest itself (background_snapshot.py)
+        if self.colo is not None:
+            return  # the primary went on alone after its failover
         if self.status.status == S.COMPLETED or self.postcopy_started:
             runstate.set("postmigrate")
         elif stopped or runstate.state == "finish-migrate":

@@ -248,9 +248,10 @@ class SectionRegistry:
         """Header, FULL sections, EOF: no configuration section and no RAM (Xen moves the memory)."""
         return b"".join([stream.header(), *(s.encode() for s in self.device_sections()), stream.eof()])
 
-    def load_device_state(self, data: bytes) -> None:
-        """Apply a device-only stream (``xen-load-devices-state``); raises WireError or LoadError."""
-        decoder = stream.StreamDecoder(self.device_bodies(), require_configuration=False)
+    def load_device_state(self, data: bytes, header: bool = True) -> None:
+        """Apply a device-only stream (``xen-load-devices-state``; a COLO checkpoint's has no
+        *header*); raises WireError or LoadError."""
+        decoder = stream.StreamDecoder(self.device_bodies(), header=header, require_configuration=False)
         decoder.feed(data)
         decoder.close()
         while (event := decoder.next_event()) is not stream.NEED_DATA:
@@ -317,6 +318,8 @@ class SaveVM:
         elif caps.dirty_bitmaps:
             # migrate_postcopy() is postcopy-ram or dirty-bitmaps; without RAM postcopy the advise is empty.
             f.put(stream.postcopy_advise(None))
+        if caps.x_colo:
+            f.put(stream.enable_colo())
         for s in self._live():
             trace("savevm_section_start", id=s.idstr, section_id=s.section_id)
             f.put(stream.section_start(s.section_id, s.idstr, s.instance_id, s.version_id))
@@ -366,6 +369,20 @@ class SaveVM:
         qemu_savevm_state_complete_precopy_non_iterable): what ends a stream."""
         devices = self.registry.device_sections()
         return b"".join([*(d.encode() for d in devices), stream.eof(), stream.vmdesc(vmstate.vmdesc_json(devices))])
+
+    def colo_live_state(self) -> None:
+        """A COLO checkpoint's live part (qemu_savevm_live_state): every live section's END with
+        what changed since the last one, then EOF; no header, no vmdesc (docs/qemu/colo.md §3)."""
+        f = self.f
+        for s in self._live():
+            f.put(stream.section_end(s.section_id))
+            s.save_complete(self.ctx)
+            f.put(stream.footer(s.section_id))
+        f.put(stream.eof())
+
+    def colo_device_state(self) -> bytes:
+        """A COLO checkpoint's device state, sent behind ``vmstate-size``: FULL sections and EOF."""
+        return b"".join([*(d.encode() for d in self.registry.device_sections()), stream.eof()])
 
     def postcopy_switch(self) -> None:
         """The guest is stopped: the switch-over of docs/qemu/postcopy.md §3.
@@ -439,6 +456,10 @@ class LoadVM:
         self.uuid = uuid
         self.on_command = on_command
         self.recover = recover
+        #: The stream's sections by id once loaded: a COLO checkpoint's END records name them so.
+        self.sections: dict[int, stream.Section] = {}
+        #: The live sections' body decoders, whose state (the last RAM block) COLO goes on with.
+        self.bodies: dict[str, stream.BodyDecoder] = {}
 
     def run(self, fin: QEMUFileIn) -> None:
         """Read and apply the whole stream (up to EOF and the optional vmdesc)."""
@@ -454,6 +475,8 @@ class LoadVM:
             while True:
                 try:
                     self._read(fin, decoder, live)
+                    self.sections = dict(decoder.sections)
+                    self.bodies = {s.idstr: bodies[s.idstr] for s in self.registry.live}
                     return
                 except (WireError, LoadError, ChannelError, OSError) as err:
                     if not self._recoverable():

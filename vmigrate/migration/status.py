@@ -59,7 +59,8 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     # Only the migration thread leaves it (qemu_savevm_wait_unplug), or migrate_cancel.
     S.WAIT_UNPLUG: frozenset({S.ACTIVE, S.CANCELLING}),
     # Source: migrate-start-postcopy took effect; destination: POSTCOPY_LISTEN.
-    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED, S.FAILED, S.CANCELLING}),
+    # colo: an x-colo source's completion, or its destination's load (docs/colo.md).
+    S.ACTIVE: frozenset({S.PRE_SWITCHOVER, S.POSTCOPY_ACTIVE, S.COMPLETED, S.COLO, S.FAILED, S.CANCELLING}),
     S.PRE_SWITCHOVER: frozenset({S.DEVICE, S.POSTCOPY_ACTIVE, S.FAILED, S.CANCELLING}),
     S.DEVICE: frozenset({S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED}),
@@ -67,7 +68,8 @@ TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.POSTCOPY_ACTIVE: frozenset({S.POSTCOPY_PAUSED, S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER, S.FAILED, S.CANCELLING}),
     S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.FAILED, S.CANCELLING}),
-    S.COLO: frozenset(),
+    # A failover ends COLO (primary_vm_do_failover, secondary_vm_do_failover).
+    S.COLO: frozenset({S.COMPLETED}),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),

@@ -170,6 +170,15 @@ class InputBuffer:
     def available(self) -> int:
         return len(self.data) - self.pos + self._chunk_bytes
 
+    def take_rest(self) -> bytes:
+        """Every fed byte not consumed yet, removed from the buffer."""
+        head = self._chunks[0][self._head:] if self._chunks else b""
+        rest = b"".join([self.data[self.pos:], head, *list(self._chunks)[1:]])
+        self.consumed += len(rest)
+        self.data, self.pos, self._chunks, self._head, self._chunk_bytes = b"", 0, deque(), 0, 0
+        self._stitched, self._rewindable, self.need = False, 0, 1
+        return rest
+
     def snapshot(self) -> bool:
         """Make ``data[pos:]`` hold at least ``need`` bytes, if they have been fed.
 

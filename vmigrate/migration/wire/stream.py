@@ -479,6 +479,11 @@ class StreamDecoder:
         """Stream offset of the next unconsumed byte."""
         return self._in.consumed
 
+    def take_rest(self) -> bytes:
+        """The bytes fed after the last event: what follows a COLO checkpoint's EOF on the
+        channel (its ``vmstate-size`` message), which is not stream elements."""
+        return self._in.take_rest()
+
     @property
     def sections(self) -> Mapping[int, Section]:
         """Sections seen so far by stream section id."""

@@ -1,0 +1,319 @@
+"""COLO checkpointing between a primary and a secondary (QEMU 7.2's migration/colo.c, docs/colo.md).
+
+After the first precopy, the primary keeps running its guest and, every
+``x-checkpoint-delay`` ms, stops it, sends what changed since the last
+checkpoint (the live sections' END records, then the device state behind
+``vmstate-size``) and resumes it once the secondary has loaded it.  The
+messages are docs/qemu/colo.md §2's raw be32 values over the main channel
+and its reverse direction.
+
+The secondary keeps a checkpoint's records in a cache until the whole
+checkpoint, device state included, has arrived: only then are they applied
+to guest RAM, so a checkpoint cut off by the primary's death is never half
+applied.  Its guest stays stopped (vmigrate has no COLO proxy to compare the
+two guests' output, so running it would only diverge) until a failover
+(``x-colo-lost-heartbeat``) starts it from the last complete checkpoint.
+
+:class:`ColoState` is the process's COLO mode and failover state
+(colo-failover.c), shared by both directions and by the QMP commands.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from vmigrate.machine.runstate import RunState
+from vmigrate.migration.channel import Channel, ChannelError
+from vmigrate.migration.errors import MigrationError
+from vmigrate.migration.qemu_file import QEMUFileOut
+from vmigrate.migration.savevm import LoadContext, LoadError, SaveVM, SaveVMHandlers, SectionRegistry
+from vmigrate.migration.wire import NEED_DATA, WireError, colo as wire_colo, stream
+from vmigrate.migration.wire.colo import ColoMessage
+from vmigrate.trace import trace
+
+log = logging.getLogger(__name__)
+
+#: What ends the COLO loop: the channel broke, a message was wrong, the secondary refused a load.
+COLO_ERRORS = (ChannelError, WireError, LoadError, OSError)
+
+
+class Failover(enum.Enum):
+    """QAPI's FailoverStatus (colo-failover.c); ``relaunch`` is not needed here (see apply lock)."""
+
+    NONE = "none"
+    REQUIRE = "require"
+    ACTIVE = "active"
+    COMPLETED = "completed"
+
+
+class ColoState:
+    """The COLO mode, last mode and failover state of this process, and the failover request.
+
+    The engine of the running direction registers its failover work
+    (:meth:`engaged`); ``x-colo-lost-heartbeat`` runs it on the monitor's
+    thread, as QEMU's failover bottom half runs on the main loop.
+    """
+
+    def __init__(self, emit: Callable[[str, dict | None], None]) -> None:
+        self._emit = emit
+        self._lock = threading.Lock()
+        self.mode = "none"
+        self.last_mode = "none"
+        self.failover = Failover.NONE
+        self._do_failover: Callable[[], None] | None = None
+        self._completed = threading.Event()
+
+    def engaged(self, mode: str, do_failover: Callable[[], None]) -> None:
+        """The status became ``colo`` in *mode* (primary/secondary)."""
+        with self._lock:
+            self.mode = mode
+            self.failover = Failover.NONE
+            self._do_failover = do_failover
+            self._completed.clear()
+
+    def query(self) -> dict:
+        """query-colo-status: the reason follows the failover state (qmp_query_colo_status)."""
+        failover = self.failover
+        if failover == Failover.NONE:
+            reason = "none"
+        elif failover == Failover.COMPLETED:
+            reason = "request"
+        else:
+            reason = "processing" if self.mode != "none" else "error"
+        return {"mode": self.mode, "last-mode": self.last_mode, "reason": reason}
+
+    def lost_heartbeat(self) -> None:
+        """x-colo-lost-heartbeat: none -> require -> active, the engine's failover, completed."""
+        with self._lock:
+            if self.mode == "none":
+                raise MigrationError("The feature 'colo' is not enabled")
+            if self.failover != Failover.NONE:
+                raise MigrationError(f"failover request in wrong state {self.failover.value}")
+            self.failover = Failover.ACTIVE
+            do_failover = self._do_failover
+            self.last_mode = self.mode
+        trace("colo_failover", mode=self.last_mode)
+        do_failover()
+        with self._lock:
+            self.failover = Failover.COMPLETED
+            self.mode = "none"
+        self._completed.set()
+
+    def wait_failover(self, timeout: float | None) -> bool:
+        """Wait for a failover (QEMU's checkpoint timer wait and colo_exit_sem); True once done."""
+        return self._completed.wait(timeout)
+
+    def exit_event(self, mode: str) -> None:
+        """COLO_EXIT when the loop ends: ``request`` after a failover, else ``error``."""
+        reason = "request" if self.failover == Failover.COMPLETED else "error"
+        self._emit("COLO_EXIT", {"mode": mode, "reason": reason})
+
+
+class MessageReader:
+    """Reads COLO messages and byte counts from a channel, after bytes already received."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self._pending = bytearray()
+
+    def unread(self, data: bytes) -> None:
+        self._pending[:0] = data
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self._pending) < n:
+            data = self.channel.read(max(n - len(self._pending), 65536))
+            if not data:
+                raise ChannelError("COLO: the peer closed the channel")
+            self._pending += data
+        out = bytes(self._pending[:n])
+        del self._pending[:n]
+        return out
+
+    def read_some(self) -> bytes:
+        """What is buffered, or the next read of the channel."""
+        if self._pending:
+            out = bytes(self._pending)
+            self._pending.clear()
+            return out
+        data = self.channel.read(4 * 1024 * 1024)
+        if not data:
+            raise ChannelError("COLO: the peer closed the channel")
+        return data
+
+    def expect(self, msg: ColoMessage) -> None:
+        wire_colo.decode_message(self.read_exact(4), msg)
+        trace("colo_receive_message", msg=msg.qapi_name)
+
+
+@dataclass
+class CheckpointStats:
+    """Beyond QEMU: the primary's checkpoint figures (``x-vmigrate-colo`` in query-migrate)."""
+
+    checkpoints: int = 0
+    last_downtime_ms: float = 0.0
+    last_bytes: int = 0
+    total_bytes: int = 0
+
+    def to_qmp(self) -> dict:
+        return {"checkpoints": self.checkpoints, "last-downtime-ms": round(self.last_downtime_ms, 3),
+                "last-bytes": self.last_bytes, "total-bytes": self.total_bytes}
+
+
+class ColoPrimary:
+    """The primary's COLO thread body (colo_process_checkpoint), run by the migration thread."""
+
+    def __init__(self, state: ColoState, channel: Channel, f: QEMUFileOut, saver: SaveVM, runstate: RunState,
+                 delay_ms: Callable[[], int], on_failover: Callable[[], None]) -> None:
+        """*on_failover* ends the migration (status ``colo`` -> ``completed``); *delay_ms* is the
+        current ``x-checkpoint-delay``, read before each wait as QEMU does."""
+        self.state = state
+        self.channel = channel
+        self.f = f
+        self.saver = saver
+        self.runstate = runstate
+        self.delay_ms = delay_ms
+        self.on_failover = on_failover
+        self.stats = CheckpointStats()
+
+    def _failover(self) -> None:
+        """primary_vm_do_failover: end the migration, wake the thread blocked on the channel."""
+        self.on_failover()
+        self.channel.shutdown()
+
+    def run(self) -> None:
+        reader = MessageReader(self.channel)
+        self.state.engaged("primary", self._failover)
+        try:
+            reader.expect(ColoMessage.CHECKPOINT_READY)
+            self.runstate.start()
+            while not self.state.wait_failover(self.delay_ms() / 1000):
+                self._checkpoint(reader)
+        except COLO_ERRORS as err:
+            if self.state.failover == Failover.NONE:
+                log.error("COLO primary: %s", err)
+        self.state.exit_event("primary")
+        self.state.wait_failover(None)
+        # The failover may have caught a checkpoint with the guest stopped: the primary goes on alone.
+        if not self.runstate.running:
+            self.runstate.start()
+
+    def _send(self, msg: ColoMessage) -> None:
+        self.f.put(wire_colo.message(msg))
+        self.f.flush()
+
+    def _checkpoint(self, reader: MessageReader) -> None:
+        """colo_do_checkpoint_transaction: the guest is stopped from the reply to the load."""
+        trace("colo_checkpoint", n=self.stats.checkpoints + 1)
+        self._send(ColoMessage.CHECKPOINT_REQUEST)
+        reader.expect(ColoMessage.CHECKPOINT_REPLY)
+        start = time.monotonic()
+        sent = self.f.transferred
+        self.runstate.force_stop("colo")
+        self._send(ColoMessage.VMSTATE_SEND)
+        self.saver.colo_live_state()
+        devices = self.saver.colo_device_state()
+        self.f.put(wire_colo.vmstate_size(len(devices)))
+        self.f.put(devices)
+        self.f.flush()
+        reader.expect(ColoMessage.VMSTATE_RECEIVED)
+        reader.expect(ColoMessage.VMSTATE_LOADED)
+        self.runstate.start()
+        stats = self.stats
+        stats.checkpoints += 1
+        stats.last_downtime_ms = (time.monotonic() - start) * 1000
+        stats.last_bytes = self.f.transferred - sent
+        stats.total_bytes += stats.last_bytes
+
+
+class ColoSecondary:
+    """The secondary's COLO incoming thread body (colo_process_incoming_thread)."""
+
+    def __init__(self, state: ColoState, channel: Channel, registry: SectionRegistry, ctx: LoadContext,
+                 sections: dict, bodies: dict, on_failover: Callable[[], None]) -> None:
+        """*sections* are the stream's sections by id from the first load (END records name
+        them by id) and *bodies* its body decoders, which go on from where it stopped (QEMU's
+        last received block persists too); *on_failover* ends the incoming migration
+        (``colo`` -> ``completed``)."""
+        self.state = state
+        self.channel = channel
+        self.registry = registry
+        self.ctx = ctx
+        self.sections = sections
+        self.bodies = bodies
+        self.on_failover = on_failover
+        self.checkpoints = 0
+        #: Held while a checkpoint is applied: a failover waits for it rather than relaunching.
+        self._apply = threading.Lock()
+
+    def _failover(self) -> None:
+        """secondary_vm_do_failover, after any checkpoint being applied."""
+        with self._apply:
+            self.on_failover()
+        self.channel.shutdown()
+
+    def run(self) -> None:
+        """Checkpoints until a failover; returns once one is complete (the caller starts the guest)."""
+        reader = MessageReader(self.channel)
+        live = [s for s in self.registry.live if s.is_active(self.ctx.config)]
+        self.state.engaged("secondary", self._failover)
+        try:
+            for s in live:
+                s.load_setup(self.ctx)
+            self.channel.write(wire_colo.message(ColoMessage.CHECKPOINT_READY))
+            while True:
+                reader.expect(ColoMessage.CHECKPOINT_REQUEST)
+                self.channel.write(wire_colo.message(ColoMessage.CHECKPOINT_REPLY))
+                reader.expect(ColoMessage.VMSTATE_SEND)
+                cache = self._receive_live(reader)
+                wire_colo.decode_message(reader.read_exact(4), ColoMessage.VMSTATE_SIZE)
+                devices = reader.read_exact(wire_colo.decode_size(reader.read_exact(8)))
+                self.channel.write(wire_colo.message(ColoMessage.VMSTATE_RECEIVED))
+                with self._apply:
+                    if self.state.failover != Failover.NONE:
+                        break
+                    self._load(live, cache, devices)
+                self.checkpoints += 1
+                self.channel.write(wire_colo.message(ColoMessage.VMSTATE_LOADED))
+        except COLO_ERRORS as err:
+            if self.state.failover == Failover.NONE:
+                log.error("COLO secondary: %s", err)
+        finally:
+            for s in live:
+                s.load_cleanup()
+        self.state.exit_event("secondary")
+        self.state.wait_failover(None)
+
+    def _receive_live(self, reader: MessageReader) -> list[tuple[str, object]]:
+        """The live sections' END records up to EOF, cached, not applied (the RAM cache of
+        colo_init_ram_cache); what follows EOF goes back to *reader*."""
+        decoder = stream.StreamDecoder(self.bodies, header=False, require_configuration=False,
+                                       sections_seen=self.sections)
+        cache: list[tuple[str, object]] = []
+        section: str | None = None
+        while True:
+            decoder.feed(reader.read_some())
+            while (event := decoder.next_event()) is not NEED_DATA:
+                if isinstance(event, stream.EOF):
+                    reader.unread(decoder.take_rest())
+                    return cache
+                if isinstance(event, stream.SectionEnd):
+                    section = event.idstr
+                elif isinstance(event, stream.SectionFooter):
+                    section = None
+                elif section is not None:
+                    cache.append((section, event))
+                else:
+                    raise WireError(f"COLO: unexpected {type(event).__name__} in a checkpoint")
+
+    def _load(self, live: list[SaveVMHandlers], cache: list[tuple[str, object]], devices: bytes) -> None:
+        """colo_flush_ram_cache and the device state: the checkpoint is complete."""
+        by_name = {s.idstr: s for s in live}
+        for idstr, event in cache:
+            by_name[idstr].load_state(event)
+        self.registry.load_device_state(devices, header=False)
+
