@@ -407,8 +407,8 @@ class OutgoingSession:
             return
         info["status"] = status.value
         if status in (S.ACTIVE, S.CANCELLING, S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER,
-                      S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED, S.COLO):
-            completed = status in (S.COMPLETED, S.COLO)
+                      S.PRE_SWITCHOVER, S.DEVICE, S.COMPLETED):
+            completed = status == S.COMPLETED
             info["setup-time"] = self.setup_time
             info["total-time"] = self.total_time if completed else int(now_ms() - self.start_ms)
             if completed:
@@ -427,10 +427,11 @@ class OutgoingSession:
                 info["disk"] = disk
             if status == S.ACTIVE:
                 info["x-vmigrate-forecast"] = self.forecast.forecast().to_qmp()
-            if self.colo is not None:
-                info["x-vmigrate-colo"] = self.colo.stats.to_qmp()
         elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
+        if self.colo is not None:
+            # QEMU shows only the status in colo: the checkpoint figures are vmigrate's own.
+            info["x-vmigrate-colo"] = self.colo.stats.to_qmp()
 
     def _disk_info(self) -> dict | None:
         """populate_disk_info: block migration's counters while it has devices."""
