@@ -93,7 +93,7 @@ class ColoState:
             if self.mode == "none":
                 raise MigrationError("The feature 'colo' is not enabled")
             if self.failover != Failover.NONE:
-                raise MigrationError(f"failover request in wrong state {self.failover.value}")
+                raise MigrationError("COLO failover is already activated")
             self.failover = Failover.ACTIVE
             do_failover = self._do_failover
             self.last_mode = self.mode
