@@ -109,8 +109,9 @@ class ColoState:
         return self._completed.wait(timeout)
 
     def exit_event(self, mode: str) -> None:
-        """COLO_EXIT when the loop ends: ``request`` after a failover, else ``error``."""
-        reason = "request" if self.failover == Failover.COMPLETED else "error"
+        """COLO_EXIT when the loop ends: ``request`` when a failover ended it (the failover may
+        still be finishing on the monitor's thread), else ``error``."""
+        reason = "error" if self.failover == Failover.NONE else "request"
         self._emit("COLO_EXIT", {"mode": mode, "reason": reason})
 
 
@@ -168,9 +169,9 @@ class ColoPrimary:
     """The primary's COLO thread body (colo_process_checkpoint), run by the migration thread."""
 
     def __init__(self, state: ColoState, channel: Channel, f: QEMUFileOut, saver: SaveVM, runstate: RunState,
-                 delay_ms: Callable[[], int], on_failover: Callable[[], None]) -> None:
+                 delay_ms: Callable[[], int], on_failover: Callable[[], None], stats: CheckpointStats) -> None:
         """*on_failover* ends the migration (status ``colo`` -> ``completed``); *delay_ms* is the
-        current ``x-checkpoint-delay``, read before each wait as QEMU does."""
+        current ``x-checkpoint-delay``, read before each wait as QEMU does; *stats* get the figures."""
         self.state = state
         self.channel = channel
         self.f = f
@@ -178,7 +179,7 @@ class ColoPrimary:
         self.runstate = runstate
         self.delay_ms = delay_ms
         self.on_failover = on_failover
-        self.stats = CheckpointStats()
+        self.stats = stats
 
     def _failover(self) -> None:
         """primary_vm_do_failover: end the migration, wake the thread blocked on the channel."""
@@ -234,27 +235,25 @@ class ColoSecondary:
     """The secondary's COLO incoming thread body (colo_process_incoming_thread)."""
 
     def __init__(self, state: ColoState, channel: Channel, registry: SectionRegistry, ctx: LoadContext,
-                 sections: dict, bodies: dict, on_failover: Callable[[], None]) -> None:
+                 sections: dict, bodies: dict) -> None:
         """*sections* are the stream's sections by id from the first load (END records name
         them by id) and *bodies* its body decoders, which go on from where it stopped (QEMU's
-        last received block persists too); *on_failover* ends the incoming migration
-        (``colo`` -> ``completed``)."""
+        last received block persists too).  The caller ends the incoming migration once
+        :meth:`run` returns, after starting the guest."""
         self.state = state
         self.channel = channel
         self.registry = registry
         self.ctx = ctx
         self.sections = sections
         self.bodies = bodies
-        self.on_failover = on_failover
         self.checkpoints = 0
         #: Held while a checkpoint is applied: a failover waits for it rather than relaunching.
         self._apply = threading.Lock()
 
     def _failover(self) -> None:
-        """secondary_vm_do_failover, after any checkpoint being applied."""
+        """secondary_vm_do_failover's wake-up of the thread, after any checkpoint being applied."""
         with self._apply:
-            self.on_failover()
-        self.channel.shutdown()
+            self.channel.shutdown()
 
     def run(self) -> None:
         """Checkpoints until a failover; returns once one is complete (the caller starts the guest)."""

@@ -299,9 +299,7 @@ class IncomingMigration:
                 self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
             elif self._colo_enabled:
                 self._colo(channel, ctx, loader.sections, loader.bodies)
-                self._finish_load(config)
-                # secondary_vm_do_failover: "-S" is ignored, the secondary takes over.
-                host.runstate.start()
+                self._finish_load(config, colo=True)
             else:
                 self._finish_load(config)
             if self._rp is not None:
@@ -518,8 +516,7 @@ class IncomingMigration:
         self.status.transition(S.ACTIVE, S.COLO)
         self.host.runstate.set("colo")
         ctx.ram_fresh = False
-        self.colo = ColoSecondary(self.colo_state, channel, self.host.sections, ctx, sections, bodies,
-                                  lambda: self.status.transition(S.COLO, S.COMPLETED))
+        self.colo = ColoSecondary(self.colo_state, channel, self.host.sections, ctx, sections, bodies)
         self.colo.run()
 
     def _announce(self) -> None:
@@ -529,32 +526,34 @@ class IncomingMigration:
         self.host.announce(AnnounceParameters(p("announce-initial"), p("announce-max"),
                                               p("announce-rounds"), p("announce-step")))
 
-    def _finish_load(self, config: MigrationConfig) -> None:
+    def _finish_load(self, config: MigrationConfig, colo: bool = False) -> None:
         """Disks, bitmaps and run state after a successful load (docs/qemu/states.md §9.1,
         process_incoming_migration_bh), then ``completed``.
 
         With ``late-block-activate`` the disks stay inactive unless the guest starts now;
-        ``cont`` activates them (docs/block-migration.md §Activation).
+        ``cont`` activates them (docs/block-migration.md §Activation).  After a COLO failover
+        (*colo*) the guest starts whatever ``-S`` said (secondary_vm_do_failover), and only
+        then does the status leave ``colo``, so a client that sees ``completed`` sees it run.
         """
         runstate = self.host.runstate
+        autostart = runstate.autostart or colo
         received = self.host.global_state.runstate
         if received is not None and received not in INMIGRATE_NEXT:
             # QEMU aborts on this transition (runstate_set, softmmu/runstate.c); the load fails here.
             raise LoadError(f"invalid runstate transition: 'inmigrate' -> '{received}'")
         starts = received is None or received == "running"
-        if not config.caps.late_block_activate or (runstate.autostart and starts):
+        if not config.caps.late_block_activate or (autostart and starts):
             self.host.block.activate_all()
         self._announce()
         # The standby's features came with the device state (virtio_net_set_features).
         self.host.failover.negotiated()
         self.host.sections.before_vm_start()
         if received is None or received == "running":
-            if runstate.autostart:
+            if autostart:
                 runstate.start()
             else:
                 runstate.set("paused")
         else:
             runstate.set(received)
         self._close_listener()
-        # After COLO the failover completed the status already.
-        self.status.transition(S.ACTIVE, S.COMPLETED)
+        self.status.transition(S.COLO if colo else S.ACTIVE, S.COMPLETED)

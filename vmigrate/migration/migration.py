@@ -25,7 +25,7 @@ import numpy as np
 from vmigrate.machine.memory import PAGE_SIZE
 from vmigrate.machine.write_tracking import WriteTracking
 from vmigrate.migration.background_snapshot import BackgroundSnapshot, SnapshotCancelled, WriteTrackingError
-from vmigrate.migration.colo import ColoPrimary, ColoState
+from vmigrate.migration.colo import CheckpointStats, ColoPrimary, ColoState
 from vmigrate.migration.channel import (INVALID_PROTOCOL, Channel, ChannelError, CommandChannel, FdChannel,
                                         MigrationAddress, ZeroCopySocket, connect, parse_uri)
 from vmigrate.migration.config import MigrationConfig
@@ -229,8 +229,9 @@ class OutgoingSession:
         *colo* is the process's COLO state, which ``x-colo`` engages after the first precopy."""
         self.host = host
         self.colo_state = colo
-        #: The checkpointing engine once the attempt is in ``colo``.
+        #: The checkpointing engine once the attempt is in ``colo``, and its figures.
         self.colo: ColoPrimary | None = None
+        self.colo_stats = CheckpointStats() if config.caps.x_colo else None
         self.config = config
         self._on_cleanup = on_cleanup
         self.status = StatusMachine(host.emit_event, lambda: config.caps.events)
@@ -429,9 +430,9 @@ class OutgoingSession:
                 info["x-vmigrate-forecast"] = self.forecast.forecast().to_qmp()
         elif status == S.FAILED and self.error_desc:
             info["error-desc"] = self.error_desc
-        if self.colo is not None:
+        if self.colo_stats is not None and status in (S.COLO, S.COMPLETED):
             # QEMU shows only the status in colo: the checkpoint figures are vmigrate's own.
-            info["x-vmigrate-colo"] = self.colo.stats.to_qmp()
+            info["x-vmigrate-colo"] = self.colo_stats.to_qmp()
 
     def _disk_info(self) -> dict | None:
         """populate_disk_info: block migration's counters while it has devices."""
@@ -834,7 +835,7 @@ class OutgoingSession:
         self._was_running = False
         self.colo = ColoPrimary(self.colo_state, self.channel, self.file, saver, self.host.runstate,
                                 lambda: self.config.params.x_checkpoint_delay,
-                                lambda: self.status.transition(S.COLO, S.COMPLETED))
+                                lambda: self.status.transition(S.COLO, S.COMPLETED), self.colo_stats)
         self.colo.run()
 
     def _fail(self, desc: str | None) -> None:
