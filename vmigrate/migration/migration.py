@@ -55,9 +55,6 @@ POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RE
 #: How long a postcopy recovery waits for each answer of the destination.
 RESUME_TIMEOUT = 30.0
 
-#: Capabilities whose stream features are not built yet: ``migrate`` refuses them by name.
-UNIMPLEMENTED_CAPABILITIES: tuple[str, ...] = ()
-
 
 def now_ms() -> float:
     return time.monotonic() * 1000
@@ -112,9 +109,6 @@ class MigrationManager:
                 raise MigrationError("No disk migration is required in COLO mode")
             if caps.block or config.params.block_incremental:
                 raise MigrationError("Command options are incompatible with current migration capabilities")
-        for cap in UNIMPLEMENTED_CAPABILITIES:
-            if getattr(caps, cap.replace("-", "_")):
-                raise MigrationError(f"vmigrate does not implement the '{cap}' capability yet")
         if caps.x_colo and (caps.return_path or caps.multifd):
             # The checkpoints' replies use the channel's reverse direction, which a return-path
             # reader would take; multifd would carry checkpoint pages the secondary's cache misses.
