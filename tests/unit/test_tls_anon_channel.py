@@ -3,16 +3,14 @@ were observed with ``qemu-system-x86_64 -object tls-creds-anon,...`` (docs/tls.m
 
 from __future__ import annotations
 
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 
 from tls_certs import make_pki
+from tls_pair import handshake
 from vmigrate.migration import tls_anon
-from vmigrate.migration.channel import SocketChannel
-from vmigrate.migration.tls import AnonCreds, TlsChannel, TlsCredsError, TlsError, client_channel, server_channel
+from vmigrate.migration.tls import AnonCreds, TlsChannel, TlsCredsError, TlsError
 from vmigrate.objects import UserObjects
 
 
@@ -49,28 +47,6 @@ def test_unreadable_dh_params_refused_with_qemus_text(tmp_path):
                               "Base64 unexpected header error.")
 
 
-def _pair(objects: UserObjects):
-    a, b = socket.socketpair()
-    result: dict = {}
-
-    def serve() -> None:
-        try:
-            result["server"] = server_channel(SocketChannel(b), objects, "srv", authz_id="nothing")
-        except TlsError as err:
-            result["server"] = err
-            b.close()
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        result["client"] = client_channel(SocketChannel(a), objects, "cli", "")  # no hostname needed
-    except TlsError as err:
-        result["client"] = err
-        a.close()
-    thread.join(10)
-    return result["client"], result["server"]
-
-
 @pytest.mark.parametrize("with_dir", [False, True], ids=["ffdhe2048", "dh-params.pem"])
 def test_handshake_and_data(tmp_path, with_dir):
     """tls-authz is not consulted (QEMU's check is a no-op for anon): an unknown authz id passes."""
@@ -80,7 +56,7 @@ def test_handshake_and_data(tmp_path, with_dir):
         server["dir"] = dh_dir(tmp_path)
     objects.add("tls-creds-anon", server)
     objects.add("tls-creds-anon", {"id": "cli"})
-    client, server_side = _pair(objects)
+    client, server_side = handshake(objects, "srv", "cli", authz_id="nothing")
     assert isinstance(client, TlsChannel) and isinstance(server_side, TlsChannel), (client, server_side)
     assert client._ssl.version() == "TLSv1.2" and client._ssl.cipher()[0].startswith("ADH-AES")
     client.write(b"QEVM" * 1000)
@@ -99,6 +75,6 @@ def test_anon_client_refused_by_x509_server(tmp_path):
     objects = UserObjects()
     objects.add("tls-creds-x509", {"id": "srv", "dir": str(server_dir), "endpoint": "server", "verify-peer": "off"})
     objects.add("tls-creds-anon", {"id": "cli"})
-    client, server = _pair(objects)
+    client, server = handshake(objects, "srv", "cli", authz_id="nothing")
     assert isinstance(client, TlsError) and isinstance(server, TlsError), (client, server)
     assert str(server) == "TLS handshake failed: NO_SHARED_CIPHER"

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 
 from tls_certs import make_pki
-from vmigrate.migration.channel import SocketChannel
-from vmigrate.migration.tls import TlsChannel, TlsCreds, TlsCredsError, TlsError, client_channel, server_channel
+from tls_pair import handshake
+from vmigrate.migration.tls import TlsChannel, TlsCreds, TlsCredsError, TlsError
 
 
 @pytest.fixture(scope="module")
@@ -46,24 +45,7 @@ def _pair(pki, hostname: str):
     server, client = pki
     creds = {"srv": TlsCreds.from_options({"id": "srv", "dir": str(server), "endpoint": "server"}),
              "cli": TlsCreds.from_options({"id": "cli", "dir": str(client)})}
-    a, b = socket.socketpair()
-    result: dict = {}
-
-    def serve() -> None:
-        try:
-            result["server"] = server_channel(SocketChannel(b), creds, "srv")
-        except TlsError as err:
-            result["server"] = err
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        result["client"] = client_channel(SocketChannel(a), creds, "cli", hostname)
-    except TlsError as err:
-        result["client"] = err
-        a.close()
-    thread.join(10)
-    return result["client"], result["server"]
+    return handshake(creds, "srv", "cli", hostname)
 
 
 def _read_all(channel: TlsChannel, size: int, out: list) -> None:

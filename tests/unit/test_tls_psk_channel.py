@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
-import threading
 from pathlib import Path
 
 import pytest
 
+from tls_pair import handshake
 from vmigrate.migration import tls_psk
-from vmigrate.migration.channel import SocketChannel
-from vmigrate.migration.tls import PskCreds, TlsChannel, TlsCredsError, TlsError, client_channel, server_channel
+from vmigrate.migration.tls import PskCreds, TlsChannel, TlsCredsError, TlsError
 from vmigrate.objects import UserObjects
 
 KEY = "00112233445566778899aabbccddeeff"
@@ -60,25 +58,7 @@ def _pair(server_dir: str, client_dir: str, username: str = "qemu"):
     objects = UserObjects()
     objects.add("tls-creds-psk", {"id": "srv", "dir": server_dir, "endpoint": "server"})
     objects.add("tls-creds-psk", {"id": "cli", "dir": client_dir, "username": username})
-    a, b = socket.socketpair()
-    result: dict = {}
-
-    def serve() -> None:
-        try:
-            result["server"] = server_channel(SocketChannel(b), objects, "srv")
-        except TlsError as err:
-            result["server"] = err
-            b.close()
-
-    thread = threading.Thread(target=serve)
-    thread.start()
-    try:
-        result["client"] = client_channel(SocketChannel(a), objects, "cli", "")  # no hostname needed
-    except TlsError as err:
-        result["client"] = err
-        a.close()
-    thread.join(10)
-    return result["client"], result["server"]
+    return handshake(objects, "srv", "cli")
 
 
 def test_handshake_and_data(tmp_path):
