@@ -21,21 +21,19 @@ Usage: ``.venv/bin/python benchmarks/tls.py [--size 1G] [--repeat 1] [--out benc
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout's vmigrate and its test PKI
 
 from tls_certs import make_pki  # noqa: E402
-from vmigrate.cli.bench.images import check_space, fill_ram_image  # noqa: E402
+from vmigrate.cli.bench.images import fill_ram_image  # noqa: E402
 from vmigrate.cli.bench.report import median_of, ratio, write_outputs  # noqa: E402
 from vmigrate.cli.bench.runner import IMPLS, UNLIMITED_BANDWIDTH, RunSpec, migrate_once  # noqa: E402
-from vmigrate.machine.memory import parse_size  # noqa: E402
+from vmigrate.cli.bench.script import prepare, script_parser  # noqa: E402
 
 log = logging.getLogger("benchmarks.tls")
 
@@ -88,21 +86,8 @@ def summarize(records: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1G")
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=300.0)
-    parser.add_argument("--shm-dir", default="/dev/shm")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tls")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    size = parse_size(args.size)
-    check_space(Path(args.shm_dir), 2 * size, "the TLS benchmark (source + destination RAM)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    logdir = args.out / "logs"
-    logdir.mkdir(exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="vmigrate-bench-tls-", dir=args.shm_dir))
+    args = script_parser(__doc__, ROOT / "benchmarks" / "results" / "tls").parse_args()
+    size, logdir, workdir = prepare(args, "tls")
     records: list[dict] = []
     try:
         pki = workdir / "pki"
