@@ -40,9 +40,10 @@ def colo_exits(vm) -> list:
     return [e["data"] for e in vm.events(0.1) if e["event"] == "COLO_EXIT"]
 
 
-@pytest.fixture
-def colo(spawn_shm):
-    """(primary, secondary, secondary's RAM file) after a few checkpoints, RAM files on tmpfs."""
+@pytest.fixture(params=[False, True], ids=["plain", "return-path"])
+def colo(request, spawn_shm):
+    """(primary, secondary, secondary's RAM file) after a few checkpoints, RAM files on tmpfs;
+    with or without a return path, whose reader hands the channel over to COLO (docs/colo.md)."""
     spawn, shm = spawn_shm
     src = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "primary.ram"), "--guest", AB)
     dst = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "secondary.ram"), "--guest", AB, "-S",
@@ -50,6 +51,7 @@ def colo(spawn_shm):
     port = dst.migrate_status()["socket-address"][0]["port"]
     for vm in (src, dst):
         vm.set_caps(**{"x-colo": True, "events": True})
+    src.set_caps(**{"return-path": request.param})
     src.cmd("migrate-set-parameters", **{"x-checkpoint-delay": DELAY_MS})
     wait_for(lambda: (shm / "primary.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")

@@ -77,6 +77,17 @@ def test_errors_resemble_qemu(wire, match):
         decode(wire, blocks=BLOCKS)
 
 
+def test_colo_checkpoint_ready_ends_the_return_path():
+    """A QEMU secondary's CHECKPOINT_READY (be32 0) where an RP header is due: an event with
+    ``colo`` (the reader hands the channel to COLO), QEMU's error without."""
+    ready = struct.pack(">I", 0)
+    assert decode(RP.pong(1) + ready, chunk=1, colo=True) == [RP.RpPong(1), RP.RpColoReady()]
+    with pytest.raises(WireError, match="invalid message 0x0000 length 0x0000"):
+        decode(ready)
+    with pytest.raises(WireError, match="invalid message 0x0000 length 0x0002"):
+        decode(RP.message(0, b"ab"), colo=True)
+
+
 def test_unbounded_bitmap_rejected_without_block_table():
     with pytest.raises(WireError, match="too large"):
         decode(RP.message(5, b"\x04ram0") + struct.pack(">Q", 1 << 40))

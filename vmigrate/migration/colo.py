@@ -181,16 +181,24 @@ class ColoPrimary:
         self.on_failover = on_failover
         self.stats = stats
 
+    def cancel(self) -> None:
+        """migrate_cancel in ``colo``: QEMU 7.2 only shuts the channel (migrate_fd_cancel's
+        return-path shutdown; the status is not a running one), so the next checkpoint fails
+        and the primary, its guest still running, waits for its failover."""
+        self.channel.shutdown()
+
     def _failover(self) -> None:
         """primary_vm_do_failover: end the migration, wake the thread blocked on the channel."""
         self.on_failover()
         self.channel.shutdown()
 
-    def run(self) -> None:
+    def run(self, ready: bool) -> None:
+        """*ready*: the secondary's CHECKPOINT_READY was already read (by the return-path reader)."""
         reader = MessageReader(self.channel)
         self.state.engaged("primary", self._failover)
         try:
-            reader.expect(ColoMessage.CHECKPOINT_READY)
+            if not ready:
+                reader.expect(ColoMessage.CHECKPOINT_READY)
             self.runstate.start()
             while not self.state.wait_failover(self.delay_ms() / 1000):
                 self._checkpoint(reader)

@@ -109,10 +109,9 @@ class MigrationManager:
                 raise MigrationError("No disk migration is required in COLO mode")
             if caps.block or config.params.block_incremental:
                 raise MigrationError("Command options are incompatible with current migration capabilities")
-        if caps.x_colo and (caps.return_path or caps.multifd):
-            # The checkpoints' replies use the channel's reverse direction, which a return-path
-            # reader would take; multifd would carry checkpoint pages the secondary's cache misses.
-            raise MigrationError("vmigrate does not implement x-colo with return-path or multifd yet")
+        if caps.x_colo and caps.multifd:
+            # multifd would carry checkpoint pages the secondary's cache misses.
+            raise MigrationError("vmigrate does not implement x-colo with multifd yet")
         cleanup: Callable[[], None] | None = None
         if blk or inc:
             # migrate_prepare: the capability (and the parameter) for this attempt only,
@@ -348,6 +347,8 @@ class OutgoingSession:
 
     def cancel(self) -> None:
         trace("migrate_fd_cancel")
+        if self.colo is not None:
+            self.colo.cancel()
         while True:
             status = self.status.status
             if not status.is_running:
@@ -720,7 +721,8 @@ class OutgoingSession:
         if not channel.bidirectional:
             raise ChannelError("Unable to open return-path for postcopy")
         saver.open_return_path()
-        reader = ReturnPathReader(channel, {b.idstr: b.size for b in self.host.ram_blocks}, self.page_requests)
+        reader = ReturnPathReader(channel, {b.idstr: b.size for b in self.host.ram_blocks}, self.page_requests,
+                                  self.config.caps.x_colo)
         reader.start()
         return reader
 
@@ -830,7 +832,8 @@ class OutgoingSession:
         self.colo = ColoPrimary(self.colo_state, self.channel, self.file, saver, self.host.runstate,
                                 lambda: self.config.params.x_checkpoint_delay,
                                 lambda: self.status.transition(S.COLO, S.COMPLETED), self.colo_stats)
-        self.colo.run()
+        # With return-path its reader already took the secondary's CHECKPOINT_READY.
+        self.colo.run(ready=self.rp is not None and self.rp.colo_ready)
 
     def _fail(self, desc: str | None) -> None:
         self.error_desc = desc
@@ -868,10 +871,14 @@ class ReturnPathReader(threading.Thread):
     without one).
     """
 
-    def __init__(self, channel: Channel, blocks: dict[str, int], page_requests: PageRequests | None) -> None:
-        """*blocks* (RAM block name -> size) validate page requests, which go to *page_requests*."""
+    def __init__(self, channel: Channel, blocks: dict[str, int], page_requests: PageRequests | None,
+                 colo: bool = False) -> None:
+        """*blocks* (RAM block name -> size) validate page requests, which go to *page_requests*;
+        with *colo* the reader also ends at the secondary's CHECKPOINT_READY (``colo_ready``)."""
         super().__init__(name="return path", daemon=True)
         self.channel = channel
+        self.colo = colo
+        self.colo_ready = False
         self.blocks = blocks
         self.page_requests = page_requests
         self.error: str | None = None
@@ -906,7 +913,7 @@ class ReturnPathReader(threading.Thread):
             self._answer.notify_all()
 
     def run(self) -> None:
-        decoder = return_path.ReturnPathDecoder(self.blocks)
+        decoder = return_path.ReturnPathDecoder(self.blocks, colo=self.colo)
         try:
             while True:
                 data = self.channel.read(4096)
@@ -919,6 +926,11 @@ class ReturnPathReader(threading.Thread):
                         trace("source_return_path_thread_shut", value=event.value)
                         if event.value:
                             self.error = f"RP: Sibling indicated error {event.value}"
+                        return
+                    if isinstance(event, return_path.RpColoReady):
+                        # Beyond QEMU 7.2 (whose source fails here): COLO takes the channel over.
+                        trace("source_return_path_thread_colo_ready")
+                        self.colo_ready = True
                         return
                     if isinstance(event, return_path.RpPong):
                         trace("source_return_path_thread_pong", value=event.value)

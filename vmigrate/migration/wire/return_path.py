@@ -108,6 +108,11 @@ class RpShut:
 
 
 @dataclass(frozen=True, slots=True)
+class RpColoReady:
+    """A COLO secondary's CHECKPOINT_READY (be32 0) read where an RP header was expected."""
+
+
+@dataclass(frozen=True, slots=True)
 class RpPong:
     value: int
 
@@ -151,6 +156,9 @@ class ReturnPathDecoder:
 
     blocks: Mapping[str, int] | None = None
     page_size: int = HOST_PAGE_SIZE
+    #: x-colo: a QEMU 7.2 secondary sends COLO's first message (CHECKPOINT_READY, be32 0) on
+    #: the return path without a SHUT; its four zero bytes read as type 0 (INVALID), length 0.
+    colo: bool = False
     _in: InputBuffer = field(default_factory=InputBuffer, init=False, repr=False)
     _last_block: str | None = field(default=None, init=False, repr=False)
     _error: WireError | None = field(default=None, init=False, repr=False)
@@ -180,6 +188,8 @@ class ReturnPathDecoder:
     def _message(self, r: Reader) -> object:
         msg_type = r.be16()
         length = r.be16()
+        if self.colo and msg_type == MIG_RP_MSG_INVALID and length == 0:
+            return RpColoReady()
         if msg_type not in RP_MESSAGES:
             raise WireError(f"RP: Received invalid message {msg_type:#06x} length {length:#06x}")
         name, fixed = RP_MESSAGES[msg_type]
