@@ -40,10 +40,11 @@ def colo_exits(vm) -> list:
     return [e["data"] for e in vm.events(0.1) if e["event"] == "COLO_EXIT"]
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "return-path"])
+@pytest.fixture(params=[{}, {"return-path": True}, {"multifd": True}], ids=["plain", "return-path", "multifd"])
 def colo(request, spawn_shm):
     """(primary, secondary, secondary's RAM file) after a few checkpoints, RAM files on tmpfs;
-    with or without a return path, whose reader hands the channel over to COLO (docs/colo.md)."""
+    plain, with a return path (whose reader hands the channel over to COLO) or with multifd
+    (checkpoint pages on the multifd channels, held until the checkpoint is whole)."""
     spawn, shm = spawn_shm
     src = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "primary.ram"), "--guest", AB)
     dst = spawn("vmigrate", "-m", "64M", "--mem-path", str(shm / "secondary.ram"), "--guest", AB, "-S",
@@ -51,7 +52,8 @@ def colo(request, spawn_shm):
     port = dst.migrate_status()["socket-address"][0]["port"]
     for vm in (src, dst):
         vm.set_caps(**{"x-colo": True, "events": True})
-    src.set_caps(**{"return-path": request.param})
+    src.set_caps(**request.param)
+    dst.set_caps(**{cap: on for cap, on in request.param.items() if cap == "multifd"})
     src.cmd("migrate-set-parameters", **{"x-checkpoint-delay": DELAY_MS})
     wait_for(lambda: (shm / "primary.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
@@ -92,6 +94,8 @@ def test_failover_on_request_and_status(colo):
     assert set(info) == {"status", "x-vmigrate-colo"}  # QEMU's query-migrate shows only the status in colo
     figures = info["x-vmigrate-colo"]
     assert figures["last-bytes"] > 0 and figures["last-downtime-ms"] > 0
+    # Checkpoints carry the guest's pages, on the multifd channels too.
+    wait_for(lambda: src.migrate_status()["x-vmigrate-colo"]["last-bytes"] > 1 << 20, 10, "a checkpoint of pages")
     with pytest.raises(QMPClientError, match="There's a migration process in progress"):
         src.cmd("migrate", uri="tcp:127.0.0.1:1")
 

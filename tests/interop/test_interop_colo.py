@@ -58,19 +58,24 @@ def fail_over(machine: Machine, mode: str) -> None:
     assert machine.vm.cmd("query-colo-status") == {"mode": "none", "last-mode": mode, "reason": "request"}
 
 
-@pytest.mark.parametrize("return_path", [False, True], ids=["plain", "return-path"])
-def test_vmigrate_primary_qemu_secondary(machines: Machines, return_path: bool) -> None:
-    """With a return path too (beyond QEMU 7.2, whose own source fails then: its return-path
-    thread reads the secondary's CHECKPOINT_READY as an invalid message)."""
+@pytest.mark.parametrize("caps", [{}, {"return-path": True}, {"multifd": True}],
+                         ids=["plain", "return-path", "multifd"])
+def test_vmigrate_primary_qemu_secondary(machines: Machines, caps: dict) -> None:
+    """Also with a return path (beyond QEMU 7.2, whose own source fails then: its return-path
+    thread reads the secondary's CHECKPOINT_READY as an invalid message) and with multifd."""
     src = machines.vmigrate(SIZE, "--guest", AB)
-    src.vm.set_caps(**COLO, **{"return-path": return_path})
+    src.vm.set_caps(**COLO, **caps)
     src.vm.cmd("migrate-set-parameters", **{"x-checkpoint-delay": DELAY_MS})
-    dst = machines.qemu(SIZE, "-incoming", "tcp:127.0.0.1:0")
+    dst = machines.qemu(SIZE, "-incoming", "defer")
+    dst.vm.set_caps(multifd=bool(caps.get("multifd")))
+    dst.vm.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = dst.vm.migrate_status()["socket-address"][0]["port"]
     src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     in_colo(src, "primary")
     in_colo(dst, "secondary")
     wait_for(lambda: vmigrate_checkpoints(src) >= 3, 20, "three checkpoints")
+    wait_for(lambda: src.vm.migrate_status()["x-vmigrate-colo"]["last-bytes"] > 1 << 20, 10,
+             "a checkpoint of pages")
     assert src.vm.status() == "running" and dst.vm.status() == "running"
 
     before, broken = ab_state(src.ram, src.size, 1 * MIB // 4096, 24 * MIB // 4096)
@@ -85,17 +90,21 @@ def test_vmigrate_primary_qemu_secondary(machines: Machines, return_path: bool) 
     assert counter >= before
 
 
-def test_qemu_primary_vmigrate_secondary(machines: Machines) -> None:
+@pytest.mark.parametrize("multifd", [False, True], ids=["plain", "multifd"])
+def test_qemu_primary_vmigrate_secondary(machines: Machines, multifd: bool) -> None:
+    """With multifd, every checkpoint's RAM EOS also waits for a SYNC on each channel."""
     src = machines.qemu(SIZE)
     fill_pattern(src.ram, src.size, seed=3)
-    src.vm.set_caps(**COLO)
+    src.vm.set_caps(**COLO, multifd=multifd)
     src.vm.cmd("migrate-set-parameters", **{"x-checkpoint-delay": DELAY_MS})
-    dst = machines.vmigrate(SIZE, "--incoming", "tcp:127.0.0.1:0")
+    dst = machines.vmigrate(SIZE, "--incoming", "defer")
+    dst.vm.set_caps(multifd=multifd)
+    dst.vm.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = dst.vm.migrate_status()["socket-address"][0]["port"]
     src.vm.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     in_colo(src, "primary")
     in_colo(dst, "secondary")
-    assert src.vm.status() == "running"
+    wait_for(lambda: src.vm.status() == "running", 10, "QEMU's guest to restart after CHECKPOINT_READY")
     assert dst.vm.status() == "colo"  # vmigrate's secondary waits stopped (docs/colo.md)
     # Each checkpoint: QEMU's messages, its (empty) RAM END record and its device state, loaded.
     wait_for(lambda: vmigrate_checkpoints(dst) >= 3, 20, "three checkpoints applied")

@@ -169,9 +169,11 @@ class ColoPrimary:
     """The primary's COLO thread body (colo_process_checkpoint), run by the migration thread."""
 
     def __init__(self, state: ColoState, channel: Channel, f: QEMUFileOut, saver: SaveVM, runstate: RunState,
-                 delay_ms: Callable[[], int], on_failover: Callable[[], None], stats: CheckpointStats) -> None:
+                 delay_ms: Callable[[], int], on_failover: Callable[[], None], stats: CheckpointStats,
+                 sent_bytes: Callable[[], int]) -> None:
         """*on_failover* ends the migration (status ``colo`` -> ``completed``); *delay_ms* is the
-        current ``x-checkpoint-delay``, read before each wait as QEMU does; *stats* get the figures."""
+        current ``x-checkpoint-delay``, read before each wait as QEMU does; *stats* get the figures,
+        with bytes from *sent_bytes* (main and multifd channels)."""
         self.state = state
         self.channel = channel
         self.f = f
@@ -180,6 +182,7 @@ class ColoPrimary:
         self.delay_ms = delay_ms
         self.on_failover = on_failover
         self.stats = stats
+        self.sent_bytes = sent_bytes
 
     def cancel(self) -> None:
         """migrate_cancel in ``colo``: QEMU 7.2 only shuts the channel (migrate_fd_cancel's
@@ -221,7 +224,7 @@ class ColoPrimary:
         self._send(ColoMessage.CHECKPOINT_REQUEST)
         reader.expect(ColoMessage.CHECKPOINT_REPLY)
         start = time.monotonic()
-        sent = self.f.transferred
+        sent = self.sent_bytes()
         self.runstate.force_stop("colo")
         self._send(ColoMessage.VMSTATE_SEND)
         self.saver.colo_live_state()
@@ -235,7 +238,7 @@ class ColoPrimary:
         stats = self.stats
         stats.checkpoints += 1
         stats.last_downtime_ms = (time.monotonic() - start) * 1000
-        stats.last_bytes = self.f.transferred - sent
+        stats.last_bytes = self.sent_bytes() - sent
         stats.total_bytes += stats.last_bytes
 
 
@@ -290,6 +293,7 @@ class ColoSecondary:
             if self.state.failover == Failover.NONE:
                 log.error("COLO secondary: %s", err)
         finally:
+            self.ctx.colo = False
             for s in live:
                 s.load_cleanup()
         self.state.exit_event("secondary")

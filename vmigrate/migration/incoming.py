@@ -282,7 +282,7 @@ class IncomingMigration:
             postcopy.on_preempt_broken = self.pause
         try:
             host.global_state.runstate = None
-            ctx = LoadContext(config, self._multifd_channels, postcopy)
+            ctx = self._ctx = LoadContext(config, self._multifd_channels, postcopy)
             loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid, self._command,
                             self._await_recovery)
             try:
@@ -448,7 +448,7 @@ class IncomingMigration:
             self._send_rp(return_path.pong(value))
         elif cmd.cmd == stream.MIG_CMD_ENABLE_COLO:
             # QEMU 7.2 does not ask for x-colo here (loadvm_process_enable_colo).
-            self._colo_enabled = True
+            self._colo_enabled = self._ctx.colo = True
         elif cmd.cmd == stream.MIG_CMD_PACKAGED:
             trace("loadvm_handle_cmd_packaged", length=stream.decode_packaged(cmd.payload))
         elif cmd.cmd == stream.MIG_CMD_RECV_BITMAP:

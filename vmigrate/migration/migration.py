@@ -109,9 +109,6 @@ class MigrationManager:
                 raise MigrationError("No disk migration is required in COLO mode")
             if caps.block or config.params.block_incremental:
                 raise MigrationError("Command options are incompatible with current migration capabilities")
-        if caps.x_colo and caps.multifd:
-            # multifd would carry checkpoint pages the secondary's cache misses.
-            raise MigrationError("vmigrate does not implement x-colo with multifd yet")
         cleanup: Callable[[], None] | None = None
         if blk or inc:
             # migrate_prepare: the capability (and the parameter) for this attempt only,
@@ -829,9 +826,11 @@ class OutgoingSession:
         """migrate_start_colo_process: checkpoints on this thread until a failover ends them;
         the guest runs on here whatever the outcome (docs/colo.md)."""
         self._was_running = False
-        self.colo = ColoPrimary(self.colo_state, self.channel, self.file, saver, self.host.runstate,
+        f = self.file
+        self.colo = ColoPrimary(self.colo_state, self.channel, f, saver, self.host.runstate,
                                 lambda: self.config.params.x_checkpoint_delay,
-                                lambda: self.status.transition(S.COLO, S.COMPLETED), self.colo_stats)
+                                lambda: self.status.transition(S.COLO, S.COMPLETED), self.colo_stats,
+                                lambda: f.transferred + self.stats.multifd_bytes)
         # With return-path its reader already took the secondary's CHECKPOINT_READY.
         self.colo.run(ready=self.rp is not None and self.rp.colo_ready)
 

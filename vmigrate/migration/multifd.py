@@ -291,6 +291,8 @@ class MultifdReceiver:
         self._waiting = 0
         self._ended = 0
         self._generation = 0
+        #: COLO checkpoints: pages held here until the checkpoint is complete (None: written at once).
+        self._staged: list[tuple[str, np.ndarray, bytes]] | None = None
         self.threads = [threading.Thread(target=self._run, args=(i, ch, wire.PayloadDecoder(method, i)),
                                          name=f"multifdrecv_{i}", daemon=True)
                         for i, ch in enumerate(channels)]
@@ -311,10 +313,11 @@ class MultifdReceiver:
                     recv_exact(channel, view)
                     data = decoder.decode(header, view)
                     pages = header.offsets >> 12
-                    write_pages(self.blocks[header.ramblock], pages,
-                                np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE))
-                    if self.on_pages is not None:
-                        self.on_pages(header.ramblock, pages)
+                    if self._staged is not None:
+                        with self._cond:
+                            self._staged.append((header.ramblock, pages, bytes(data)))
+                    else:
+                        self._write(header.ramblock, pages, data)
                 if header.sync:
                     self._wait_release()
         except (WireError, ChannelError, OSError) as err:
@@ -326,6 +329,26 @@ class MultifdReceiver:
             with self._cond:
                 self._ended += 1
                 self._cond.notify_all()
+
+    def _write(self, block: str, pages: np.ndarray, data: bytes | memoryview) -> None:
+        write_pages(self.blocks[block], pages, np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE))
+        if self.on_pages is not None:
+            self.on_pages(block, pages)
+
+    def stage(self) -> None:
+        """From now on pages wait in memory until :meth:`apply_staged`: a COLO secondary applies
+        a checkpoint only once all of it arrived (docs/colo.md), QEMU 7.2's colo_cache aside."""
+        with self._cond:
+            self._staged = []
+
+    def apply_staged(self) -> None:
+        """Write the pages held since the last call (after :meth:`sync_main`: all of them)."""
+        if self._staged is None:
+            return
+        with self._cond:
+            staged, self._staged = self._staged, []
+        for block, pages, data in staged:
+            self._write(block, pages, data)
 
     def _wait_release(self) -> None:
         with self._cond:

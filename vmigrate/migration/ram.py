@@ -548,6 +548,7 @@ class RamLoader:
         """A RAM EOS: every multifd channel must have delivered its pages up to its SYNC."""
         if self.multifd is not None:
             self.multifd.sync_main()
+            self.multifd.apply_staged()
 
     def close(self) -> None:
         """The load is over: decompression, multifd and prefault threads end (the next load starts its own)."""
@@ -627,6 +628,9 @@ class RamSection:
         self.block_bulk_active = block_bulk_active
         self._saver: RamSaver | None = None
         self._loader: RamLoader | None = None
+        self._load_ctx: LoadContext | None = None
+        #: The multifd receiver a COLO secondary's checkpoints take over from the first load.
+        self._colo_multifd: MultifdReceiver | None = None
 
     # -- save -------------------------------------------------------------------------
 
@@ -684,12 +688,21 @@ class RamSection:
         caps, params = ctx.config.caps, ctx.config.params
         loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0,
                                           ctx.postcopy, caps.x_ignore_shared, ctx.ram_fresh)
+        self._load_ctx = ctx
         if caps.multifd:
-            if not ctx.multifd_channels:
+            receiver, self._colo_multifd = self._colo_multifd, None
+            if receiver is not None:
+                # COLO's checkpoints, on the first load's channels; each one's pages wait for
+                # its RAM EOS, which the secondary applies only once the checkpoint is whole.
+                receiver.on_pages = loader.pages_written
+                receiver.stage()
+            elif not ctx.multifd_channels:
                 raise LoadError("multifd is not supported by current protocol")
-            loader.multifd = MultifdReceiver(ctx.multifd_channels, params.multifd_compression,
-                                             [b for b in self.blocks if b.idstr not in loader.ignored],
-                                             on_pages=loader.pages_written)
+            else:
+                receiver = MultifdReceiver(ctx.multifd_channels, params.multifd_compression,
+                                           [b for b in self.blocks if b.idstr not in loader.ignored],
+                                           on_pages=loader.pages_written)
+            loader.multifd = receiver
         return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True,
                                        ignore_shared=caps.x_ignore_shared, ignored_blocks=loader.ignored)
 
@@ -711,4 +724,7 @@ class RamSection:
     def load_cleanup(self) -> None:
         loader, self._loader = self._loader, None
         if loader is not None:
+            if loader.multifd is not None and self._load_ctx.colo:
+                # The source's multifd channels stay open for COLO's checkpoints (QEMU 7.2 too).
+                self._colo_multifd, loader.multifd = loader.multifd, None
             loader.close()

@@ -90,6 +90,9 @@ class LoadContext:
     #: False when the guest has run before this load (snapshot-load): its RAM holds data, so
     #: no page of anonymous memory can be assumed zero.
     ram_fresh: bool = True
+    #: The stream carried ENABLE_COLO: COLO's checkpoints follow the load, over its multifd
+    #: channels too; cleared when COLO ends, so the last cleanup closes them.
+    colo: bool = False
 
 
 class SaveVMHandlers(Protocol):
