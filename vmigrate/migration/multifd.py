@@ -3,8 +3,8 @@
 Source: the migration thread zero-tests pages itself (zero pages stay on the
 main channel) and queues the others here in packets of up to 128 pages of
 one block.  A full packet goes to the next idle channel, round robin, as
-QEMU's multifd_send_pages does (a semaphore counts the idle channels, and
-each channel thread waits on a semaphore of its own); its thread writes
+QEMU's multifd_send_pages does (a queue holds the idle channels, and each
+channel thread waits on a job queue of its own); its thread writes
 header and payload, the payload straight from guest RAM page run by page
 run, through the channel's compression stream if asked (zlib/zstd keep one
 stream per channel).  Before every RAM EOS
@@ -29,8 +29,8 @@ counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -96,12 +96,12 @@ class _Job:
 
 
 class _SendChannel:
-    """One channel thread, woken only by its own semaphore (QEMU's ``p->sem``).
+    """One channel thread, woken only by its own job queue (QEMU's ``p->sem``).
 
     A shared condition woke every channel thread and the migration thread on
-    each handed-over packet; at 8 channels those wake-ups, each retaking the
-    interpreter lock, cost more than the packets (docs/benchmarks.md,
-    "Multifd scaling").
+    each handed-over packet, each wake-up retaking the interpreter lock
+    (docs/benchmarks.md, "Multifd scaling").  The queues are
+    ``queue.SimpleQueue``, whose put and get are C calls.
     """
 
     def __init__(self, owner: "MultifdSender", channel_id: int, channel: Channel, encoder: wire.PayloadEncoder,
@@ -111,34 +111,26 @@ class _SendChannel:
         self.channel = channel
         self.encoder = encoder
         self.zero_copy = ZeroCopySocket(channel.sock) if zero_copy else None
-        self.jobs: deque[_Job] = deque()
-        #: Set by the migration thread when it hands over a packet, cleared when the packet is written.
-        self.busy = False
-        self.sem = threading.Semaphore(0)
-        self.sem_sync = threading.Semaphore(0)
+        #: Packets and SYNCs to write, in order; None wakes the thread to stop.
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"multifdsend_{channel_id}", daemon=True)
-
-    def post(self, job: _Job) -> None:
-        self.jobs.append(job)
-        self.sem.release()
 
     def _run(self) -> None:
         owner = self.owner
         try:
-            while True:
-                while not self.sem.acquire(timeout=WAIT_SLICE):
-                    if owner.stop.is_set():
-                        return
-                if owner.stop.is_set():
+            while not owner.stop.is_set():
+                try:
+                    job = self.jobs.get(timeout=WAIT_SLICE)
+                except queue.Empty:
+                    continue
+                if job is None or owner.stop.is_set():
                     return
-                job = self.jobs.popleft()
                 if job.sync:
                     self._sync(job)
-                    self.sem_sync.release()
+                    owner.synced.put(self.id)
                 else:
                     self._send_pages(job)
-                    self.busy = False
-                    owner.ready.release()
+                    owner.idle.put(self.id)
         except (ChannelError, OSError, ValueError) as err:
             # QEMU's error-desc is the channel's own text (multifd_send_thread), without the channel id.
             trace("multifd_send_error", id=self.id, error=err)
@@ -184,11 +176,12 @@ class _SendChannel:
 class MultifdSender:
     """The source side: packet batching, channel choice, sync, accounting (docs/qemu/ram.md §7).
 
-    As QEMU's multifd_send_pages: the migration thread waits on ``ready``
-    (one count per idle channel) and hands the packet to the next idle
-    channel, round robin.  ``account`` adds bytes to the main stream's
-    rate-limit window: multifd traffic counts against the same
-    ``max-bandwidth`` budget.
+    As QEMU's multifd_send_pages, the migration thread waits for an idle
+    channel and hands it the packet; ``idle`` holds the ids of the idle
+    channels in the order they became idle (QEMU scans round robin from the
+    last one used: the choice is invisible on the wire).  ``account`` adds
+    bytes to the main stream's rate-limit window: multifd traffic counts
+    against the same ``max-bandwidth`` budget.
     """
 
     def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool,
@@ -197,16 +190,18 @@ class MultifdSender:
         self.account = account
         self.lock = threading.Lock()
         self.stop = threading.Event()
-        self.ready = threading.Semaphore(len(channels))
+        self.idle: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        #: A channel's id once it wrote the SYNC packet the migration thread asked for.
+        self.synced: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.error: str | None = None
         self._packet_num = 0
-        self._next = 0
         self._block: RAMBlock | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
         self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), zero_copy)
                          for i, ch in enumerate(channels)]
         for ch in self.channels:
+            self.idle.put(ch.id)
             ch.thread.start()
 
     # -- errors ---------------------------------------------------------------
@@ -220,12 +215,12 @@ class MultifdSender:
             ch.channel.shutdown()
 
     def _wake_all(self) -> None:
-        """Stop: every thread blocked on a semaphore wakes now and sees ``stop``."""
+        """Stop: every thread waiting on a queue wakes now and sees ``stop``."""
         self.stop.set()
-        self.ready.release()
+        self.idle.put(None)
+        self.synced.put(None)
         for ch in self.channels:
-            ch.sem.release()
-            ch.sem_sync.release()
+            ch.jobs.put(None)
 
     def missed_zero_copy(self) -> None:
         with self.lock:
@@ -237,11 +232,17 @@ class MultifdSender:
         if self.stop.is_set():
             raise MultifdError("multifd channels were shut down")
 
-    def _acquire(self, sem: threading.Semaphore) -> None:
-        """Wait for *sem*, re-checking for a failed channel every slice."""
-        while not sem.acquire(timeout=WAIT_SLICE):
+    def _get(self, ids: "queue.SimpleQueue[int | None]") -> int:
+        """The next channel id from *ids*, re-checking for a failed channel every slice."""
+        while True:
+            try:
+                channel_id = ids.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                self._check()
+                continue
             self._check()
-        self._check()
+            if channel_id is not None:
+                return channel_id
 
     # -- migration thread ---------------------------------------------------------
 
@@ -265,12 +266,8 @@ class MultifdSender:
         block = self._block
         self._pending, self._pending_count, self._block = [], 0, None
         size = len(pages) * PAGE_SIZE + wire.HEADER_SIZE
-        self._acquire(self.ready)
-        n = len(self.channels)
-        chosen = next(ch for ch in (self.channels[(self._next + i) % n] for i in range(n)) if not ch.busy)
-        self._next = (chosen.id + 1) % n
-        chosen.busy = True
-        chosen.post(_Job(block, pages, self._next_packet_num(), False))
+        chosen = self.channels[self._get(self.idle)]
+        chosen.jobs.put(_Job(block, pages, self._next_packet_num(), False))
         self.stats.account_multifd(size)
         self.account(size)
 
@@ -286,11 +283,11 @@ class MultifdSender:
             self._send_pending()
         self._check()
         for ch in self.channels:
-            ch.post(_Job(None, None, self._next_packet_num(), True))
+            ch.jobs.put(_Job(None, None, self._next_packet_num(), True))
             self.stats.account_multifd(wire.HEADER_SIZE)
         self.account(wire.HEADER_SIZE * len(self.channels))
-        for ch in self.channels:
-            self._acquire(ch.sem_sync)
+        for _ in self.channels:
+            self._get(self.synced)
 
     def close(self) -> None:
         """Stop the threads and close the channels (end of migration, any outcome)."""
