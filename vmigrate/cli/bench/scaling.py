@@ -144,8 +144,8 @@ def verdict(rows: list[dict]) -> list[str]:
 
 def markdown_table(rows: list[dict]) -> str:
     head = ("| RAM | compression | channels / threads | QEMU 7.2 s | vmigrate s | ratio | QEMU GiB/s "
-            "| vmigrate GiB/s | vmigrate peak RSS src / dst |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "| vmigrate GiB/s | peak RSS / guest RAM, QEMU src, dst | vmigrate src, dst |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         q, v = r.get("qemu", {}), r.get("vmigrate", {})
 
@@ -155,10 +155,12 @@ def markdown_table(rows: list[dict]) -> str:
         def gib(e: dict) -> str:
             return fmt(e["guest_mib_s"] / 1024, digits=2) if e.get("guest_mib_s") else "-"
 
-        rss = (f"{v['src_peak_rss_vs_guest']:.1%} / {v['dst_peak_rss_vs_guest']:.1%}"
-               if v.get("src_peak_rss_vs_guest") else "-")
+        def rss(e: dict) -> str:
+            return (f"{e['src_peak_rss_vs_guest']:.1%}, {e['dst_peak_rss_vs_guest']:.1%}"
+                    if e.get("src_peak_rss_vs_guest") else "-")
+
         lines.append(f"| {human_bytes(r['size_bytes'])} | {r['compression']} | {r['channels']} | {secs(q)} | "
-                     f"{secs(v)} | {fmt(r['ratio'], digits=2)} | {gib(q)} | {gib(v)} | {rss} |")
+                     f"{secs(v)} | {fmt(r['ratio'], digits=2)} | {gib(q)} | {gib(v)} | {rss(q)} | {rss(v)} |")
     return "\n".join(lines)
 
 
