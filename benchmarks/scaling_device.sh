@@ -1,6 +1,6 @@
 #!/bin/sh
 # `vmigrate bench scaling` on a many-core machine with no network and no QEMU installed, in about
-# 9 minutes: QEMU 7.2 and the zstandard wheel come from tools/bundle_qemu.sh's bundle, carried
+# 8.5 minutes: QEMU 7.2 and the zstandard wheel come from tools/bundle_qemu.sh's bundle, carried
 # with the working tree (benchmarks/README.md, docs/benchmarks.md "Multifd scaling").
 #
 # Stages, most important first, each bounded by what is left of BUDGET seconds:
@@ -13,7 +13,7 @@
 set -u
 OUT=${OUT:-bench-results/device}
 BUNDLE=${BUNDLE:-device-bundle}
-BUDGET=${BUDGET:-540}
+BUDGET=${BUDGET:-500}
 SIZE=${SIZE:-4G}
 BIG=${BIG:-32G}
 ZSIZE=${ZSIZE:-2G}
