@@ -38,6 +38,7 @@ import numpy as np
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.migration.channel import Channel, ChannelError, ZeroCopySocket
 from vmigrate.migration.compress import write_pages
+from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
@@ -52,21 +53,6 @@ WAIT_SLICE = 0.5
 
 class MultifdError(ChannelError):
     pass
-
-
-def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) of each run of consecutive page indices.
-
-    Called for every packet on both sides, so the common one-run packet
-    (a first pass over RAM) takes two numpy calls instead of six.
-    """
-    steps = np.diff(pages) != 1
-    if not steps.any():
-        return [(int(pages[0]), len(pages))]
-    breaks = np.flatnonzero(steps) + 1
-    firsts = np.concatenate(([0], breaks))
-    counts = np.diff(np.concatenate((firsts, [len(pages)])))
-    return list(zip(pages[firsts].tolist(), counts.tolist()))
 
 
 def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool, uuid: bytes) -> list[Channel]:
