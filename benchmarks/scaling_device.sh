@@ -45,13 +45,21 @@ print(QEMU, vm.qmp.execute("query-version"))
 vm.close()
 EOF
 
-# Source and destination RAM of the big guest live in tmpfs: make room where the default is half of RAM.
-shm=/dev/shm
+# Source and destination RAM of the big guest live in tmpfs: make room where /dev/shm is smaller
+# (half of RAM by default, 64 MiB in some containers); else a tmpfs of our own, else /tmp.
 need_kib=$(python3 -c "from vmigrate.machine.memory import parse_size; print(2 * parse_size('$BIG') // 1024 + (1 << 20))")
-if [ "$(df -k --output=avail /dev/shm | tail -1)" -lt "$need_kib" ]; then
-    mount -o remount,size=$((need_kib + (4 << 20)))k /dev/shm 2>/dev/null \
-        || { mkdir -p /tmp/vmigrate-ram && mount -t tmpfs -o size=$((need_kib + (4 << 20)))k tmpfs /tmp/vmigrate-ram \
-             && shm=/tmp/vmigrate-ram; }
+avail() { df -k --output=avail "$1" 2>/dev/null | tail -1; }
+shm=/dev/shm
+if [ "$(avail /dev/shm)" -lt "$need_kib" ]; then
+    mount -o remount,size=$((need_kib + (4 << 20)))k /dev/shm 2>/dev/null
+fi
+if [ "$(avail /dev/shm)" -lt "$need_kib" ]; then
+    mkdir -p /tmp/vmigrate-ram
+    if mount -t tmpfs -o size=$((need_kib + (4 << 20)))k tmpfs /tmp/vmigrate-ram 2>/dev/null; then
+        shm=/tmp/vmigrate-ram
+    elif [ "$(avail /tmp)" -gt "$(avail /dev/shm)" ]; then
+        shm=/tmp/vmigrate-ram
+    fi
 fi
 df -h "$shm"
 
