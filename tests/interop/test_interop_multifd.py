@@ -49,7 +49,10 @@ def enable(vm: Machine, channels: int, method: str, **params) -> None:
     vm.vm.cmd("migrate-set-parameters", **{"multifd-channels": channels, "multifd-compression": method, **params})
 
 
-@pytest.mark.parametrize("method,channels", [("none", 2), ("zlib", 3), ("zstd", 2)])
+#: 1 to 8 channels uncompressed (each packet's page runs received straight into guest RAM), both codecs
+#: at an odd and at the largest count.
+@pytest.mark.parametrize("method,channels", [("none", 1), ("none", 2), ("none", 4), ("none", 8), ("zlib", 3),
+                                             ("zstd", 2), ("zstd", 8)])
 def test_qemu_to_vmigrate(machines: Machines, method, channels) -> None:
     src = machines.qemu(SIZE)
     fill_pattern(src.ram, src.size, seed=channels, random_pages=8192)
@@ -68,7 +71,8 @@ def test_qemu_to_vmigrate(machines: Machines, method, channels) -> None:
     assert first_difference(src.ram, dst.ram, src.size) is None
 
 
-@pytest.mark.parametrize("method,channels", [("none", 3), ("zlib", 2), ("zstd", 2)])
+@pytest.mark.parametrize("method,channels", [("none", 1), ("none", 2), ("none", 3), ("none", 4), ("none", 8),
+                                             ("zlib", 2), ("zstd", 2), ("zstd", 8)])
 def test_vmigrate_to_qemu(machines: Machines, method, channels) -> None:
     src = machines.vmigrate(SIZE, "--guest", GUEST)
     wait_for(lambda: bytes(pages(src.ram, src.size)[0, :8]) == b"VMIGRATE", 10, "the guest to start")

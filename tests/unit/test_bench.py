@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmigrate.cli.bench import ceiling, images, memwatch, profile, report, runner
+from vmigrate.cli.bench import ceiling, images, memwatch, profile, report, runner, scaling
 from vmigrate.cli.main import CLIError, main
 from vmigrate.harness.migrate import bound_uri
 
@@ -103,6 +103,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path: Path, capsys) -> None:
     assert "multiple of 1 MiB" in capsys.readouterr().err
     assert main(["bench", "matrix", "--scenarios", "warp", "--size", "8M", "--out", str(tmp_path)]) == 1
     assert "unknown scenario 'warp'" in capsys.readouterr().err
+    assert main(["bench", "precopy", "--size", "8M,16M", "--out", str(tmp_path)]) == 1
+    assert "bench precopy takes one --size" in capsys.readouterr().err
+    assert main(["bench", "scaling", "--size", "8M", "--compression", "lz4", "--out", str(tmp_path)]) == 1
+    assert "--compression takes a subset of none,zlib,zstd" in capsys.readouterr().err
 
 
 def test_precopy_end_to_end_tiny(tmp_path: Path) -> None:
@@ -138,3 +142,39 @@ def test_matrix_records_unimplemented_and_impossible_cells(tmp_path: Path) -> No
             assert r["verified"] is True
     assert cells[("precopy", "vmigrate", 16)]["status"] == "completed"
     assert (out / "matrix.png").stat().st_size > 0
+
+
+def test_scaling_end_to_end_tiny(tmp_path: Path) -> None:
+    """Both implementations per cell, multifd and the legacy compress threads; table, plot, ratios."""
+    out = tmp_path / "out"
+    rc = main(["bench", "scaling", "--size", "8M", "--channels", "1,2", "--compression", "none,zstd",
+               "--compress-threads", "2", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads((out / "scaling.json").read_text())
+    cells = {(r["compression"], r["channels"], r["impl"]): r for r in doc["runs"]}
+    assert len(cells) == 10
+    for r in doc["runs"]:
+        assert (r["status"], r["verified"]) == ("completed", True)
+    assert cells[("compress", 2, "qemu")]["scenario"] == "compress"
+    rows = doc["summary"]["cells"]
+    assert [(r["compression"], r["channels"]) for r in rows] == [("none", 1), ("none", 2), ("zstd", 1), ("zstd", 2),
+                                                                   ("compress", 2)]
+    assert all(r["ratio"] is not None for r in rows)
+    table = (out / "scaling.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| 8.0 MiB | none | 1 |")
+    assert (out / "scaling.png").stat().st_size > 0
+
+
+def test_scaling_verdict_names_missed_targets_and_drops() -> None:
+    def row(method: str, n: int, v: float, q: float) -> dict:
+        return {"size_bytes": 1 << 30, "compression": method, "channels": n, "ratio": round(v / q, 3),
+                "vmigrate": {"guest_mib_s": 1024 / v}, "qemu": {"guest_mib_s": 1024 / q}}
+
+    good = [row("none", 1, 2.0, 1.0), row("none", 2, 1.0, 1.0), row("zlib", 2, 0.7, 1.0)]
+    assert scaling.verdict(good) == ["all targets met"]
+    bad = [row("none", 2, 1.0, 1.0), row("none", 4, 1.2, 1.0), row("zlib", 2, 0.9, 1.0)]
+    assert scaling.verdict(bad) == [
+        "target missed: 1.0 GiB none x4 ratio 1.2 > 1.0",
+        "target missed: 1.0 GiB zlib x2 ratio 0.9 > 0.8",
+        "not monotonic: 1.0 GiB none, vmigrate MiB/s by count 2: 1,024, 4: 853",
+    ]

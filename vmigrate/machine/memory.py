@@ -126,14 +126,19 @@ class RAMBlock:
         """
         first, count = int(pages[0]), len(pages)
         if int(pages[-1]) - first + 1 == count and (count == 1 or bool((np.diff(pages) == 1).all())):
-            with self._prefaulter_lock:
-                if self._prefaulter is None:
-                    self._prefaulter = Prefaulter(self.bytes.ctypes.data, self.npages)
-                prefaulter = self._prefaulter
-            prefaulter.populate(first, count)
-            self.pages[first : first + count] = data
+            self.incoming_run(first, count)[:] = data
         else:
             self.pages[pages] = data
+
+    def incoming_run(self, first: int, count: int) -> np.ndarray:
+        """Pages [first, first + count), allocated, for an incoming stream to fill (write_pages, or a
+        multifd channel's ``recv_into`` straight into guest RAM)."""
+        with self._prefaulter_lock:
+            if self._prefaulter is None:
+                self._prefaulter = Prefaulter(self.bytes.ctypes.data, self.npages)
+            prefaulter = self._prefaulter
+        prefaulter.populate(first, count)
+        return self.pages[first : first + count]
 
     def access(self, first: int, count: int) -> None:
         """Pages [first, first + count) are about to be touched from Python (a software vCPU).

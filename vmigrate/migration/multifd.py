@@ -2,16 +2,20 @@
 
 Source: the migration thread zero-tests pages itself (zero pages stay on the
 main channel) and queues the others here in packets of up to 128 pages of
-one block.  A full packet goes to the next idle channel, round robin; its
-thread gathers the pages, compresses them if asked (zlib/zstd keep one
-stream per channel) and writes header and payload.  Before every RAM EOS
+one block.  A full packet goes to the next idle channel, round robin, as
+QEMU's multifd_send_pages does (a queue holds the idle channels, and each
+channel thread waits on a job queue of its own); its thread writes
+header and payload, the payload straight from guest RAM page run by page
+run, through the channel's compression stream if asked (zlib/zstd keep one
+stream per channel).  Before every RAM EOS
 the migration thread calls :meth:`MultifdSender.sync`: a SYNC packet on
 every channel, written after all earlier packets of that channel, and only
 then the EOS — the rule that lets the destination know all pages of the
 section arrived.
 
 Destination: one :class:`MultifdReceiver` thread per channel reads packets
-and writes their pages straight into guest RAM; after a SYNC packet it
+and puts their pages into guest RAM: uncompressed runs with ``recv_into``
+straight into the RAM, no copy on the way; after a SYNC packet it
 waits until the main channel's loader reached the matching EOS and called
 :meth:`MultifdReceiver.sync_main`.
 
@@ -25,8 +29,8 @@ counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections import deque
 from typing import Callable
 
 import numpy as np
@@ -34,12 +38,14 @@ import numpy as np
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.migration.channel import Channel, ChannelError, ZeroCopySocket
 from vmigrate.migration.compress import write_pages
+from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
 from vmigrate.trace import trace
 
-#: Page runs sent as separate iovecs before gathering the packet into one buffer is cheaper.
+#: Page runs of a packet sent (and received) as separate buffers of guest RAM; more scattered
+#: pages are gathered (scattered) with one numpy copy, cheaper than a Python step per run.
 MAX_IOVEC_RUNS = 16
 #: Bound on every wait, so a stuck peer never hangs a thread forever (errors are re-checked).
 WAIT_SLICE = 0.5
@@ -47,14 +53,6 @@ WAIT_SLICE = 0.5
 
 class MultifdError(ChannelError):
     pass
-
-
-def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """(first page, count) of each run of consecutive page indices."""
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    firsts = np.concatenate(([0], breaks))
-    counts = np.diff(np.concatenate((firsts, [len(pages)])))
-    return list(zip(pages[firsts].tolist(), counts.tolist()))
 
 
 def open_channels(connect: Callable[[], Channel], count: int, zero_copy: bool, uuid: bytes) -> list[Channel]:
@@ -91,6 +89,14 @@ class _Job:
 
 
 class _SendChannel:
+    """One channel thread, woken only by its own job queue (QEMU's ``p->sem``).
+
+    A shared condition woke every channel thread and the migration thread on
+    each handed-over packet, each wake-up retaking the interpreter lock
+    (docs/benchmarks.md, "Multifd scaling").  The queues are
+    ``queue.SimpleQueue``, whose put and get are C calls.
+    """
+
     def __init__(self, owner: "MultifdSender", channel_id: int, channel: Channel, encoder: wire.PayloadEncoder,
                  zero_copy: bool) -> None:
         self.owner = owner
@@ -98,33 +104,26 @@ class _SendChannel:
         self.channel = channel
         self.encoder = encoder
         self.zero_copy = ZeroCopySocket(channel.sock) if zero_copy else None
-        self.jobs: deque[_Job] = deque()
-        self.syncs_done = 0
+        #: Packets and SYNCs to write, in order; None wakes the thread to stop.
+        self.jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=f"multifdsend_{channel_id}", daemon=True)
-
-    @property
-    def idle(self) -> bool:
-        return not self.jobs
 
     def _run(self) -> None:
         owner = self.owner
         try:
-            while True:
-                with owner.cond:
-                    while not self.jobs and not owner.stop.is_set():
-                        owner.cond.wait(WAIT_SLICE)
-                    if owner.stop.is_set():
-                        return
-                    job = self.jobs[0]
+            while not owner.stop.is_set():
+                try:
+                    job = self.jobs.get(timeout=WAIT_SLICE)
+                except queue.Empty:
+                    continue
+                if job is None or owner.stop.is_set():
+                    return
                 if job.sync:
                     self._sync(job)
+                    owner.synced.put(self.id)
                 else:
                     self._send_pages(job)
-                with owner.cond:
-                    self.jobs.popleft()
-                    if job.sync:
-                        self.syncs_done += 1
-                    owner.cond.notify_all()
+                    owner.idle.put(self.id)
         except (ChannelError, OSError, ValueError) as err:
             # QEMU's error-desc is the channel's own text (multifd_send_thread), without the channel id.
             trace("multifd_send_error", id=self.id, error=err)
@@ -136,14 +135,28 @@ class _SendChannel:
         self.channel.write(wire.packet_header(wire.FLAG_SYNC, 0, 0, job.packet_num, None, ()))
 
     def _send_pages(self, job: _Job) -> None:
+        """Header and payload; the payload comes from guest RAM run by run, never gathered first.
+
+        Up to :data:`MAX_IOVEC_RUNS` runs (any number with zero copy, which
+        may only hand guest RAM to the kernel), uncompressed runs go to
+        ``sendmsg`` as views of guest RAM and compressed ones to the
+        channel's codec one run at a time (one stream, one flush per packet,
+        so the bytes decompress to the same pages); more scattered pages are
+        gathered with one numpy copy.  ``sendmsg`` and the codecs release
+        the interpreter lock for the whole run.
+        """
         block, pages = job.block, job.pages
         runs = page_runs(pages)
-        if self.encoder.method == "none" and (self.zero_copy is not None or len(runs) <= MAX_IOVEC_RUNS):
-            data = [block.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in runs]
+        if self.zero_copy is not None or len(runs) <= MAX_IOVEC_RUNS:
+            buffers = [block.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in runs]
+        else:
+            buffers = [block.pages[pages]]
+        if self.encoder.method == "none":
+            data = buffers
             size = len(pages) * PAGE_SIZE
         else:
-            data = [self.encoder.encode(block.pages[pages])]
-            size = len(data[0])
+            data = self.encoder.encode(buffers)
+            size = sum(map(len, data))
         head = wire.packet_header(self.encoder.flag, len(pages), size, job.packet_num, block.idstr,
                                   pages.astype(np.uint64) << np.uint64(12))
         if self.zero_copy is not None:
@@ -156,40 +169,54 @@ class _SendChannel:
 class MultifdSender:
     """The source side: packet batching, channel choice, sync, accounting (docs/qemu/ram.md §7).
 
-    ``account`` adds bytes to the main stream's rate-limit window: multifd
-    traffic counts against the same ``max-bandwidth`` budget.
+    As QEMU's multifd_send_pages, the migration thread waits for an idle
+    channel and hands it the packet; ``idle`` holds the ids of the idle
+    channels in the order they became idle (QEMU scans round robin from the
+    last one used: the choice is invisible on the wire).  ``account`` adds
+    bytes to the main stream's rate-limit window: multifd traffic counts
+    against the same ``max-bandwidth`` budget.
     """
 
     def __init__(self, channels: list[Channel], method: str, level: int, zero_copy: bool,
                  stats: RamStats, account: Callable[[int], None]) -> None:
         self.stats = stats
         self.account = account
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.idle: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        #: A channel's id once it wrote the SYNC packet the migration thread asked for.
+        self.synced: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self.error: str | None = None
         self._packet_num = 0
-        self._next = 0
         self._block: RAMBlock | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
         self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), zero_copy)
                          for i, ch in enumerate(channels)]
         for ch in self.channels:
+            self.idle.put(ch.id)
             ch.thread.start()
 
     # -- errors ---------------------------------------------------------------
 
     def fail(self, desc: str) -> None:
-        with self.cond:
+        with self.lock:
             if self.error is None:
                 self.error = desc
-            self.stop.set()
-            self.cond.notify_all()
+        self._wake_all()
         for ch in self.channels:
             ch.channel.shutdown()
 
+    def _wake_all(self) -> None:
+        """Stop: every thread waiting on a queue wakes now and sees ``stop``."""
+        self.stop.set()
+        self.idle.put(None)
+        self.synced.put(None)
+        for ch in self.channels:
+            ch.jobs.put(None)
+
     def missed_zero_copy(self) -> None:
-        with self.cond:
+        with self.lock:
             self.stats.dirty_sync_missed_zero_copy += 1
 
     def _check(self) -> None:
@@ -197,6 +224,18 @@ class MultifdSender:
             raise MultifdError(self.error)
         if self.stop.is_set():
             raise MultifdError("multifd channels were shut down")
+
+    def _get(self, ids: "queue.SimpleQueue[int | None]") -> int:
+        """The next channel id from *ids*, re-checking for a failed channel every slice."""
+        while True:
+            try:
+                channel_id = ids.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                self._check()
+                continue
+            self._check()
+            if channel_id is not None:
+                return channel_id
 
     # -- migration thread ---------------------------------------------------------
 
@@ -220,19 +259,9 @@ class MultifdSender:
         block = self._block
         self._pending, self._pending_count, self._block = [], 0, None
         size = len(pages) * PAGE_SIZE + wire.HEADER_SIZE
-        with self.cond:
-            n = len(self.channels)
-            while True:
-                self._check()
-                idle = [i for i in range(n) if self.channels[(self._next + i) % n].idle]
-                if idle:
-                    break
-                self.cond.wait(WAIT_SLICE)
-            chosen = self.channels[(self._next + idle[0]) % n]
-            self._next = (chosen.id + 1) % n
-            chosen.jobs.append(_Job(block, pages, self._next_packet_num(), False))
-            self.stats.account_multifd(size)
-            self.cond.notify_all()
+        chosen = self.channels[self._get(self.idle)]
+        chosen.jobs.put(_Job(block, pages, self._next_packet_num(), False))
+        self.stats.account_multifd(size)
         self.account(size)
 
     def _next_packet_num(self) -> int:
@@ -245,24 +274,17 @@ class MultifdSender:
         trace("multifd_send_sync_main", packet_num=self._packet_num)
         if self._pending_count:
             self._send_pending()
-        with self.cond:
-            self._check()
-            targets = []
-            for ch in self.channels:
-                ch.jobs.append(_Job(None, None, self._next_packet_num(), True))
-                targets.append(ch.syncs_done + sum(job.sync for job in ch.jobs))
-                self.stats.account_multifd(wire.HEADER_SIZE)
-            self.cond.notify_all()
-            self.account(wire.HEADER_SIZE * len(self.channels))
-            while any(ch.syncs_done < target for ch, target in zip(self.channels, targets)):
-                self._check()
-                self.cond.wait(WAIT_SLICE)
+        self._check()
+        for ch in self.channels:
+            ch.jobs.put(_Job(None, None, self._next_packet_num(), True))
+            self.stats.account_multifd(wire.HEADER_SIZE)
+        self.account(wire.HEADER_SIZE * len(self.channels))
+        for _ in self.channels:
+            self._get(self.synced)
 
     def close(self) -> None:
         """Stop the threads and close the channels (end of migration, any outcome)."""
-        with self.cond:
-            self.stop.set()
-            self.cond.notify_all()
+        self._wake_all()
         for ch in self.channels:
             ch.channel.shutdown()
         for ch in self.channels:
@@ -309,15 +331,23 @@ class MultifdReceiver:
                 header = wire.decode_packet_header(bytes(head), self.used)
                 if header.normal_pages:
                     decoder.check_flags(header)
-                    view = memoryview(scratch)[:decoder.payload_size(header)]
-                    recv_exact(channel, view)
-                    data = decoder.decode(header, view)
                     pages = header.offsets >> 12
-                    if self._staged is not None:
-                        with self._cond:
-                            self._staged.append((header.ramblock, pages, bytes(data)))
+                    block = self.blocks[header.ramblock]
+                    runs = page_runs(pages) if decoder.method == "none" and self._staged is None else []
+                    if 0 < len(runs) <= MAX_IOVEC_RUNS:
+                        for first, count in runs:
+                            recv_exact(channel, memoryview(block.incoming_run(first, count)).cast("B"))
+                        if self.on_pages is not None:
+                            self.on_pages(header.ramblock, pages)
                     else:
-                        self._write(header.ramblock, pages, data)
+                        view = memoryview(scratch)[:decoder.payload_size(header)]
+                        recv_exact(channel, view)
+                        data = decoder.decode(header, view)
+                        if self._staged is not None:
+                            with self._cond:
+                                self._staged.append((header.ramblock, pages, bytes(data)))
+                        else:
+                            self._write(header.ramblock, pages, data)
                 if header.sync:
                     self._wait_release()
         except (WireError, ChannelError, OSError) as err:
