@@ -62,30 +62,38 @@ def colo(request, spawn_shm):
     return src, dst, shm / "secondary.ram"
 
 
+def guest_counter(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[8:16], "little")
+
+
 def test_primary_killed_secondary_takes_over(colo):
     src, dst, ram = colo
     info = src.migrate_status()
     assert info["status"] == "colo" and src.status() == "running"
-    assert dst.migrate_status()["status"] == "colo" and dst.status() == "colo"
+    # Both guests run between checkpoints, as in QEMU (lock-step).
+    assert dst.migrate_status()["status"] == "colo"
+    wait_for(lambda: dst.status() == "running", 5, "the secondary's guest between checkpoints")
     assert dst.cmd("query-colo-status") == {"mode": "secondary", "last-mode": "none", "reason": "none"}
     assert src.cmd("query-colo-status") == {"mode": "primary", "last-mode": "none", "reason": "none"}
 
+    before = guest_counter(ram.with_name("primary.ram"))
+    done = src.migrate_status()["x-vmigrate-colo"]["checkpoints"]
+    wait_for(lambda: src.migrate_status()["x-vmigrate-colo"]["checkpoints"] > done, 10,
+             "a checkpoint after the counter was read")
     os.kill(src.pid, signal.SIGKILL)
     src.proc.wait(10)
     # The secondary sees the broken channel and waits for a failover (colo_process_incoming_thread).
     assert wait_for(lambda: colo_exits(dst), 10, "COLO_EXIT on the secondary") == \
         [{"mode": "secondary", "reason": "error"}]
-    assert dst.migrate_status()["status"] == "colo" and dst.status() == "colo"
-    at_checkpoint = ab_counter(ram)
+    assert dst.migrate_status()["status"] == "colo"
 
     dst.cmd("x-colo-lost-heartbeat")
     assert dst.wait_migration({"completed"}, timeout=10)["status"] == "completed"
     assert dst.status() == "running"
     assert dst.cmd("query-colo-status") == {"mode": "none", "last-mode": "secondary", "reason": "request"}
-    wait_for(lambda: int.from_bytes(ram.read_bytes()[8:16], "little") > at_checkpoint + 3, 10,
-             "the secondary's guest to run on")
+    wait_for(lambda: guest_counter(ram) > before + 3, 10, "the secondary's guest to run on")
     dst.cmd("stop")
-    assert ab_counter(ram) > at_checkpoint
+    assert ab_counter(ram) > before
 
 
 def test_failover_on_request_and_status(colo):

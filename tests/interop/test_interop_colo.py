@@ -105,7 +105,7 @@ def test_qemu_primary_vmigrate_secondary(machines: Machines, multifd: bool) -> N
     in_colo(src, "primary")
     in_colo(dst, "secondary")
     wait_for(lambda: src.vm.status() == "running", 10, "QEMU's guest to restart after CHECKPOINT_READY")
-    assert dst.vm.status() == "colo"  # vmigrate's secondary waits stopped (docs/colo.md)
+    wait_for(lambda: dst.vm.status() == "running", 10, "vmigrate's guest between checkpoints, as QEMU's")
     # Each checkpoint: QEMU's messages, its (empty) RAM END record and its device state, loaded.
     wait_for(lambda: vmigrate_checkpoints(dst) >= 3, 20, "three checkpoints applied")
     assert first_difference(src.ram, dst.ram, src.size) is None

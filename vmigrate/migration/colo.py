@@ -27,7 +27,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
+
+from vmigrate.machine.memory import RAMBlock
 from vmigrate.machine.runstate import RunState
+from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.channel import Channel, ChannelError
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.qemu_file import QEMUFileOut
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 #: What ends the COLO loop: the channel broke, a message was wrong, the secondary refused a load.
 COLO_ERRORS = (ChannelError, WireError, LoadError, OSError)
+#: The secondary's dirty-log client: pages its own guest wrote since the last checkpoint.
+DIRTY_CLIENT = "colo"
 
 
 class Failover(enum.Enum):
@@ -242,14 +248,62 @@ class ColoPrimary:
         stats.total_bytes += stats.last_bytes
 
 
+class RamCache:
+    """The secondary's copy of the primary's RAM as of the last checkpoint (QEMU's colo_cache,
+    colo_init_ram_cache / colo_flush_ram_cache in ram.c), while its own guest runs ahead of it.
+
+    At a checkpoint, with the guest stopped, :meth:`revert` puts back what the secondary's
+    guest wrote since the last one (the dirty log); the checkpoint is then loaded into guest
+    RAM as usual, which then equals the primary's, and :meth:`commit` copies the pages it
+    loaded into the cache.  Costs a second copy of guest RAM, as in QEMU.
+    """
+
+    def __init__(self, blocks: list[RAMBlock], dirty_log: VcpuBackend) -> None:
+        self.blocks = blocks
+        self.dirty_log = dirty_log
+        self.copies = {b.idstr: b.pages.copy() for b in blocks}
+        #: The pages each checkpoint loaded, marked by the RAM loader (LoadContext.colo_received).
+        self.received = {b.idstr: np.zeros(b.npages, dtype=np.bool_) for b in blocks}
+        for block in blocks:
+            block.dirty.start(DIRTY_CLIENT)
+        dirty_log.dirty_log_start()
+
+    def revert(self) -> int:
+        """The guest is stopped: its writes since the last checkpoint go; returns how many pages."""
+        self.dirty_log.dirty_log_sync()
+        reverted = 0
+        for block in self.blocks:
+            written = np.zeros(block.npages, dtype=np.bool_)
+            block.dirty.collect_into(DIRTY_CLIENT, written)
+            pages = np.flatnonzero(written)
+            block.pages[pages] = self.copies[block.idstr][pages]
+            reverted += pages.size
+        return reverted
+
+    def commit(self) -> None:
+        """The checkpoint is in guest RAM: its pages become the cache's."""
+        for block in self.blocks:
+            received = self.received[block.idstr]
+            pages = np.flatnonzero(received)
+            self.copies[block.idstr][pages] = block.pages[pages]
+            received[:] = False
+
+    def close(self) -> None:
+        self.dirty_log.dirty_log_stop()
+        for block in self.blocks:
+            block.dirty.stop(DIRTY_CLIENT)
+        self.copies.clear()
+
+
 class ColoSecondary:
     """The secondary's COLO incoming thread body (colo_process_incoming_thread)."""
 
     def __init__(self, state: ColoState, channel: Channel, registry: SectionRegistry, ctx: LoadContext,
-                 sections: dict, bodies: dict) -> None:
+                 sections: dict, bodies: dict, runstate: RunState, cache: RamCache) -> None:
         """*sections* are the stream's sections by id from the first load (END records name
         them by id) and *bodies* its body decoders, which go on from where it stopped (QEMU's
-        last received block persists too).  The caller ends the incoming migration once
+        last received block persists too).  The guest runs between checkpoints (*runstate*),
+        *cache* keeps the primary's RAM.  The caller ends the incoming migration once
         :meth:`run` returns, after starting the guest."""
         self.state = state
         self.channel = channel
@@ -257,6 +311,8 @@ class ColoSecondary:
         self.ctx = ctx
         self.sections = sections
         self.bodies = bodies
+        self.runstate = runstate
+        self.cache = cache
         self.checkpoints = 0
         #: Held while a checkpoint is applied: a failover waits for it rather than relaunching.
         self._apply = threading.Lock()
@@ -266,17 +322,23 @@ class ColoSecondary:
         with self._apply:
             self.channel.shutdown()
 
+    def engage(self) -> None:
+        """Secondary mode, before the status shows ``colo`` (query-colo-status agrees with it)."""
+        self.state.engaged("secondary", self._failover)
+
     def run(self) -> None:
         """Checkpoints until a failover; returns once one is complete (the caller starts the guest)."""
         reader = MessageReader(self.channel)
         live = [s for s in self.registry.live if s.is_active(self.ctx.config)]
-        self.state.engaged("secondary", self._failover)
+        self.ctx.colo_received = self.cache.received
         try:
             for s in live:
                 s.load_setup(self.ctx)
+            self.runstate.start()
             self.channel.write(wire_colo.message(ColoMessage.CHECKPOINT_READY))
             while True:
                 reader.expect(ColoMessage.CHECKPOINT_REQUEST)
+                self.runstate.force_stop("colo")
                 self.channel.write(wire_colo.message(ColoMessage.CHECKPOINT_REPLY))
                 reader.expect(ColoMessage.VMSTATE_SEND)
                 cache = self._receive_live(reader)
@@ -287,6 +349,7 @@ class ColoSecondary:
                     if self.state.failover != Failover.NONE:
                         break
                     self._load(live, cache, devices)
+                    self.runstate.start()
                 self.checkpoints += 1
                 self.channel.write(wire_colo.message(ColoMessage.VMSTATE_LOADED))
         except COLO_ERRORS as err:
@@ -294,8 +357,10 @@ class ColoSecondary:
                 log.error("COLO secondary: %s", err)
         finally:
             self.ctx.colo = False
+            self.ctx.colo_received = None
             for s in live:
                 s.load_cleanup()
+            self.cache.close()
         self.state.exit_event("secondary")
         self.state.wait_failover(None)
 
@@ -323,8 +388,11 @@ class ColoSecondary:
 
     def _load(self, live: list[SaveVMHandlers], cache: list[tuple[str, object]], devices: bytes) -> None:
         """colo_flush_ram_cache and the device state: the checkpoint is complete."""
+        reverted = self.cache.revert()
         by_name = {s.idstr: s for s in live}
         for idstr, event in cache:
             by_name[idstr].load_state(event)
+        self.cache.commit()
         self.registry.load_device_state(devices, header=False)
+        trace("colo_flush_ram_cache", reverted=reverted)
 

@@ -21,7 +21,7 @@ from vmigrate.machine.announce import AnnounceParameters
 from vmigrate.machine.runstate import INMIGRATE_NEXT
 from vmigrate.migration.channel import (SOCKET_KINDS, Channel, ChannelError, CommandChannel, FdChannel, Listener,
                                         parse_uri)
-from vmigrate.migration.colo import ColoSecondary, ColoState
+from vmigrate.migration.colo import ColoSecondary, ColoState, RamCache
 from vmigrate.migration.config import MigrationConfig
 from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.multifd import MultifdError, recv_exact
@@ -511,12 +511,17 @@ class IncomingMigration:
                 runstate.set("paused")
 
     def _colo(self, channel: Channel, ctx: LoadContext, sections: dict, bodies: dict) -> None:
-        """colo_process_incoming_thread: ``colo`` until a failover, the guest stopped meanwhile
-        (docs/colo.md); the checkpoints' pages may now land on pages the first load wrote."""
-        self.status.transition(S.ACTIVE, S.COLO)
-        self.host.runstate.set("colo")
+        """colo_process_incoming_thread: ``colo`` until a failover, the guest running between
+        checkpoints over a copy of the primary's RAM (docs/colo.md); the checkpoints' pages may
+        now land on pages the first load wrote."""
+        host = self.host
+        cache = RamCache(host.ram_blocks, host.vcpus)
         ctx.ram_fresh = False
-        self.colo = ColoSecondary(self.colo_state, channel, self.host.sections, ctx, sections, bodies)
+        self.colo = ColoSecondary(self.colo_state, channel, host.sections, ctx, sections, bodies, host.runstate,
+                                  cache)
+        self.colo.engage()
+        self.status.transition(S.ACTIVE, S.COLO)
+        host.runstate.set("colo")
         self.colo.run()
 
     def _announce(self) -> None:

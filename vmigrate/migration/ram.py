@@ -496,8 +496,9 @@ class RamLoader:
 
     def __init__(self, blocks: list[RAMBlock], decompress_threads: int = 0,
                  postcopy: PostcopyIncoming | None = None, ignore_shared: bool = False,
-                 ram_fresh: bool = True) -> None:
-        """``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability);
+                 ram_fresh: bool = True, colo_received: dict[str, np.ndarray] | None = None) -> None:
+        """*colo_received* (a COLO secondary's checkpoints) gets every page loaded marked, by block.
+        ``decompress_threads`` > 0 accepts compressed pages (the ``compress`` capability);
         with *postcopy*, pages are recorded as received, and placed through it once it listens.
         With *ignore_shared* (``x-ignore-shared``) the shared blocks receive nothing: their
         contents are the file's, kept as they are (no zeroing, no prefault, not even a scan
@@ -514,14 +515,19 @@ class RamLoader:
         self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
         #: The multifd channels' receiver, once they are all connected.
         self.multifd: MultifdReceiver | None = None
+        self.colo_received = colo_received
 
     def pages_written(self, block: str, pages: np.ndarray) -> None:
         """Pages got data from elsewhere (multifd channels): no longer known to be zero."""
         self.known_zero[block][pages] = False
+        if self.colo_received is not None:
+            self.colo_received[block][pages] = True
 
     def _received(self, block: str, pages: np.ndarray) -> None:
         if self.postcopy is not None:
             self.postcopy.mark_received(block, pages)
+        if self.colo_received is not None:
+            self.colo_received[block][pages] = True
 
     def load_xbzrle(self, event: "wire_ram.RamXbzrleRun") -> None:
         """Deltas onto the pages' current contents (the destination keeps no cache)."""
@@ -687,7 +693,7 @@ class RamSection:
     def load_setup(self, ctx: LoadContext) -> wire_ram.RamBodyDecoder:
         caps, params = ctx.config.caps, ctx.config.params
         loader = self._loader = RamLoader(self.blocks, params.decompress_threads if caps.compress else 0,
-                                          ctx.postcopy, caps.x_ignore_shared, ctx.ram_fresh)
+                                          ctx.postcopy, caps.x_ignore_shared, ctx.ram_fresh, ctx.colo_received)
         self._load_ctx = ctx
         if caps.multifd:
             receiver, self._colo_multifd = self._colo_multifd, None

@@ -93,6 +93,8 @@ class LoadContext:
     #: The stream carried ENABLE_COLO: COLO's checkpoints follow the load, over its multifd
     #: channels too; cleared when COLO ends, so the last cleanup closes them.
     colo: bool = False
+    #: A COLO secondary's checkpoints: the pages each one loaded, by block (docs/colo.md).
+    colo_received: "dict[str, np.ndarray] | None" = None
 
 
 class SaveVMHandlers(Protocol):
