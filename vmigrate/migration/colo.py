@@ -7,12 +7,12 @@ checkpoint (the live sections' END records, then the device state behind
 messages are docs/qemu/colo.md §2's raw be32 values over the main channel
 and its reverse direction.
 
-The secondary keeps a checkpoint's records in a cache until the whole
-checkpoint, device state included, has arrived: only then are they applied
-to guest RAM, so a checkpoint cut off by the primary's death is never half
-applied.  Its guest stays stopped (vmigrate has no COLO proxy to compare the
-two guests' output, so running it would only diverge) until a failover
-(``x-colo-lost-heartbeat``) starts it from the last complete checkpoint.
+The secondary's guest runs between checkpoints, as QEMU's does (lock-step).
+It keeps a checkpoint's records until the whole checkpoint, device state
+included, has arrived: only then, with its guest stopped, does it put back
+what its guest wrote since the last one (:class:`RamCache`) and apply them, so
+a checkpoint cut off by the primary's death is never half applied.  A
+failover (``x-colo-lost-heartbeat``) lets it run on alone.
 
 :class:`ColoState` is the process's COLO mode and failover state
 (colo-failover.c), shared by both directions and by the QMP commands.
