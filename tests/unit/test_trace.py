@@ -14,6 +14,8 @@ def clean_logging():
     """Each test starts with no point enabled and leaves the ``vmigrate`` logger as it found it."""
     root = logging.getLogger("vmigrate")
     handlers, level = list(root.handlers), root.level
+    # An in-process CLI run of an earlier test may have left its handler, on a stream now closed.
+    root.handlers[:] = []
     trace.reset()
     yield
     trace.reset()
