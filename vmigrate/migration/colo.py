@@ -82,6 +82,12 @@ class ColoState:
             self._do_failover = do_failover
             self._completed.clear()
 
+    def disengaged(self) -> None:
+        """The status never became ``colo`` after all (the attempt was cancelled at its end)."""
+        with self._lock:
+            self.mode = "none"
+            self._do_failover = None
+
     def query(self) -> dict:
         """query-colo-status: the reason follows the failover state (qmp_query_colo_status)."""
         failover = self.failover
@@ -201,10 +207,13 @@ class ColoPrimary:
         self.on_failover()
         self.channel.shutdown()
 
+    def engage(self) -> None:
+        """Primary mode, before the status shows ``colo`` (query-colo-status agrees with it)."""
+        self.state.engaged("primary", self._failover)
+
     def run(self, ready: bool) -> None:
         """*ready*: the secondary's CHECKPOINT_READY was already read (by the return-path reader)."""
         reader = MessageReader(self.channel)
-        self.state.engaged("primary", self._failover)
         try:
             if not ready:
                 reader.expect(ColoMessage.CHECKPOINT_READY)

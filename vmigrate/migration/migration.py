@@ -491,7 +491,7 @@ class OutgoingSession:
             if self.status.status == S.CANCELLING:
                 raise MigrationCancelled()
             if self.status.status == S.COLO:
-                self._colo(saver)
+                self._colo()
         except (MigrationCancelled, SnapshotCancelled):
             pass
         except (MultifdSetupError, WriteTrackingError) as err:
@@ -818,19 +818,28 @@ class OutgoingSession:
         status = self.status.status
         # migration_completion: an x-colo source enters COLO instead of completing.
         final = S.COLO if colo and status == S.ACTIVE else S.COMPLETED
+        if final == S.COLO:
+            self._colo_engage(saver)
         if status not in (S.ACTIVE, S.DEVICE) or not self.status.transition(status, final):
+            if self.colo is not None:
+                self.colo_state.disengaged()
+                self.colo = None
             raise MigrationCancelled()
         return was_running
 
-    def _colo(self, saver: SaveVM) -> None:
-        """migrate_start_colo_process: checkpoints on this thread until a failover ends them;
-        the guest runs on here whatever the outcome (docs/colo.md)."""
-        self._was_running = False
+    def _colo_engage(self, saver: SaveVM) -> None:
+        """The checkpointing engine, in primary mode before the status shows ``colo``."""
         f = self.file
         self.colo = ColoPrimary(self.colo_state, self.channel, f, saver, self.host.runstate,
                                 lambda: self.config.params.x_checkpoint_delay,
                                 lambda: self.status.transition(S.COLO, S.COMPLETED), self.colo_stats,
                                 lambda: f.transferred + self.stats.multifd_bytes)
+        self.colo.engage()
+
+    def _colo(self) -> None:
+        """migrate_start_colo_process: checkpoints on this thread until a failover ends them;
+        the guest runs on here whatever the outcome (docs/colo.md)."""
+        self._was_running = False
         # With return-path its reader already took the secondary's CHECKPOINT_READY.
         self.colo.run(ready=self.rp is not None and self.rp.colo_ready)
 
