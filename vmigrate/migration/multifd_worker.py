@@ -273,9 +273,10 @@ class WorkerSender(MultifdSender):
         try:
             w.ctrl.sendall(data)
         except OSError:
-            # The worker is gone: its error text (or its EOF) says why.
-            while True:
-                self._collect(w)
+            # The worker is gone: its error text (or its EOF) says why, else this does.
+            self._collect(w)
+            self.fail(f"multifd: channel worker {w.id} exited")
+            self._check()
 
     def _collect(self, w: _Worker) -> None:
         """Take the worker's answers (waits up to a slice); a failed or vanished worker fails the migration."""
