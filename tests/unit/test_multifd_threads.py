@@ -47,12 +47,19 @@ def test_pages_arrive_equal_through_every_path(blocks, method, channels):
                                on_pages=lambda name, pages: written.append(pages))
     stats = RamStats()
     sender = MultifdSender([SocketChannel(a) for a, _ in pairs], method, 1, False, stats, lambda n: None)
+    send_and_check(sender, receiver, src, dst, written, stats, channels)
+
+
+def send_and_check(sender, receiver, src: RAMBlock, dst: RAMBlock, written: list[np.ndarray], stats: RamStats,
+                   channels: int, rounds: int = 1) -> None:
+    """:func:`page_sets` *rounds* times, a SYNC after each; then RAM equal, every page reported, bytes counted."""
     try:
         sent = page_sets()
-        for pages in sent:
-            sender.queue(src, pages)
-        sender.sync()
-        receiver.sync_main()
+        for _ in range(rounds):
+            for pages in sent:
+                sender.queue(src, pages)
+            sender.sync()
+            receiver.sync_main()
     finally:
         sender.close()
         receiver.close()
@@ -61,7 +68,7 @@ def test_pages_arrive_equal_through_every_path(blocks, method, channels):
     assert np.array_equal(dst.pages[everything], src.pages[everything])
     untouched = np.setdiff1d(np.arange(NPAGES), everything)
     assert not dst.pages[untouched].any()
-    assert np.array_equal(np.sort(np.concatenate(written)), np.sort(everything))
+    assert np.array_equal(np.sort(np.concatenate(written)), np.sort(np.tile(everything, rounds)))
     packets = -(-len(everything) // wire.PAGES_PER_PACKET)
-    assert stats.normal == len(everything)
-    assert stats.multifd_bytes == len(everything) * PAGE_SIZE + (packets + channels) * wire.HEADER_SIZE
+    assert stats.normal == rounds * len(everything)
+    assert stats.multifd_bytes == rounds * (len(everything) * PAGE_SIZE + (packets + channels) * wire.HEADER_SIZE)

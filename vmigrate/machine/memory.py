@@ -140,6 +140,12 @@ class RAMBlock:
         prefaulter.populate(first, count)
         return self.pages[first : first + count]
 
+    def forked(self) -> None:
+        """This is a forked multifd worker's copy (migration/multifd_worker.py): the VM process's
+        Prefaulter thread is not here, and its lock may have been copied held; start afresh."""
+        self._prefaulter = None
+        self._prefaulter_lock = threading.Lock()
+
     def access(self, first: int, count: int) -> None:
         """Pages [first, first + count) are about to be touched from Python (a software vCPU).
 

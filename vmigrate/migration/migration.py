@@ -33,6 +33,7 @@ from vmigrate.migration.errors import MigrationError
 from vmigrate.migration.forecast import ConvergenceForecast, ForecastSample
 from vmigrate.migration.incoming import IncomingMigration
 from vmigrate.migration.multifd import MultifdSender, open_channels
+from vmigrate.migration.multifd_worker import multifd_sender
 from vmigrate.migration.options import MigrationOptions
 from vmigrate.migration.postcopy import FastThreadSwitch, PageRequests
 from vmigrate.migration.port import MigrationHost
@@ -679,8 +680,8 @@ class OutgoingSession:
         uuid = self.host.uuid
         channels = open_channels(connect_channel, params.multifd_channels, zero_copy,
                                  uuidlib.UUID(uuid).bytes if uuid else bytes(16))
-        return MultifdSender(channels, params.multifd_compression, params.multifd_level, zero_copy, self.stats,
-                             self.limiter.account)
+        return multifd_sender(channels, params.multifd_compression, params.multifd_level, zero_copy, self.stats,
+                              self.limiter.account, migrated_blocks(self.host.ram_blocks, self.config))
 
     def _pass_event(self, count: int) -> None:
         self.pass_starts.append(self.stats.remaining_pages)

@@ -25,6 +25,13 @@ dirty log re-sends, is ever handed to the kernel this way); completions are
 reaped from the socket's error queue before each SYNC, as QEMU flushes
 before each sync, and a flush in which the kernel copied every buffer
 counts in ``dirty-sync-missed-zero-copy`` (always the case on loopback).
+
+Channel workers: where the channels are plain sockets and guest RAM is a
+file, the channels' loops can run in processes of their own instead of
+threads (multifd_worker.py, which chooses; docs/benchmarks.md, "Multifd
+scaling"); they write and read packets with :func:`send_packet` and
+:func:`receive_payload`, and :class:`MultifdSender` / :class:`MultifdReceiver`
+keep the batching, numbering and SYNC hand-shake for both.
 """
 
 from __future__ import annotations
@@ -132,38 +139,48 @@ class _SendChannel:
     def _sync(self, job: _Job) -> None:
         if self.zero_copy is not None and self.zero_copy.flush(self.owner.stop):
             self.owner.missed_zero_copy()
-        self.channel.write(wire.packet_header(wire.FLAG_SYNC, 0, 0, job.packet_num, None, ()))
+        self.channel.write(sync_header(job.packet_num))
 
     def _send_pages(self, job: _Job) -> None:
-        """Header and payload; the payload comes from guest RAM run by run, never gathered first.
+        send_packet(self.channel, self.encoder, self.zero_copy, job.block, job.pages, job.packet_num)
 
-        Up to :data:`MAX_IOVEC_RUNS` runs (any number with zero copy, which
-        may only hand guest RAM to the kernel), uncompressed runs go to
-        ``sendmsg`` as views of guest RAM and compressed ones to the
-        channel's codec one run at a time (one stream, one flush per packet,
-        so the bytes decompress to the same pages); more scattered pages are
-        gathered with one numpy copy.  ``sendmsg`` and the codecs release
-        the interpreter lock for the whole run.
-        """
-        block, pages = job.block, job.pages
-        runs = page_runs(pages)
-        if self.zero_copy is not None or len(runs) <= MAX_IOVEC_RUNS:
-            buffers = [block.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in runs]
-        else:
-            buffers = [block.pages[pages]]
-        if self.encoder.method == "none":
-            data = buffers
-            size = len(pages) * PAGE_SIZE
-        else:
-            data = self.encoder.encode(buffers)
-            size = sum(map(len, data))
-        head = wire.packet_header(self.encoder.flag, len(pages), size, job.packet_num, block.idstr,
-                                  pages.astype(np.uint64) << np.uint64(12))
-        if self.zero_copy is not None:
-            self.channel.write(head)
-            self.zero_copy.send(data)
-        else:
-            self.channel.writev([head, *data])
+
+def send_packet(channel: Channel, encoder: wire.PayloadEncoder, zero_copy: ZeroCopySocket | None,
+                block: RAMBlock, pages: np.ndarray, packet_num: int) -> None:
+    """Header and payload; the payload comes from guest RAM run by run, never gathered first.
+
+    Up to :data:`MAX_IOVEC_RUNS` runs (any number with zero copy, which
+    may only hand guest RAM to the kernel), uncompressed runs go to
+    ``sendmsg`` as views of guest RAM and compressed ones to the
+    channel's codec one run at a time (one stream, one flush per packet,
+    so the bytes decompress to the same pages); more scattered pages are
+    gathered with one numpy copy.  ``sendmsg`` and the codecs release
+    the interpreter lock for the whole run.  A channel thread and a channel
+    worker process (multifd_worker.py) both write packets with it.
+    """
+    runs = page_runs(pages)
+    if zero_copy is not None or len(runs) <= MAX_IOVEC_RUNS:
+        buffers = [block.bytes[first * PAGE_SIZE:(first + count) * PAGE_SIZE] for first, count in runs]
+    else:
+        buffers = [block.pages[pages]]
+    if encoder.method == "none":
+        data = buffers
+        size = len(pages) * PAGE_SIZE
+    else:
+        data = encoder.encode(buffers)
+        size = sum(map(len, data))
+    head = wire.packet_header(encoder.flag, len(pages), size, packet_num, block.idstr,
+                              pages.astype(np.uint64) << np.uint64(12))
+    if zero_copy is not None:
+        channel.write(head)
+        zero_copy.send(data)
+    else:
+        channel.writev([head, *data])
+
+
+def sync_header(packet_num: int) -> bytes:
+    """A SYNC packet: no pages, written after every earlier packet of its channel."""
+    return wire.packet_header(wire.FLAG_SYNC, 0, 0, packet_num, None, ())
 
 
 class MultifdSender:
@@ -191,6 +208,10 @@ class MultifdSender:
         self._block: RAMBlock | None = None
         self._pending: list[np.ndarray] = []
         self._pending_count = 0
+        self._start(channels, method, level, zero_copy)
+
+    def _start(self, channels: list[Channel], method: str, level: int, zero_copy: bool) -> None:
+        """One thread per channel (multifd_worker.WorkerSender starts processes instead)."""
         self.channels = [_SendChannel(self, i, ch, wire.PayloadEncoder(method, level), zero_copy)
                          for i, ch in enumerate(channels)]
         for ch in self.channels:
@@ -259,10 +280,13 @@ class MultifdSender:
         block = self._block
         self._pending, self._pending_count, self._block = [], 0, None
         size = len(pages) * PAGE_SIZE + wire.HEADER_SIZE
-        chosen = self.channels[self._get(self.idle)]
-        chosen.jobs.put(_Job(block, pages, self._next_packet_num(), False))
+        self._hand_over(block, pages, self._next_packet_num())
         self.stats.account_multifd(size)
         self.account(size)
+
+    def _hand_over(self, block: RAMBlock, pages: np.ndarray, packet_num: int) -> None:
+        """The packet to the next idle channel (waits for one)."""
+        self.channels[self._get(self.idle)].jobs.put(_Job(block, pages, packet_num, False))
 
     def _next_packet_num(self) -> int:
         num = self._packet_num
@@ -275,10 +299,15 @@ class MultifdSender:
         if self._pending_count:
             self._send_pending()
         self._check()
-        for ch in self.channels:
-            ch.jobs.put(_Job(None, None, self._next_packet_num(), True))
-            self.stats.account_multifd(wire.HEADER_SIZE)
+        nums = [self._next_packet_num() for _ in self.channels]
+        self.stats.account_multifd(wire.HEADER_SIZE * len(self.channels))
         self.account(wire.HEADER_SIZE * len(self.channels))
+        self._sync_channels(nums)
+
+    def _sync_channels(self, packet_nums: list[int]) -> None:
+        """A SYNC packet (numbered *packet_nums*, one per channel) on every channel; back once all are written."""
+        for ch, num in zip(self.channels, packet_nums):
+            ch.jobs.put(_Job(None, None, num, True))
         for _ in self.channels:
             self._get(self.synced)
 
@@ -322,34 +351,8 @@ class MultifdReceiver:
             t.start()
 
     def _run(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:
-        head = bytearray(wire.HEADER_SIZE)
-        scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
         try:
-            while not self._stop:
-                if not recv_exact(channel, memoryview(head), eof_ok=True):
-                    return
-                header = wire.decode_packet_header(bytes(head), self.used)
-                if header.normal_pages:
-                    decoder.check_flags(header)
-                    pages = header.offsets >> 12
-                    block = self.blocks[header.ramblock]
-                    runs = page_runs(pages) if decoder.method == "none" and self._staged is None else []
-                    if 0 < len(runs) <= MAX_IOVEC_RUNS:
-                        for first, count in runs:
-                            recv_exact(channel, memoryview(block.incoming_run(first, count)).cast("B"))
-                        if self.on_pages is not None:
-                            self.on_pages(header.ramblock, pages)
-                    else:
-                        view = memoryview(scratch)[:decoder.payload_size(header)]
-                        recv_exact(channel, view)
-                        data = decoder.decode(header, view)
-                        if self._staged is not None:
-                            with self._cond:
-                                self._staged.append((header.ramblock, pages, bytes(data)))
-                        else:
-                            self._write(header.ramblock, pages, data)
-                if header.sync:
-                    self._wait_release()
+            self._loop(channel_id, channel, decoder)
         except (WireError, ChannelError, OSError) as err:
             with self._cond:
                 if self.error is None:
@@ -359,6 +362,29 @@ class MultifdReceiver:
             with self._cond:
                 self._ended += 1
                 self._cond.notify_all()
+
+    def _loop(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:
+        """Read the channel's packets until its end (multifd_worker.WorkerReceiver relays a worker's instead)."""
+        head = bytearray(wire.HEADER_SIZE)
+        scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
+        while not self._stop:
+            if not recv_exact(channel, memoryview(head), eof_ok=True):
+                return
+            header = wire.decode_packet_header(bytes(head), self.used)
+            if header.normal_pages:
+                pages = header.offsets >> 12
+                data = receive_payload(channel, decoder, self.blocks[header.ramblock], header, pages, scratch,
+                                       self._staged is None)
+                if data is None:
+                    if self.on_pages is not None:
+                        self.on_pages(header.ramblock, pages)
+                elif self._staged is not None:
+                    with self._cond:
+                        self._staged.append((header.ramblock, pages, bytes(data)))
+                else:
+                    self._write(header.ramblock, pages, data)
+            if header.sync:
+                self._wait_release()
 
     def _write(self, block: str, pages: np.ndarray, data: bytes | memoryview) -> None:
         write_pages(self.blocks[block], pages, np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE))
@@ -412,6 +438,26 @@ class MultifdReceiver:
             t.join(timeout=10)
         for ch in self.channels:
             ch.close()
+
+
+def receive_payload(channel: Channel, decoder: wire.PayloadDecoder, block: RAMBlock, header: wire.PacketHeader,
+                    pages: np.ndarray, scratch: bytearray, direct: bool) -> bytes | memoryview | None:
+    """A packet's payload: None once it is in guest RAM, else its pages' bytes, decoded.
+
+    With *direct*, uncompressed packets of up to :data:`MAX_IOVEC_RUNS` runs
+    are received with ``recv_into`` straight into the RAM, no copy on the
+    way; the rest go through *scratch*.  A channel thread and a channel
+    worker process (multifd_worker.py) both read packets with it.
+    """
+    decoder.check_flags(header)
+    runs = page_runs(pages) if direct and decoder.method == "none" else []
+    if 0 < len(runs) <= MAX_IOVEC_RUNS:
+        for first, count in runs:
+            recv_exact(channel, memoryview(block.incoming_run(first, count)).cast("B"))
+        return None
+    view = memoryview(scratch)[:decoder.payload_size(header)]
+    recv_exact(channel, view)
+    return decoder.decode(header, view)
 
 
 def recv_exact(channel: Channel, view: memoryview, eof_ok: bool = False) -> bool:

@@ -33,6 +33,7 @@ from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool, inflate_pages
 from vmigrate.migration.multifd import MultifdReceiver
+from vmigrate.migration.multifd_worker import multifd_receiver
 from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
 from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 from vmigrate.migration.qemu_file import QEMUFileOut
@@ -705,9 +706,9 @@ class RamSection:
             elif not ctx.multifd_channels:
                 raise LoadError("multifd is not supported by current protocol")
             else:
-                receiver = MultifdReceiver(ctx.multifd_channels, params.multifd_compression,
-                                           [b for b in self.blocks if b.idstr not in loader.ignored],
-                                           on_pages=loader.pages_written)
+                receiver = multifd_receiver(ctx.multifd_channels, params.multifd_compression,
+                                            [b for b in self.blocks if b.idstr not in loader.ignored],
+                                            loader.pages_written)
             loader.multifd = receiver
         return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True,
                                        ignore_shared=caps.x_ignore_shared, ignored_blocks=loader.ignored)
