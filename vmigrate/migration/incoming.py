@@ -49,8 +49,8 @@ class IncomingMigration:
         self.host = host
         self.options = options
         self.colo_state = colo
-        #: The stream carried ENABLE_COLO (QEMU's migration_incoming_colo_enabled).
-        self._colo_enabled = False
+        #: The attempt's load context; its ``colo`` is QEMU's migration_incoming_colo_enabled.
+        self._ctx: LoadContext | None = None
         #: The checkpoint loop once the load entered COLO.
         self.colo: ColoSecondary | None = None
         self.status = StatusMachine(host.emit_event, lambda: options.cap("events"))
@@ -272,7 +272,6 @@ class IncomingMigration:
         self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
         self._rp_opened = False
-        self._colo_enabled = False
         host = self.host
         postcopy = self.postcopy = PostcopyIncoming(
             host.ram_blocks, self._send_rp, host.vcpus.thread_ids,
@@ -297,7 +296,7 @@ class IncomingMigration:
                 # The guest runs already: its run state was decided by POSTCOPY_RUN.
                 self._close_listener()
                 self.status.transition(S.POSTCOPY_ACTIVE, S.COMPLETED)
-            elif self._colo_enabled:
+            elif ctx.colo:
                 self._colo(channel, ctx, loader.sections, loader.bodies)
                 self._finish_load(config, colo=True)
             else:
@@ -448,7 +447,7 @@ class IncomingMigration:
             self._send_rp(return_path.pong(value))
         elif cmd.cmd == stream.MIG_CMD_ENABLE_COLO:
             # QEMU 7.2 does not ask for x-colo here (loadvm_process_enable_colo).
-            self._colo_enabled = self._ctx.colo = True
+            self._ctx.colo = True
         elif cmd.cmd == stream.MIG_CMD_PACKAGED:
             trace("loadvm_handle_cmd_packaged", length=stream.decode_packaged(cmd.payload))
         elif cmd.cmd == stream.MIG_CMD_RECV_BITMAP:

@@ -520,9 +520,8 @@ class RamLoader:
 
     def pages_written(self, block: str, pages: np.ndarray) -> None:
         """Pages got data from elsewhere (multifd channels): no longer known to be zero."""
+        self._received(block, pages)
         self.known_zero[block][pages] = False
-        if self.colo_received is not None:
-            self.colo_received[block][pages] = True
 
     def _received(self, block: str, pages: np.ndarray) -> None:
         if self.postcopy is not None:
