@@ -8,6 +8,7 @@ keeps compatibility with the ``qemu.qmp`` library covered.  Every wait is bounde
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 
 MIB = 1 << 20
+#: The statuses a migration ends in.
+FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 class SpawnedVM(VMProcess):
@@ -50,10 +53,37 @@ def migrate_in_passes(src: VMProcess, uri: str, passes: int = 4, bandwidth: int 
     """
     src.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth, "downtime-limit": 1})
     src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= passes, 60,
-             f"{passes} passes")
+    wait_passes(src, passes)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
     return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
+
+
+def wait_passes(src: VMProcess, passes: int, timeout: float = 60.0) -> dict:
+    """``query-migrate`` once the source has synced its dirty bitmap *passes* times."""
+    return _wait_migration(src, lambda info: info.get("ram", {}).get("dirty-sync-count", 0) >= passes,
+                           timeout, f"{passes} passes")
+
+
+def wait_status(vm: VMProcess, status: str, timeout: float, name: str = "the VM") -> dict:
+    """``query-migrate`` once *vm*'s migration status is *status*."""
+    return _wait_migration(vm, lambda info: info.get("status") == status, timeout, f"{name} {status}")
+
+
+def _wait_migration(vm: VMProcess, reached: Callable[[dict], bool], timeout: float, what: str) -> dict:
+    """The first ``query-migrate`` answer that *reached* accepts.
+
+    A migration that ends first fails the wait at once, with its answer: it
+    can never get there, and its ``error-desc`` says why.
+    """
+    def poll() -> dict | None:
+        info = vm.migrate_status()
+        if reached(info):
+            return info
+        if info.get("status") in FINAL:
+            raise AssertionError(f"the migration ended before {what}: {info}")
+        return None
+
+    return wait_for(poll, timeout, what)
 
 
 def ram_files_equal(a: Path, b: Path) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
-from procs import migration_statuses
+from procs import migration_statuses, wait_passes
 from test_precopy import assert_ab_pattern, ram
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
@@ -231,7 +231,7 @@ def test_query_migrate_forecasts_that_precopy_cannot_converge(spawn_shm):
     src, dst, uri = start_pair(spawn, shm, "stress:rate=64,wss=32M,tick=5")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB})
     src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= 3, 30, "three passes")
+    wait_passes(src, 3, timeout=30)
     # The rates are averaged over the windows: the first pass's estimate gives way within seconds.
     wait_for(lambda: not src.migrate_status()["x-vmigrate-forecast"]["converges"], 15, "the forecast to settle")
     forecast = src.migrate_status()["x-vmigrate-forecast"]

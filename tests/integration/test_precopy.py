@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from procs import wait_passes
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 from vmigrate.qmp.client import QMPClientError
@@ -66,10 +67,11 @@ def pair(spawn, tmp_path):
 
 
 def converge(src, dst, uri: str, tmp_path: Path) -> dict:
-    """Migrate with a bandwidth limit (several passes), then let it converge."""
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 32 * MIB})
+    """Migrate with a bandwidth limit and a 1 ms downtime limit (several passes, however slow the
+    guest), then let it converge."""
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 32 * MIB, "downtime-limit": 1})
     src.cmd("migrate", uri=uri)
-    wait_for(lambda: src.migrate_status().get("ram", {}).get("dirty-sync-count", 0) >= 3, 60, "three passes")
+    wait_passes(src, 3)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
     info = src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
     assert info["status"] == "completed", info
