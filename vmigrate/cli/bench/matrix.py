@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vmigrate.cli.bench.images import check_space, fill_ram_image
 from vmigrate.cli.bench.report import describe, fmt, mib, ratio, report_failures, write_outputs
-from vmigrate.cli.bench.runner import UNLIMITED_BANDWIDTH, RunSpec, migrate_once
+from vmigrate.cli.bench.runner import UNLIMITED_BANDWIDTH, RunSpec, migrate_once, warm_up
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.migrate import human_bytes
 from vmigrate.machine.memory import parse_size
@@ -47,6 +47,8 @@ def run_matrix(args, size: int, impls: list[str], params: dict, out: Path, logdi
     try:
         console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) ...")
         image = fill_ram_image(workdir / "pristine.ram", size, args.zero_fraction, args.seed)
+        first = RunSpec(impls[0], "precopy", size, params=params, timeout=args.timeout, accel=args.accel)
+        console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
         for index, scenario in enumerate(scenarios):
             caps, scenario_params = SCENARIOS[scenario]
             for rate in rates:

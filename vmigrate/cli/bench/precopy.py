@@ -13,7 +13,7 @@ from vmigrate.cli.bench.ceiling import loopback_ceiling
 from vmigrate.cli.bench.images import RamImage, check_space, fill_ram_image
 from vmigrate.cli.bench.profile import print_profile, profile_threads, summarize_profile
 from vmigrate.cli.bench.report import describe, fmt, median_of, mib, ratio, report_failures, write_outputs
-from vmigrate.cli.bench.runner import IMPLS, UNLIMITED_BANDWIDTH, RunSpec, migrate_once
+from vmigrate.cli.bench.runner import IMPLS, UNLIMITED_BANDWIDTH, RunSpec, migrate_once, warm_up
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.migrate import human_bytes
 
@@ -29,6 +29,8 @@ def run_precopy(args, size: int, impls: list[str], params: dict, out: Path, logd
         console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) "
                       f"in {workdir} ...")
         image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
+        first = RunSpec(impls[0], "precopy", size, params=params, timeout=args.timeout, accel=args.accel)
+        console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
         for rep in range(args.repeat):
             # Alternate the order: what is left of the host's state favours neither.
             for impl in impls if rep % 2 == 0 else impls[::-1]:

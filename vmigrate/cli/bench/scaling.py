@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vmigrate.cli.bench.images import check_space, fill_ram_image
 from vmigrate.cli.bench.report import describe, fmt, median_of, ratio, report_failures, write_outputs
-from vmigrate.cli.bench.runner import UNLIMITED_BANDWIDTH, RunSpec, migrate_once
+from vmigrate.cli.bench.runner import UNLIMITED_BANDWIDTH, RunSpec, migrate_once, warm_up
 from vmigrate.cli.main import CLIError
 from vmigrate.cli.migrate import human_bytes
 
@@ -75,6 +75,8 @@ def run_scaling(args, sizes: list[int], impls: list[str], params: dict, out: Pat
         try:
             console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) ...")
             image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
+            first = spec_for(impls[0], size, *grid[0], params, args)
+            console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
             turn = 0
             for method, count in grid:
                 for rep in range(args.repeat):
