@@ -86,6 +86,21 @@ def _wait_migration(vm: VMProcess, reached: Callable[[dict], bool], timeout: flo
     return wait_for(poll, timeout, what)
 
 
+def wait_guest_passes(ram: Path, passes: int = 2, timeout: float = 10.0) -> None:
+    """Wait until the guest running on the RAM file *ram* has counted *passes* passes or rounds.
+
+    The magic alone is not enough: it is written before the first pass, whose
+    window is still zero pages (next to nothing to migrate), and the first
+    touch of each page of fresh memory can keep the guest in that pass for a
+    while on a busy host.
+    """
+    def counted() -> bool:
+        magic, count = np.fromfile(ram, dtype=np.uint64, count=2)
+        return magic.tobytes() == MAGIC and int(count) >= passes
+
+    wait_for(counted, timeout, f"the guest's first {passes} passes")
+
+
 def ram_files_equal(a: Path, b: Path) -> bool:
     return np.array_equal(np.fromfile(a, np.uint8), np.fromfile(b, np.uint8))
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
-from procs import migration_statuses, wait_passes
+from procs import migration_statuses, wait_guest_passes, wait_passes
 from test_precopy import assert_ab_pattern, ram
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
@@ -54,7 +54,7 @@ def start_pair(spawn, shm: Path, guest: str = AB, *dst_args: str, dst_caps: dict
     src.set_caps(events=True, **POSTCOPY)
     dst.set_caps(events=True, **(POSTCOPY if dst_caps is None else dst_caps))
     if guest != "idle":  # the idle guest writes no header
-        wait_for(lambda: (shm / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
+        wait_guest_passes(shm / "src.ram")
     return src, dst, f"tcp:127.0.0.1:{port}"
 
 

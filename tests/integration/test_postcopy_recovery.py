@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from procs import migration_statuses, wait_status
+from procs import migration_statuses, wait_guest_passes, wait_status
 from test_postcopy import guest_counter
 from test_precopy import assert_ab_pattern
 from vmigrate.harness.waiting import wait_for
-from vmigrate.machine.guest import MAGIC
 from vmigrate.qmp.client import QMPClientError
 
 pytestmark = pytest.mark.timeout(90)
@@ -72,7 +71,7 @@ def start_pair(spawn, shm: Path, guest: str = AB):
     for vm in (src, dst):
         vm.set_caps(events=True, **POSTCOPY)
     if guest != "idle":
-        wait_for(lambda: (shm / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
+        wait_guest_passes(shm / "src.ram")
     return src, dst, f"tcp:127.0.0.1:{port_of(dst)}"
 
 

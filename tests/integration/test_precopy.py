@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_passes
+from procs import wait_guest_passes, wait_passes
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 from vmigrate.qmp.client import QMPClientError
@@ -62,7 +62,7 @@ def pair(spawn, tmp_path):
     port = dst.migrate_status()["socket-address"][0]["port"]
     for vm in (src, dst):
         vm.set_caps(events=True)
-    wait_for(lambda: (tmp_path / "src.ram").read_bytes()[:8] == MAGIC, 10, "guest start")
+    wait_guest_passes(tmp_path / "src.ram")
     return src, dst, f"tcp:127.0.0.1:{port}"
 
 
