@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from vmigrate.harness.launcher import VMProcess, qemu_argv, qmp_monitor, vmigrate_argv
+from vmigrate.harness.migrate import FINAL
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 
 MIB = 1 << 20
-#: The statuses a migration ends in.
-FINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 class SpawnedVM(VMProcess):
@@ -55,7 +54,7 @@ def migrate_in_passes(src: VMProcess, uri: str, passes: int = 4, bandwidth: int 
     src.cmd("migrate", uri=uri)
     wait_passes(src, passes)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 60000})
-    return src.wait_migration({"completed", "failed", "cancelled"}, timeout=60)
+    return src.wait_migration(FINAL, timeout=60)
 
 
 def wait_passes(src: VMProcess, passes: int, timeout: float = 60.0) -> dict:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from checksum_ref import checksum_reference
-from procs import migration_statuses, wait_guest_passes, wait_passes
+from procs import FINAL, migration_statuses, wait_guest_passes, wait_passes
 from test_precopy import assert_ab_pattern, ram
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
@@ -25,7 +25,6 @@ from vmigrate.qmp.client import QMPClientError
 
 MIB = 1 << 20
 AB = "ab:end=24M"
-FINAL = {"completed", "failed", "cancelled"}
 POSTCOPY = {"postcopy-ram": True}
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from procs import migration_statuses, wait_guest_passes, wait_status
+from procs import FINAL, migration_statuses, wait_guest_passes, wait_status
 from test_postcopy import guest_counter
 from test_precopy import assert_ab_pattern
 from vmigrate.harness.waiting import wait_for
@@ -31,7 +31,6 @@ MIB = 1 << 20
 #: pages still to send after three pause cycles (about 6 MB each, background and requested
 #: pages together) must be guest data, or a fast host finishes before the third pause.
 AB = "ab:end=56M"
-FINAL = {"completed", "failed", "cancelled"}
 POSTCOPY = {"postcopy-ram": True}
 #: Slow enough that the guest's window is still arriving after three pauses.
 SLOW = {"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 4 * MIB}

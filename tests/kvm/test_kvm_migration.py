@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from procs import wait_passes
+from procs import wait_guest_passes, wait_passes
 from vmigrate.cli.analyze import analyze
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
@@ -55,7 +55,7 @@ def test_ab_guest_migrates_and_its_output_continues(spawn, tmp_path, accel):
     (src_ram, src_serial), (dst_ram, dst_serial) = files["src"], files["dst"]
     # Past its first passes: until each page of the window has been touched once, the guest
     # crawls (every first touch allocates the page) and precopy may converge at once.
-    wait_for(lambda: counter(src_ram) > 3, 10, "guest start")
+    wait_guest_passes(src_ram, 4)
     # A 1 ms downtime limit: a guest slowed by a busy host must not converge before the third pass.
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 32 * MIB, "downtime-limit": 1})
     src.cmd("migrate", uri=uri)

@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from procs import wait_guest_passes
 from test_kvm_migration import assert_letters_in_sequence, counter
 from vmigrate.harness.waiting import wait_for
 
@@ -32,7 +33,7 @@ def test_kvm_guest_runs_on_the_destination_during_postcopy(spawn, shm):
         vm.set_caps(**{"postcopy-ram": True})
     # Past its first passes (the first touch of each page is slow): the guest then rewrites its
     # window faster than postcopy brings it, so it must fault.
-    wait_for(lambda: counter(files["src"][0]) > 3, 10, "guest start")
+    wait_guest_passes(files["src"][0], 4)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 8 * MIB, "max-postcopy-bandwidth": 8 * MIB})
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     time.sleep(1.0)

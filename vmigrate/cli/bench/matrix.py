@@ -48,7 +48,7 @@ def run_matrix(args, size: int, impls: list[str], params: dict, out: Path, logdi
         console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) ...")
         image = fill_ram_image(workdir / "pristine.ram", size, args.zero_fraction, args.seed)
         first = RunSpec(impls[0], "precopy", size, params=params, timeout=args.timeout, accel=args.accel)
-        console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
+        warm_up(first, image.path, workdir, logdir, console)
         for index, scenario in enumerate(scenarios):
             caps, scenario_params = SCENARIOS[scenario]
             for rate in rates:

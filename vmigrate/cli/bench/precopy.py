@@ -30,7 +30,7 @@ def run_precopy(args, size: int, impls: list[str], params: dict, out: Path, logd
                       f"in {workdir} ...")
         image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
         first = RunSpec(impls[0], "precopy", size, params=params, timeout=args.timeout, accel=args.accel)
-        console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
+        warm_up(first, image.path, workdir, logdir, console)
         for rep in range(args.repeat):
             # Alternate the order: what is left of the host's state favours neither.
             for impl in impls if rep % 2 == 0 else impls[::-1]:

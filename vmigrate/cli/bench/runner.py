@@ -11,6 +11,7 @@ from pathlib import Path
 from vmigrate.cli.bench.images import verify
 from vmigrate.cli.bench.memwatch import MemWatch
 from vmigrate.cli.bench.profile import start_profiler, stop_profiler
+from vmigrate.cli.bench.report import describe
 from vmigrate.cli.main import CLIError
 from vmigrate.harness.launcher import VMProcess, VMStartError, qemu_argv, vmigrate_argv
 from vmigrate.harness.migrate import FINAL, MigrationRun, event_time, wait_migration_event
@@ -81,11 +82,11 @@ def migrate_once(spec: RunSpec, src_ram: Path, workdir: Path, logdir: Path, prof
         dst_ram.unlink(missing_ok=True)
 
 
-def warm_up(spec: RunSpec, src_ram: Path, workdir: Path, logdir: Path) -> dict:
-    """A migration whose record is not kept: the first destination after the RAM image was
+def warm_up(spec: RunSpec, src_ram: Path, workdir: Path, logdir: Path, console) -> None:
+    """One migration whose record is not kept: the first destination after the RAM image was
     written allocates host memory the outer host has not backed yet, at a fraction of the
     speed of the runs after it (docs/benchmarks.md, "Fresh host memory")."""
-    return migrate_once(spec, src_ram, workdir, logdir)
+    console.print(f"  warm-up, not recorded: {describe(migrate_once(spec, src_ram, workdir, logdir))}")
 
 
 def measure(spec: RunSpec, src_ram: Path, dst_ram: Path, workdir: Path, logdir: Path,

@@ -76,7 +76,7 @@ def run_scaling(args, sizes: list[int], impls: list[str], params: dict, out: Pat
             console.print(f"filling {human_bytes(size)} of guest RAM ({args.zero_fraction:.0%} zero pages) ...")
             image = fill_ram_image(workdir / "src.ram", size, args.zero_fraction, args.seed)
             first = spec_for(impls[0], size, *grid[0], params, args)
-            console.print(f"  warm-up, not recorded: {describe(warm_up(first, image.path, workdir, logdir))}")
+            warm_up(first, image.path, workdir, logdir, console)
             turn = 0
             for method, count in grid:
                 for rep in range(args.repeat):
