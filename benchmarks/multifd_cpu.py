@@ -2,9 +2,12 @@
 """Multifd's cost in the VM processes themselves: channel threads against channel workers (processes).
 
 vmigrate -> vmigrate, ``--size`` random RAM on /dev/shm, unlimited bandwidth,
-once with ``VMIGRATE_MULTIFD_WORKERS=0`` (one thread per channel) and once
+once with ``VMIGRATE_WORKERS=0`` (one thread per channel) and once
 with ``=1`` (a worker process per channel, vmigrate/migration/multifd_worker.py)
-for every channel count and compression, alternating per repetition.  Per
+for every channel count and compression, alternating per repetition.
+Compression ``compress`` is the legacy capability instead, with as many
+``compress-threads`` and ``decompress-threads`` as the channel count
+(vmigrate/migration/compress_worker.py); its "packets" are still 128 pages.  Per
 run and side: the VM process's own CPU time (``/proc/PID/stat`` utime +
 stime, which leave out its workers) and its reaped workers' (cutime +
 cstime), each divided by the packets sent (guest pages / 128), and, with
@@ -35,7 +38,7 @@ from vmigrate.cli.bench.runner import RunSpec, UNLIMITED_BANDWIDTH, start_vm  # 
 from vmigrate.cli.bench.script import prepare, script_parser  # noqa: E402
 from vmigrate.cli.bench.profile import stop_profiler  # noqa: E402
 from vmigrate.harness.migrate import MigrationRun  # noqa: E402
-from vmigrate.migration.multifd_worker import ENV  # noqa: E402
+from vmigrate.migration.worker_process import ENV  # noqa: E402
 from vmigrate.migration.wire.multifd import PAGES_PER_PACKET  # noqa: E402
 
 log = logging.getLogger("benchmarks.multifd_cpu")
@@ -73,8 +76,12 @@ def gil_samples(path: Path) -> int:
 def run_once(mode: str, channels: int, method: str, size: int, image: Path, workdir: Path, logdir: Path,
              gil: bool) -> dict:
     os.environ[ENV] = MODES[mode]
-    spec = RunSpec("vmigrate", f"{mode}-{method}-x{channels}", size, ("multifd",),
-                   {"multifd-channels": channels, "multifd-compression": method}, timeout=300)
+    if method == "compress":
+        spec = RunSpec("vmigrate", f"{mode}-{method}-x{channels}", size, ("compress",),
+                       {"compress-threads": channels, "decompress-threads": channels}, timeout=300)
+    else:
+        spec = RunSpec("vmigrate", f"{mode}-{method}-x{channels}", size, ("multifd",),
+                       {"multifd-channels": channels, "multifd-compression": method}, timeout=300)
     rec = spec.record(mode=mode, channels=channels, compression=method, loadavg_1m=os.getloadavg()[0])
     dst_ram = workdir / "dst.ram"
     vms = []
@@ -85,7 +92,7 @@ def run_once(mode: str, channels: int, method: str, size: int, image: Path, work
         src = start_vm(spec, "src", image, workdir, logdir)
         vms.append(src)
         mig = MigrationRun(src.qmp, "tcp:127.0.0.1:0", dst.qmp)
-        mig.prepare([{"capability": "multifd", "state": True}],
+        mig.prepare([{"capability": cap, "state": True} for cap in spec.caps],
                     {"max-bandwidth": UNLIMITED_BANDWIDTH, **spec.params})
         before = {role: cpu_seconds(vm.pid) for role, vm in (("src", src), ("dst", dst))}
         if gil:
@@ -131,7 +138,8 @@ def run_once(mode: str, channels: int, method: str, size: int, image: Path, work
 def main() -> int:
     parser = script_parser(__doc__, ROOT / "benchmarks" / "results" / "multifd-cpu")
     parser.add_argument("--channels", default="2,8", help="multifd-channels counts (comma-separated)")
-    parser.add_argument("--compression", default="none,zstd", help="multifd-compression methods (comma-separated)")
+    parser.add_argument("--compression", default="none,zstd",
+                        help="multifd-compression methods, or compress for the legacy capability (comma-separated)")
     parser.add_argument("--gil", action="store_true", help="also sample the interpreter lock with py-spy")
     args = parser.parse_args()
     size, logdir, workdir = prepare(args, "multifdcpu")

@@ -5,10 +5,11 @@
 #
 # Stages, most important first, each bounded by what is left of BUDGET seconds:
 #   main   SIZE (4G): multifd none and zstd at CHANNELS (1,2,4,8,16), vmigrate and QEMU
-#   threads  main's cells for vmigrate alone with VMIGRATE_MULTIFD_WORKERS=0: channel threads, where main
+#   threads  main's cells for vmigrate alone with VMIGRATE_WORKERS=0: channel threads, where main
 #          had channel workers (processes) from 2 channels on (vmigrate/migration/multifd_worker.py)
 #   big    BIG (32G): multifd none at 8 channels, peak RSS of both against guest RAM + 5 %
-#   zlib   ZSIZE (2G): multifd zlib at ZCHANNELS (2,4,8,16) and compress-threads 8,16
+#   zlib   ZSIZE (2G): multifd zlib at ZCHANNELS (2,4,8,16) and compress-threads 8,16 (their zlib
+#          work in worker processes, vmigrate/migration/compress_worker.py)
 # Each stage's scaling.json (and main's table and plot) lands in $OUT (default bench-results/device),
 # with the whole console output in $OUT/console.log.  SIZE=256M BIG=512M ZSIZE=256M CHANNELS=1,2
 # ZCHANNELS=2 THREADS=2 makes a quick rehearsal on a small host.
@@ -81,9 +82,9 @@ stage() {
 stage main --size "$SIZE" --channels "$CHANNELS" --compression none,zstd --compress-threads ""
 cp "$tmp/main/scaling.md" "$OUT/main.md" 2>/dev/null
 cp "$tmp/main/scaling.png" "$OUT/main.png" 2>/dev/null
-export VMIGRATE_MULTIFD_WORKERS=0
+export VMIGRATE_WORKERS=0
 stage threads --impl vmigrate --size "$SIZE" --channels "$CHANNELS" --compression none,zstd --compress-threads ""
-unset VMIGRATE_MULTIFD_WORKERS
+unset VMIGRATE_WORKERS
 cp "$tmp/threads/scaling.md" "$OUT/threads.md" 2>/dev/null
 stage big --size "$BIG" --channels 8 --compression none --compress-threads "" --timeout 200
 stage zlib --size "$ZSIZE" --channels "$ZCHANNELS" --compression zlib --compress-threads "$THREADS"

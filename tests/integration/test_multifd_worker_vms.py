@@ -1,6 +1,6 @@
 """Multifd channel workers (processes) between two vmigrate processes: RAM equal, failures, no leaks.
 
-The VM processes run with ``VMIGRATE_MULTIFD_WORKERS=1`` so that workers are
+The VM processes run with ``VMIGRATE_WORKERS=1`` so that workers are
 used at any channel count; their RAM is a ``--mem-path`` file, which the
 workers share.
 """
@@ -16,7 +16,7 @@ import pytest
 from procs import migrate_in_passes, ram_files_equal
 from test_multifd import MIB, start_pair
 from vmigrate.harness.waiting import wait_for
-from vmigrate.migration.multifd_worker import ENV
+from vmigrate.migration.worker_process import ENV
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -63,9 +63,15 @@ def slow_migration(spawn, tmp_path: Path, channels: int, method: str = "none"):
 def test_a_killed_worker_fails_the_migration_and_the_guest_runs_on(spawn, tmp_path):
     src, dst = slow_migration(spawn, tmp_path, 3)
     os.kill(children(src.pid)[1], signal.SIGKILL)
+    assert_failed_and_reaped(src, dst, "multifd: channel worker ")
+
+
+def assert_failed_and_reaped(src, dst, error: str) -> None:
+    """The migration failed with *error* at the start of its text, the source guest runs on, and
+    both VM processes reaped their workers."""
     info = src.wait_migration({"failed", "completed", "cancelled"}, timeout=30)
     assert info["status"] == "failed"
-    assert info["error-desc"].startswith("multifd: channel worker "), info
+    assert info["error-desc"].startswith(error), info
     assert src.status() == "running"
     assert dst.wait_migration({"failed", "completed"}, timeout=30)["status"] == "failed"
     wait_for(lambda: not children(src.pid) and not children(dst.pid), 10, "workers reaped")

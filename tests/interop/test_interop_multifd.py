@@ -17,7 +17,7 @@ import pytest
 from machines import Machine, Machines, converge_after_passes
 from ramfile import PAGE_SIZE, fill_garbage, fill_pattern, first_difference, pages
 from transport import Transport, migrate
-from vmigrate.migration.multifd_worker import ENV
+from vmigrate.migration.worker_process import ENV
 from vmigrate.harness.waiting import wait_for
 
 pytestmark = pytest.mark.timeout(90)

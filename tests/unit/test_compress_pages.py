@@ -8,29 +8,34 @@ import numpy as np
 import pytest
 
 from vmigrate.machine.memory import RAMBlock
-from vmigrate.migration.compress import DecompressPool, compress_chunk
+from vmigrate.migration.compress import DecompressPool, ThreadInflater, compress_chunk
 from vmigrate.migration.wire import NEED_DATA, WireError
 from vmigrate.migration.wire import ram as R
 
 PAGE = 4096
 
 
+def load_records(dst: RAMBlock, wire: bytes, pool: DecompressPool) -> None:
+    """Apply ZERO/COMPRESS_PAGE records onto *dst*, the compressed runs through *pool*."""
+    dec = R.RamBodyDecoder({"ram": dst.size}, accept_compressed=True, variable_runs=True)
+    dec.last_block = "ram"
+    stream = R.RecordStream(dec)
+    stream.feed(wire + R.eos())
+    while not isinstance(ev := stream.next_event(), R.RamEOS):
+        assert ev is not NEED_DATA
+        if isinstance(ev, R.RamCompressedRun):
+            pool.load(dst, ev.offsets, ev.buf, ev.starts, ev.lengths)
+        else:
+            dst.pages[ev.pages] = ev.fill[:, None]
+
+
 def loaded(wire: bytes, npages: int, threads: int = 3) -> RAMBlock:
     """Apply ZERO/COMPRESS_PAGE records onto a block full of stale bytes."""
     dst = RAMBlock("ram", npages * PAGE)
     dst.pages[:] = 0xEE
-    dec = R.RamBodyDecoder({"ram": npages * PAGE}, accept_compressed=True, variable_runs=True)
-    dec.last_block = "ram"
-    stream = R.RecordStream(dec)
-    stream.feed(wire + R.eos())
-    pool = DecompressPool(threads)
+    pool = DecompressPool([ThreadInflater()] * threads)
     try:
-        while not isinstance(ev := stream.next_event(), R.RamEOS):
-            assert ev is not NEED_DATA
-            if isinstance(ev, R.RamCompressedRun):
-                pool.load(dst, ev.offsets, ev.buf, ev.starts, ev.lengths)
-            else:
-                dst.pages[ev.pages] = ev.fill[:, None]
+        load_records(dst, wire, pool)
     finally:
         pool.close()
     return dst

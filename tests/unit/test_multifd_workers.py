@@ -19,9 +19,9 @@ import pytest
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.migration.channel import SocketChannel
 from vmigrate.migration.multifd import MultifdError, MultifdReceiver, MultifdSender
-from vmigrate.migration.multifd_worker import (ENV, WorkerReceiver, WorkerSender, multifd_receiver, multifd_sender,
-                                               use_workers)
+from vmigrate.migration.multifd_worker import WorkerReceiver, WorkerSender, multifd_receiver, multifd_sender, use_workers
 from vmigrate.migration.stats import RamStats
+from vmigrate.migration.worker_process import ENV
 
 from test_multifd_threads import NPAGES, page_sets, send_and_check
 

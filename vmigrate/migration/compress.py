@@ -18,6 +18,10 @@ finds no idle worker is sent uncompressed and counted as ``busy``.
 Destination: runs of COMPRESS_PAGE records are inflated by a thread pool
 and written into guest RAM; the load waits for all of them before it goes
 on with a record that is not compressed, as QEMU waits at every EOS.
+
+What a thread runs on its chunk or part is a :class:`Compressor` or an
+:class:`Inflater`: here in the thread itself, or handed to a process of
+its own (migration/compress_worker.py, which also makes the choice).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Protocol
 
 import numpy as np
 
@@ -75,9 +79,34 @@ def compress_chunk(block: RAMBlock, pages: np.ndarray, level: int) -> ChunkOutpu
     return out
 
 
+class Compressor(Protocol):
+    """A compression thread's work on one chunk of at most :attr:`chunk_pages` pages."""
+
+    chunk_pages: int
+
+    def __call__(self, block: RAMBlock, pages: np.ndarray) -> ChunkOutput: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ThreadCompressor:
+    """:func:`compress_chunk` in the thread: zlib releases the lock while it deflates."""
+
+    level: int
+    chunk_pages: ClassVar[int] = CHUNK_PAGES
+
+    def __call__(self, block: RAMBlock, pages: np.ndarray) -> ChunkOutput:
+        return compress_chunk(block, pages, self.level)
+
+    def close(self) -> None:
+        pass
+
+
 class _Worker:
-    def __init__(self, owner: "CompressSender", index: int) -> None:
+    def __init__(self, owner: "CompressSender", index: int, compressor: Compressor) -> None:
         self.owner = owner
+        self.compressor = compressor
         #: Signalled when this worker gets a job (or must quit): only it wakes, not all of them.
         self.cond = threading.Condition(owner.lock)
         self.job: tuple[RAMBlock, np.ndarray] | None = None
@@ -96,9 +125,12 @@ class _Worker:
                     return
                 block, pages = self.job
             try:
-                output = compress_chunk(block, pages, owner.level)
+                output = self.compressor(block, pages)
             except (zlib.error, ValueError) as err:
                 owner.error = f"compressed data failed: {err}"
+                output = ChunkOutput()
+            except CompressError as err:
+                owner.error = str(err)
                 output = ChunkOutput()
             with owner.lock:
                 self.output = output
@@ -115,9 +147,9 @@ class CompressSender:
     update_compress_thread_counts); the compression counters are kept here.
     """
 
-    def __init__(self, threads: int, level: int, wait: bool, stats: CompressionStats,
+    def __init__(self, compressors: list[Compressor], wait: bool, stats: CompressionStats,
                  write: Callable[[ChunkOutput], None]) -> None:
-        self.level = level
+        self.chunk_pages = compressors[0].chunk_pages
         self.wait = wait
         self.stats = stats
         self._write = write
@@ -126,7 +158,7 @@ class CompressSender:
         self.cond = threading.Condition(self.lock)
         self.quit = False
         self.error: str | None = None
-        self.workers = [_Worker(self, i) for i in range(threads)]
+        self.workers = [_Worker(self, i, c) for i, c in enumerate(compressors)]
 
     def _emit(self, output: ChunkOutput | None) -> None:
         if output is not None and output.data:
@@ -137,8 +169,8 @@ class CompressSender:
     def submit(self, block: RAMBlock, pages: np.ndarray) -> np.ndarray:
         """Hand ``pages`` to the workers; returns the pages no worker took (``busy``)."""
         busy: list[np.ndarray] = []
-        for start in range(0, len(pages), CHUNK_PAGES):
-            chunk = pages[start:start + CHUNK_PAGES]
+        for start in range(0, len(pages), self.chunk_pages):
+            chunk = pages[start:start + self.chunk_pages]
             with self.cond:
                 while True:
                     if self.error is not None:
@@ -172,20 +204,48 @@ class CompressSender:
             self._emit(output)
 
     def close(self) -> None:
+        """Stop the threads; a compressor closed under a thread's call makes that call fail, unseen."""
         with self.lock:
             self.quit = True
             for worker in self.workers:
                 worker.cond.notify()
         for worker in self.workers:
+            worker.compressor.close()
+        for worker in self.workers:
             worker.thread.join(timeout=10)
+
+
+class Inflater(Protocol):
+    """A decompression thread's work: one part of a run of compressed pages into ``block``.
+
+    ``view[starts[i]:starts[i] + lengths[i]]`` is the zlib stream of the
+    page at byte ``offsets[i]``; a bad stream raises WireError.
+    """
+
+    def __call__(self, block: RAMBlock, offsets: np.ndarray, view: memoryview, starts: np.ndarray,
+                 lengths: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ThreadInflater:
+    """:func:`inflate_into` in the thread: zlib releases the lock while it inflates."""
+
+    def __call__(self, block: RAMBlock, offsets: np.ndarray, view: memoryview, starts: np.ndarray,
+                 lengths: np.ndarray) -> None:
+        inflate_into(block, offsets, view, starts, lengths)
+
+    def close(self) -> None:
+        pass
 
 
 class DecompressPool:
     """The destination's ``decompress-threads``: inflates runs of compressed pages into RAM."""
 
-    def __init__(self, threads: int) -> None:
-        self.threads = threads
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decompress")
+    def __init__(self, inflaters: list[Inflater]) -> None:
+        self.threads = len(inflaters)
+        self._inflaters = inflaters
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="decompress")
 
     def load(self, block: RAMBlock, offsets: np.ndarray, buf, starts: np.ndarray, lengths: np.ndarray) -> None:
         """Inflate each page (offset, payload) into ``block``; WireError if any stream is bad."""
@@ -193,8 +253,8 @@ class DecompressPool:
         step = max(1, -(-n // self.threads))
         parts = [(s, min(n, s + step)) for s in range(0, n, step)]
         view = memoryview(buf)
-        futures = [self._pool.submit(_inflate_into, block, offsets[a:b], view, starts[a:b], lengths[a:b])
-                   for a, b in parts]
+        futures = [self._pool.submit(inflate, block, offsets[a:b], view, starts[a:b], lengths[a:b])
+                   for inflate, (a, b) in zip(self._inflaters, parts)]
         errors = [f.exception() for f in futures]
         for err in errors:
             if err is not None:
@@ -202,6 +262,8 @@ class DecompressPool:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        for inflate in self._inflaters:
+            inflate.close()
 
 
 def inflate_pages(buf, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -228,8 +290,8 @@ def _inflate(view: memoryview, start: int, length: int) -> bytes:
     return data
 
 
-def _inflate_into(block: RAMBlock, offsets: np.ndarray, view: memoryview, starts: np.ndarray,
-                  lengths: np.ndarray) -> None:
+def inflate_into(block: RAMBlock, offsets: np.ndarray, view: memoryview, starts: np.ndarray,
+                 lengths: np.ndarray) -> None:
     pages = block.pages
     full: list[bytes] = []
     full_idx: list[int] = []

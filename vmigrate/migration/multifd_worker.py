@@ -3,10 +3,9 @@
 Every packet costs the migration process about 100 µs holding the
 interpreter lock on each side with one thread per channel: at QEMU's
 16-core rate the lock would be held over 90 % of the time.  Here each
-channel's loop runs in a forked worker process with a lock of its own.  A
-worker shares guest RAM with the VM process through the RAM file's
-``MAP_SHARED`` mapping, which ``fork`` keeps shared, and inherits its
-channel's socket; it closes every other descriptor.
+channel's loop runs in a forked worker process (migration/worker_process.py)
+with a lock of its own, guest RAM shared through the RAM file's mapping and
+its channel's socket inherited.
 
 Source: the migration process keeps the dirty bitmap, the zero test, the
 batching and the packet numbering (:class:`MultifdSender`); it sends each
@@ -21,20 +20,16 @@ batches, and each SYNC, to a relay thread of :class:`MultifdReceiver` that
 holds the worker until :meth:`MultifdReceiver.sync_main` releases it.
 
 The stream is the thread path's, byte for byte.  :func:`use_workers` is
-the one place that chooses between threads and workers.  A worker dies
-with the VM process (its watchdog thread reads EOF on a pipe whose only
-writer is the VM process) and is killed and reaped when the migration ends
-or fails.
+where multifd chooses between threads and workers.  A worker is killed and
+reaped when the migration ends or fails.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -49,15 +44,10 @@ from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
+from vmigrate.migration.worker_process import Worker, many_cores, start, wanted
 
 log = logging.getLogger(__name__)
 
-#: ``VMIGRATE_MULTIFD_WORKERS``: ``1`` workers wherever they apply, ``0`` never, unset: see :func:`use_workers`.
-ENV = "VMIGRATE_MULTIFD_WORKERS"
-#: Without the variable, workers only on hosts with this many CPUs (docs/benchmarks.md, "Multifd scaling"):
-#: they take the per-packet work off the VM process's lock but cost as much CPU in all or a little more,
-#: which a host without spare cores pays in time.
-MIN_CPUS = 8
 #: Jobs a source worker may have queued and unwritten: enough to keep it busy while the migration
 #: thread zero-tests the next batch, few enough that ``max-bandwidth`` accounting stays close.
 DEPTH = 2
@@ -73,19 +63,16 @@ def use_workers(channels: list[Channel], blocks: list[RAMBlock], zero_copy: bool
     """Whether multifd runs its channels in worker processes rather than threads.
 
     Workers need what they can take over by ``fork``: plain sockets (not
-    TLS sessions, whose state lives in the VM process), RAM blocks mapped
-    from a file (anonymous RAM would be a private copy in the child) and no
-    zero copy (its completions are counted in the VM process); a COLO
-    secondary's held pages travel back to it (:meth:`WorkerReceiver.stage`).  Where they apply,
-    ``VMIGRATE_MULTIFD_WORKERS`` decides, else the host: two channels or
-    more on :data:`MIN_CPUS` CPUs or more.
+    TLS sessions, whose state lives in the VM process) and no zero copy
+    (its completions are counted in the VM process); a COLO secondary's
+    held pages travel back to it (:meth:`WorkerReceiver.stage`).  By
+    default from two channels on, on many-cored hosts only: a worker costs
+    as much CPU per packet as a thread or a little more, which two cores pay
+    in time (docs/benchmarks.md, "Multifd scaling").
     """
-    setting = os.environ.get(ENV, "")
-    if setting == "0" or zero_copy or not channels or not blocks:
+    if zero_copy or not channels or not all(type(ch) is SocketChannel for ch in channels):
         return False
-    if not all(type(ch) is SocketChannel for ch in channels) or not all(b.shared for b in blocks):
-        return False
-    return setting == "1" or (len(channels) >= 2 and (os.cpu_count() or 1) >= MIN_CPUS)
+    return wanted(blocks, len(channels) >= 2 and many_cores())
 
 
 def multifd_sender(channels: list[Channel], method: str, level: int, zero_copy: bool, stats: RamStats,
@@ -107,68 +94,11 @@ def multifd_receiver(channels: list[Channel], method: str, blocks: list[RAMBlock
 
 
 @dataclass
-class _Worker:
-    """The VM process's handle on one worker: its pid, control socket and life pipe."""
+class _Worker(Worker):
+    """A channel worker; on the source, jobs sent and not yet answered, SYNCs answered and not yet collected."""
 
-    id: int
-    pid: int
-    ctrl: socket.socket
-    life: int
-    #: Source: jobs sent and not yet answered, SYNCs answered and not yet collected.
     outstanding: int = 0
     synced: int = 0
-    reaped: bool = False
-
-    def stop(self) -> None:
-        """Kill and reap the worker (idempotent): its work is written or no longer wanted.
-
-        The control socket is shut down, not closed: a relay thread may still be reading it.
-        """
-        if self.reaped:
-            return
-        self.reaped = True
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        except (ProcessLookupError, ChildProcessError):
-            pass
-        try:
-            self.ctrl.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        os.close(self.life)
-
-
-def _start(channel_id: int, channel: SocketChannel, body: Callable[[SocketChannel], None]) -> _Worker:
-    """Fork a worker that runs ``body(control channel)`` with *channel*'s socket and nothing else open."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    life_r, life_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            keep = sorted({0, 1, 2, theirs.fileno(), channel.fileno(), life_r})
-            low = 3
-            for fd in keep:
-                if fd >= low:
-                    os.closerange(low, fd)
-                    low = fd + 1
-            os.closerange(low, os.sysconf("SC_OPEN_MAX"))
-            threading.Thread(target=_die_with_parent, args=(life_r,), daemon=True).start()
-            body(SocketChannel(theirs))
-            code = 0
-        finally:
-            os._exit(code)
-    theirs.close()
-    os.close(life_r)
-    return _Worker(channel_id, pid, ours, life_w)
-
-
-def _die_with_parent(life: int) -> None:
-    """The worker's watchdog: EOF on the life pipe means the VM process is gone."""
-    while os.read(life, 1):
-        pass
-    os._exit(1)
 
 
 def _report_error(ctrl: SocketChannel, err: Exception) -> None:
@@ -247,7 +177,8 @@ class WorkerSender(MultifdSender):
         self.workers: list[_Worker] = []
         for i, ch in enumerate(channels):
             assert isinstance(ch, SocketChannel)
-            self.workers.append(_start(i, ch, lambda ctrl, ch=ch: _send_loop(ctrl, ch, method, level, self._blocks)))
+            self.workers.append(start(i, [ch.fileno()], lambda ctrl, ch=ch: _send_loop(ctrl, ch, method, level, self._blocks),
+                                      _Worker))
         for w in self.workers:
             w.ctrl.settimeout(WAIT_SLICE)
 
@@ -434,7 +365,8 @@ class WorkerReceiver(MultifdReceiver):
         self.workers: list[_Worker] = []
         for i, ch in enumerate(channels):
             assert isinstance(ch, SocketChannel)
-            self.workers.append(_start(i, ch, lambda ctrl, i=i, ch=ch: _recv_loop(ctrl, ch, method, i, blocks)))
+            self.workers.append(start(i, [ch.fileno()], lambda ctrl, i=i, ch=ch: _recv_loop(ctrl, ch, method, i, blocks),
+                                      _Worker))
         super().__init__(channels, method, blocks, on_pages)
 
     def _loop(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:

@@ -31,7 +31,8 @@ import numpy as np
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.machine.vcpus import VcpuBackend
-from vmigrate.migration.compress import ChunkOutput, CompressSender, DecompressPool, inflate_pages
+from vmigrate.migration.compress import ChunkOutput, CompressSender, inflate_pages
+from vmigrate.migration.compress_worker import compress_sender, decompress_pool
 from vmigrate.migration.multifd import MultifdReceiver
 from vmigrate.migration.multifd_worker import multifd_receiver
 from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
@@ -129,9 +130,9 @@ class RamSaver:
         if caps.xbzrle:
             self.xbzrle = XbzrleSender(params.xbzrle_cache_size, self.xbzrle_stats, self.blocks)
         if caps.compress:
-            self.compress = CompressSender(params.compress_threads, params.compress_level,
-                                           params.compress_wait_thread, self.compression_stats,
-                                           self._write_compressed)
+            self.compress = compress_sender(params.compress_threads, params.compress_level,
+                                            params.compress_wait_thread, self.compression_stats,
+                                            self._write_compressed, self.blocks)
         gpa = caps.x_ignore_shared
         f.put(wire_ram.mem_size([wire_ram.RamBlockInfo(b.idstr, b.size, gpa=b.gpa if gpa else None)
                                  for b in self.listed]))
@@ -513,7 +514,7 @@ class RamLoader:
         self.known_zero = {b.idstr: b.unbacked_pages() if ram_fresh or b.mem_path is not None
                            else np.zeros(b.npages, dtype=np.bool_)
                            for b in blocks if b.idstr not in self.ignored}
-        self.decompress = DecompressPool(decompress_threads) if decompress_threads else None
+        self.decompress = decompress_pool(decompress_threads, blocks) if decompress_threads else None
         #: The multifd channels' receiver, once they are all connected.
         self.multifd: MultifdReceiver | None = None
         self.colo_received = colo_received
