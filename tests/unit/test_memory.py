@@ -76,3 +76,13 @@ def test_packets_out_of_order_still_make_a_run(block):
         write_run(block, first + 128, 128, 5)
         write_run(block, first, 128, 5)
     assert allocation_after(block, 2048) == 2048
+
+
+@pytest.mark.parametrize("block", [64], indirect=True)
+def test_a_forked_worker_allocates_only_what_it_writes(block):
+    """A worker's runs are every few batches of the stream: what follows them is another worker's."""
+    block.forked()
+    for first in range(0, 1024, 256):
+        write_run(block, first, 256, 7)
+    assert allocation_after(block, 2048, timeout=0.5) == 1024
+    assert (block.pages[:1024] == 7).all()

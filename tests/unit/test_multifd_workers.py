@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import signal
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
 from vmigrate.migration.channel import SocketChannel
-from vmigrate.migration.multifd import MultifdError, MultifdReceiver, MultifdSender
+from vmigrate.migration.multifd import MultifdError, MultifdReceiver, MultifdSender, recv_exact
 from vmigrate.migration.multifd_worker import WorkerReceiver, WorkerSender, multifd_receiver, multifd_sender, use_workers
 from vmigrate.migration.stats import RamStats
+from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.worker_process import ENV
 
 from test_multifd_threads import NPAGES, page_sets, send_and_check
@@ -86,6 +88,51 @@ def test_pages_arrive_equal_through_workers(blocks, monkeypatch, method, channel
     pids = [w.pid for w in sender.workers + receiver.workers]
     send_and_check(sender, receiver, src, dst, written, stats, channels, rounds=2)
     assert not any(alive(pid) for pid in pids)
+
+
+def read_packets(channel: SocketChannel, block: RAMBlock) -> list[wire.PacketHeader]:
+    """The uncompressed packets on *channel* up to its EOF, headers only (payloads checked and skipped)."""
+    headers = []
+    while True:
+        head = bytearray(wire.HEADER_SIZE)
+        if not recv_exact(channel, memoryview(head), eof_ok=True):
+            return headers
+        header = wire.decode_packet_header(bytes(head), {block.idstr: block.size})
+        payload = bytearray(header.normal_pages * PAGE_SIZE)
+        recv_exact(channel, memoryview(payload))
+        assert np.array_equal(np.frombuffer(payload, np.uint8).reshape(-1, PAGE_SIZE),
+                              block.pages[header.offsets // PAGE_SIZE])
+        headers.append(header)
+
+
+def test_a_batch_goes_to_one_worker_in_one_message(blocks, monkeypatch):
+    """The packets of one queue() go out on one channel, numbered in order; batches take the
+    channels round robin, and the SYNC closes each channel's part (the wire stays QEMU's)."""
+    monkeypatch.setenv(ENV, "1")
+    src, _ = blocks
+    ours, theirs = pairs(3)
+    sender = multifd_sender(ours, "none", 1, False, RamStats(), lambda n: None, [src])
+    assert isinstance(sender, WorkerSender)
+    batches = [np.arange(start, start + 3 * wire.PAGES_PER_PACKET) for start in range(0, 3072, 384)]
+    with ThreadPoolExecutor(len(theirs)) as readers:
+        reading = [readers.submit(read_packets, ch, src) for ch in theirs]
+        try:
+            for pages in batches:
+                sender.queue(src, pages)
+            sender.sync()
+        finally:
+            sender.close()
+        per_channel = [r.result(timeout=30) for r in reading]
+    for channel_id, headers in enumerate(per_channel):
+        *data, sync = headers
+        assert sync.sync and sync.packet_num == 24 + channel_id
+        mine = [p for i, pages in enumerate(batches) if i % 3 == channel_id
+                for p in np.split(pages, 3)]
+        assert [h.packet_num for h in data] == [n for i in range(len(batches)) if i % 3 == channel_id
+                                                for n in range(3 * i, 3 * i + 3)]
+        assert all(np.array_equal(h.offsets // PAGE_SIZE, p) for h, p in zip(data, mine, strict=True))
+    for ch in theirs:
+        ch.close()
 
 
 @pytest.mark.parametrize("side", ["source", "destination"])

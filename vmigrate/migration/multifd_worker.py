@@ -9,8 +9,9 @@ its channel's socket inherited.
 
 Source: the migration process keeps the dirty bitmap, the zero test, the
 batching and the packet numbering (:class:`MultifdSender`); it sends each
-worker ``(block, page list, packet number)`` or a SYNC on a unix socket,
-round robin, at most :data:`DEPTH` jobs ahead; the worker writes header
+worker jobs ``(block, page list, packet number)`` or a SYNC on a unix
+socket, the packets of one of its batches to one worker in one message,
+round robin, at most :data:`AHEAD` packets ahead; the worker writes header
 and payload with :func:`multifd.send_packet`, the thread path's own
 function, and answers one byte per packet or SYNC written.
 
@@ -48,9 +49,10 @@ from vmigrate.migration.worker_process import Worker, many_cores, start, wanted
 
 log = logging.getLogger(__name__)
 
-#: Jobs a source worker may have queued and unwritten: enough to keep it busy while the migration
-#: thread zero-tests the next batch, few enough that ``max-bandwidth`` accounting stays close.
-DEPTH = 2
+#: Packets a source worker may have queued and unwritten: two of the migration thread's batches
+#: (ram.BATCH_PAGES, 8 packets), enough to keep it busy while the migration thread zero-tests the
+#: next batches for the other workers, few enough that ``max-bandwidth`` accounting stays close.
+AHEAD = 16
 #: A source job: block index (-1: SYNC), page count, packet number; the pages follow as int64.
 _JOB = struct.Struct("<iIQ")
 #: A destination report: kind, count (pages, or bytes of an error text), block index.
@@ -181,18 +183,34 @@ class WorkerSender(MultifdSender):
                                       _Worker))
         for w in self.workers:
             w.ctrl.settimeout(WAIT_SLICE)
+        #: Jobs of the packets made since the last :meth:`_dispatch`, all for the next worker.
+        self._jobs: list[bytes] = []
+
+    def queue(self, block: RAMBlock, pages: np.ndarray) -> None:
+        """The packets of one batch go to one worker in one message: one control send and one
+        wake-up per batch instead of per packet, the VM process's main cost per packet here."""
+        super().queue(block, pages)
+        self._dispatch()
 
     def _hand_over(self, block: RAMBlock, pages: np.ndarray, packet_num: int) -> None:
-        """Round robin (invisible on the wire, as QEMU's choice of an idle channel), at most DEPTH ahead."""
+        job = np.ascontiguousarray(pages, np.int64)
+        self._jobs.append(_JOB.pack(self._index[block.idstr], len(job), packet_num) + job.tobytes())
+
+    def _dispatch(self) -> None:
+        """The jobs made so far to the next worker, round robin (invisible on the wire, as QEMU's
+        choice of an idle channel), at most AHEAD packets ahead."""
+        if not self._jobs:
+            return
         w = self.workers[self._next]
         self._next = (self._next + 1) % len(self.workers)
-        while w.outstanding >= DEPTH:
+        while w.outstanding and w.outstanding + len(self._jobs) > AHEAD:
             self._collect(w)
-        job = np.ascontiguousarray(pages, np.int64)
-        self._send(w, _JOB.pack(self._index[block.idstr], len(job), packet_num) + job.tobytes())
-        w.outstanding += 1
+        self._send(w, b"".join(self._jobs))
+        w.outstanding += len(self._jobs)
+        self._jobs = []
 
     def _sync_channels(self, packet_nums: list[int]) -> None:
+        self._dispatch()
         for w, num in zip(self.workers, packet_nums):
             self._send(w, _JOB.pack(-1, 0, num))
         for w in self.workers:
