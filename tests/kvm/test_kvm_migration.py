@@ -20,6 +20,7 @@ from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import GuestSpec
 from vmigrate.machine.kvm import KvmVcpus
 from vmigrate.machine.memory import RAMBlock
+from vmigrate.migration.worker_process import ENV
 
 MIB = 1 << 20
 
@@ -37,14 +38,22 @@ def assert_letters_in_sequence(text: bytes) -> None:
     assert not len(gaps), f"the letter sequence breaks at {gaps[0]}: {text[max(0, gaps[0] - 5):gaps[0] + 5]!r}"
 
 
-def vm_pair(spawn, tmp_path: Path, guest: str, accel: str, *extra: str, dst_guest: str | None = None):
+def vm_pair(spawn, tmp_path: Path, guest: str, accel: str, *extra: str, dst_guest: str | None = None,
+            caps: dict[str, bool] | None = None, params: dict | None = None):
+    """Source and destination (listening on a loopback port), both with *caps* and *params* set."""
     files = {side: (tmp_path / f"{side}.ram", tmp_path / f"{side}.serial") for side in ("src", "dst")}
     common = ("-m", "64M", "--accel", accel, *extra)
     src = spawn("vmigrate", *common, "--guest", guest,
                 "--mem-path", str(files["src"][0]), "--serial", str(files["src"][1]))
     dst = spawn("vmigrate", *common, "--guest", dst_guest or guest,
                 "--mem-path", str(files["dst"][0]), "--serial", str(files["dst"][1]),
-                "-S", "--incoming", "tcp:127.0.0.1:0")
+                "-S", "--incoming", "defer")
+    for vm in (src, dst):
+        if caps:
+            vm.set_caps(**caps)
+        if params:
+            vm.cmd("migrate-set-parameters", **params)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = dst.migrate_status()["socket-address"][0]["port"]
     return src, dst, f"tcp:127.0.0.1:{port}", files
 
@@ -93,7 +102,17 @@ def unmigrated_checksum(guest: str, serial: Path) -> bytes:
     return serial.read_bytes()
 
 
-def test_checksum_is_unchanged_by_a_migration_in_the_middle(spawn, tmp_path):
+#: Streams the checksum guest crosses: plain precopy, and the two whose page work runs in
+#: worker processes (vmigrate/migration/worker_process.py), forced on at any CPU count.
+STREAMS = {
+    "precopy": ({}, {}),
+    "multifd-workers": ({"multifd": True}, {"multifd-channels": 3, "multifd-compression": "zstd"}),
+    "compress-workers": ({"compress": True}, {"compress-threads": 2, "decompress-threads": 2}),
+}
+
+
+@pytest.mark.parametrize("stream", sorted(STREAMS))
+def test_checksum_is_unchanged_by_a_migration_in_the_middle(spawn, tmp_path, monkeypatch, stream):
     """The result printed after a migration mid-computation is the unmigrated one.
 
     The destination is started with ``--guest idle``: it loads no program
@@ -104,7 +123,10 @@ def test_checksum_is_unchanged_by_a_migration_in_the_middle(spawn, tmp_path):
     guest, rounds = "checksum:size=8M,rounds=1000", 1000
     expected = unmigrated_checksum(guest, tmp_path / "reference.serial")
     assert expected.startswith(b"checksum ") and len(expected) == len("checksum ") + 17
-    src, dst, uri, files = vm_pair(spawn, tmp_path, guest, "kvm", "--smp", "2", dst_guest="idle")
+    monkeypatch.setenv(ENV, "0" if stream == "precopy" else "1")
+    caps, params = STREAMS[stream]
+    src, dst, uri, files = vm_pair(spawn, tmp_path, guest, "kvm", "--smp", "2", "-v", dst_guest="idle",
+                                   caps=caps, params=params)
     (src_ram, src_serial), (dst_ram, dst_serial) = files["src"], files["dst"]
     wait_for(lambda: counter(src_ram) >= 10, 20, "the computation to be under way")
     # The guest rewrites all of its 8 MiB every round: allow the downtime that takes.
@@ -120,6 +142,8 @@ def test_checksum_is_unchanged_by_a_migration_in_the_middle(spawn, tmp_path):
     assert dst_serial.read_bytes() == expected
     assert counter(dst_ram) == rounds + 1
     assert counter(src_ram) == stopped_at
+    if stream != "precopy":
+        assert "workers (processes)" in src.log() and "workers (processes)" in dst.log()
 
 
 def test_a_kvm_stream_names_its_own_machine(spawn, tmp_path):
