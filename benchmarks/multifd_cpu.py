@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's vmigrate
 
 from vmigrate.cli.bench.images import fill_ram_image, verify  # noqa: E402
+from vmigrate.cli.bench.memwatch import children  # noqa: E402
 from vmigrate.cli.bench.report import median_of, write_outputs  # noqa: E402
 from vmigrate.cli.bench.runner import RunSpec, UNLIMITED_BANDWIDTH, start_vm  # noqa: E402
 from vmigrate.cli.bench.script import prepare, script_parser  # noqa: E402
@@ -54,10 +55,6 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
-
-
-def children(pid: int) -> int:
-    return sum(len((task / "children").read_text().split()) for task in Path(f"/proc/{pid}/task").iterdir())
 
 
 def gil_profiler(pid: int, path: Path) -> subprocess.Popen:

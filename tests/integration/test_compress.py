@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from procs import migrate_in_passes, ram_files_equal
-from test_multifd_worker_vms import assert_failed_and_reaped, children
+from test_multifd_worker_vms import assert_failed_and_reaped
+from vmigrate.cli.bench.memwatch import children
 from vmigrate.harness.waiting import wait_for
 from vmigrate.machine.guest import MAGIC
 from vmigrate.migration.worker_process import ENV

@@ -15,6 +15,7 @@ import pytest
 
 from procs import migrate_in_passes, ram_files_equal
 from test_multifd import MIB, start_pair
+from vmigrate.cli.bench.memwatch import children
 from vmigrate.harness.waiting import wait_for
 from vmigrate.migration.worker_process import ENV
 
@@ -24,17 +25,6 @@ pytestmark = pytest.mark.timeout(90)
 @pytest.fixture(autouse=True)
 def workers_everywhere(monkeypatch):
     monkeypatch.setenv(ENV, "1")
-
-
-def children(pid: int) -> list[int]:
-    """The live child processes of *pid* (workers are forked by its migration threads)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except FileNotFoundError:
-            continue
-    return found
 
 
 @pytest.mark.parametrize("method,channels", [("none", 1), ("none", 4), ("zstd", 3), ("zlib", 2)])

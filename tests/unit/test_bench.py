@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +65,22 @@ def test_memwatch_keeps_peaks_of_a_live_process() -> None:
     assert peaks["RssAnon"] >= block.nbytes
     assert peaks["VmHWM"] >= peaks["RssAnon"]
     assert memwatch.read_status(2**22 + 12345) == {}
+
+
+def test_memwatch_keeps_the_peak_of_child_processes() -> None:
+    """A VM's worker processes hold the guest pages they touch: their peak is kept per parent."""
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(48 << 20); print('ready', flush=True); "
+                              "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"
+        assert child.pid in memwatch.children(os.getpid())
+        watch = memwatch.MemWatch({"me": os.getpid()}, interval=0.01).start()
+        watch.sample()
+    finally:
+        child.communicate("", timeout=10)
+    watch.stop()
+    assert watch.children_peak["me"] >= 48 << 20
+    assert memwatch.children(2**22 + 12345) == []
 
 
 def test_check_space_fails_clearly(tmp_path: Path) -> None:

@@ -125,7 +125,8 @@ def measure(spec: RunSpec, src_ram: Path, dst_ram: Path, workdir: Path, logdir: 
             stop_profiler(profiler)
         for role, peak in watch.stop().items():
             rec |= {f"{role}_peak_rss": peak["VmHWM"], f"{role}_peak_anon": peak["RssAnon"],
-                    f"{role}_peak_file": peak["RssFile"], f"{role}_peak_shmem": peak["RssShmem"]}
+                    f"{role}_peak_file": peak["RssFile"], f"{role}_peak_shmem": peak["RssShmem"],
+                    f"{role}_workers_peak_rss": watch.children_peak[role]}
     finally:
         if watch is not None:
             watch.stop()

@@ -118,9 +118,9 @@ def summarize_scaling(records: list[dict]) -> dict:
             row[impl] = {"runs": len(runs), "good": len(good), "status": runs[-1]["status"] if runs else None,
                          "total_time_ms": median_of(good, "total_time_ms"),
                          "guest_mib_s": median_of(good, "guest_mib_s"),
-                         **{f"{role}_peak_rss_vs_guest":
-                            round(max((r.get(f"{role}_peak_rss") or 0 for r in runs), default=0) / size, 4)
-                            for role in ("src", "dst")}}
+                         **{f"{role}_{what}_vs_guest":
+                            round(max((r.get(f"{role}_{what}") or 0 for r in runs), default=0) / size, 4)
+                            for role in ("src", "dst") for what in ("peak_rss", "workers_peak_rss")}}
         row["ratio"] = ratio(row.get("vmigrate", {}).get("total_time_ms"), row.get("qemu", {}).get("total_time_ms"))
         rows.append(row)
     return {"cells": rows, "verdict": verdict(rows)}
@@ -158,8 +158,13 @@ def markdown_table(rows: list[dict]) -> str:
             return fmt(e["guest_mib_s"] / 1024, digits=2) if e.get("guest_mib_s") else "-"
 
         def rss(e: dict) -> str:
-            return (f"{e['src_peak_rss_vs_guest']:.1%}, {e['dst_peak_rss_vs_guest']:.1%}"
-                    if e.get("src_peak_rss_vs_guest") else "-")
+            if not e.get("src_peak_rss_vs_guest"):
+                return "-"
+            text = f"{e['src_peak_rss_vs_guest']:.1%}, {e['dst_peak_rss_vs_guest']:.1%}"
+            if e.get("src_workers_peak_rss_vs_guest") or e.get("dst_workers_peak_rss_vs_guest"):
+                text += (f" (workers up to {e['src_workers_peak_rss_vs_guest']:.1%}, "
+                         f"{e['dst_workers_peak_rss_vs_guest']:.1%})")
+            return text
 
         lines.append(f"| {human_bytes(r['size_bytes'])} | {r['compression']} | {r['channels']} | {secs(q)} | "
                      f"{secs(v)} | {fmt(r['ratio'], digits=2)} | {gib(q)} | {gib(v)} | {rss(q)} | {rss(v)} |")
