@@ -152,7 +152,8 @@ class RAMBlock:
         A worker allocates only the runs it writes, with no lookahead: it sees
         every few batches of the stream, so the pages after its run are
         another worker's, which a helper here would map into the wrong
-        process (a quarter more CPU per packet on 2 cores, 8 channels).
+        process (about 7 % more worker CPU at 8 channels, docs/benchmarks.md,
+        "One message per batch, and no lookahead in workers").
         """
         self._prefaulter = None
         self._prefaulter_lock = threading.Lock()
