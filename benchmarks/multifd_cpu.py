@@ -7,7 +7,9 @@ with ``=1`` (a worker process per channel, vmigrate/migration/multifd_worker.py)
 for every channel count and compression, alternating per repetition.
 Compression ``compress`` is the legacy capability instead, with as many
 ``compress-threads`` and ``decompress-threads`` as the channel count
-(vmigrate/migration/compress_worker.py); its "packets" are still 128 pages.  Per
+(vmigrate/migration/compress_worker.py), and ``precopy`` the main channel
+alone (channel count and mode change nothing there); their "packets" are
+still 128 pages.  Per
 run and side: the VM process's own CPU time (``/proc/PID/stat`` utime +
 stime, which leave out its workers) and its reaped workers' (cutime +
 cstime), each divided by the packets sent (guest pages / 128), and, with
@@ -76,6 +78,8 @@ def run_once(mode: str, channels: int, method: str, size: int, image: Path, work
     if method == "compress":
         spec = RunSpec("vmigrate", f"{mode}-{method}-x{channels}", size, ("compress",),
                        {"compress-threads": channels, "decompress-threads": channels}, timeout=300)
+    elif method == "precopy":
+        spec = RunSpec("vmigrate", f"{mode}-{method}", size, (), {}, timeout=300)
     else:
         spec = RunSpec("vmigrate", f"{mode}-{method}-x{channels}", size, ("multifd",),
                        {"multifd-channels": channels, "multifd-compression": method}, timeout=300)
@@ -136,7 +140,8 @@ def main() -> int:
     parser = script_parser(__doc__, ROOT / "benchmarks" / "results" / "multifd-cpu")
     parser.add_argument("--channels", default="2,8", help="multifd-channels counts (comma-separated)")
     parser.add_argument("--compression", default="none,zstd",
-                        help="multifd-compression methods, or compress for the legacy capability (comma-separated)")
+                        help="multifd-compression methods, compress for the legacy capability, "
+                             "precopy for neither (comma-separated)")
     parser.add_argument("--gil", action="store_true", help="also sample the interpreter lock with py-spy")
     args = parser.parse_args()
     size, logdir, workdir = prepare(args, "multifdcpu")

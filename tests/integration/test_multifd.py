@@ -157,3 +157,26 @@ def test_a_zstd_bomb_on_a_channel_fails_the_load_in_bounded_memory(spawn, tmp_pa
                                                       "received more than 4096 size expected 4096"}
     assert dst.status() == "inmigrate"
     assert peak_rss(dst) - rss < 64 * MIB
+
+
+def test_a_failed_channel_fails_the_load_while_the_main_channel_is_idle(spawn, tmp_path):
+    """The main channel brings nothing after the section's start (a source waiting for an idle
+    channel, say): the channel's error alone ends the load, with its text, at once."""
+    dst = spawn("vmigrate", "--accel", "soft", "-m", "32M", "-S", "--incoming", "defer")
+    dst.set_caps(multifd=True)
+    dst.cmd("migrate-set-parameters", **{"multifd-channels": 1, "multifd-compression": "zstd"})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = int(dst.migrate_status()["socket-address"][0]["port"])
+    bomb = zstd_rle_frame(2046)
+    with socket.create_connection(("127.0.0.1", port)) as main, \
+            socket.create_connection(("127.0.0.1", port)) as channel:
+        channel.sendall(M.initial_packet(bytes(16), 0))
+        main.sendall(S.header() + S.configuration() + S.section_start(2, "ram", 0, 4)
+                     + R.mem_size([("ram", 32 * MIB)]))
+        wait_for(lambda: dst.migrate_status().get("status") == "active", 10, "the load to start")
+        channel.sendall(M.packet_header(M.FLAG_ZSTD, 1, len(bomb), 1, "ram", [0]) + bomb)
+        info = dst.wait_migration({"failed", "completed"}, timeout=10)
+        assert main.recv(1) == b"", "the destination closed the main channel"
+    assert info == {"status": "failed", "error-desc": "load of migration failed: multifd 0: packet size "
+                                                      "received more than 4096 size expected 4096"}
+    assert dst.status() == "inmigrate"

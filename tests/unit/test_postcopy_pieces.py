@@ -14,11 +14,11 @@ import threading
 import numpy as np
 
 from vmigrate.machine.devices import GlobalState, VirtualClock
-from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, page_runs
 from vmigrate.machine.softcpu import SoftVcpus
 from vmigrate.migration.channel import SocketChannel
 from vmigrate.migration.options import MigrationOptions
-from vmigrate.migration.postcopy import PageRequests, discard_ranges, page_runs
+from vmigrate.migration.postcopy import PageRequests, discard_ranges
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.ram import RamSection
 from vmigrate.migration.rate_limit import RateLimiter

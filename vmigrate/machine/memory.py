@@ -9,6 +9,7 @@ incoming migration) must mark pages in the same place.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import re
@@ -19,6 +20,22 @@ import numpy as np
 from vmigrate.machine.userfaultfd import fault_in
 
 PAGE_SIZE = 4096
+
+
+def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
+    """Page indices as ``(first, count)`` runs of consecutive pages, in their order (offsets into *pages* follow).
+
+    Multifd calls it for every packet on both sides, so the common one-run
+    case (a first pass over RAM) takes two numpy calls.
+    """
+    if not pages.size:
+        return []
+    steps = np.diff(pages) != 1
+    if not steps.any():
+        return [(int(pages[0]), int(pages.size))]
+    breaks = np.flatnonzero(steps) + 1
+    bounds = np.concatenate(([0], breaks, [pages.size]))
+    return [(int(pages[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class DirtyLog:
@@ -89,6 +106,9 @@ class RAMBlock:
         self.mem_path = mem_path
         self.shared = mem_path is not None
         self.gpa = gpa
+        #: The RAM file, open for writes through the page cache (:meth:`write_pages`, multifd's
+        #: ``splice``); None for anonymous RAM and where the file system takes no write(2) (hugetlbfs).
+        self.file: int | None = None
         if mem_path is None:
             self._mmap = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             # Transparent huge pages make first-touch faults of guest RAM several times slower here.
@@ -99,7 +119,12 @@ class RAMBlock:
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
                 self._mmap = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
-            finally:
+            except BaseException:
+                os.close(fd)
+                raise
+            if _takes_writes(fd):
+                self.file = fd
+            else:
                 os.close(fd)
         self.bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         #: (npages, 4096) view: the unit of every migration operation.
@@ -121,16 +146,33 @@ class RAMBlock:
     def write_pages(self, pages: np.ndarray, data: np.ndarray) -> None:
         """Store whole pages (incoming migration).
 
-        A contiguous run is prefaulted with one MADV_POPULATE_WRITE before the
-        copy: taking the first-touch faults in one call is several times
-        faster than one fault per page inside the copy.  Long runs also let
-        the :class:`Prefaulter` allocate what is likely to come next.
+        Into a RAM file they go with ``pwrite``, run by run, through the page
+        cache: a fresh tmpfs page written whole is never zeroed first, and
+        no page table of this process is filled for it, which halves the
+        kernel's time per page against first-touch faults and a copy
+        (docs/benchmarks.md, "Writing incoming pages through the RAM file").
+        While userfaultfd watches the mapping (postcopy, background
+        snapshot) the writes must go through it, as they do for anonymous
+        RAM: there a contiguous run is prefaulted with one
+        MADV_POPULATE_WRITE before the copy, several times faster than one
+        fault per page inside it, and long runs let the :class:`Prefaulter`
+        allocate what is likely to come next.
         """
+        if self.writes_to_file():
+            done = 0
+            for first, count in page_runs(pages):
+                write_file(self.file, np.ascontiguousarray(data[done:done + count]), first * PAGE_SIZE)
+                done += count
+            return
         first, count = int(pages[0]), len(pages)
         if int(pages[-1]) - first + 1 == count and (count == 1 or bool((np.diff(pages) == 1).all())):
             self.incoming_run(first, count)[:] = data
         else:
             self.pages[pages] = data
+
+    def writes_to_file(self) -> bool:
+        """Whether incoming pages go into the RAM file with system calls rather than through the mapping."""
+        return self.file is not None and not self.faulting and not self.write_tracked
 
     def incoming_run(self, first: int, count: int) -> np.ndarray:
         """Pages [first, first + count), allocated, for an incoming stream to fill (write_pages, or a
@@ -147,7 +189,8 @@ class RAMBlock:
 
     def forked(self) -> None:
         """This is a forked worker's copy (migration/multifd_worker.py, compress_worker.py): the VM
-        process's Prefaulter thread is not here, and its lock may have been copied held.
+        process's Prefaulter thread and RAM file descriptor are not here, and its lock may have been
+        copied held.
 
         A worker allocates only the runs it writes, with no lookahead: it sees
         every few batches of the stream, so the pages after its run are
@@ -158,6 +201,9 @@ class RAMBlock:
         self._prefaulter = None
         self._prefaulter_lock = threading.Lock()
         self._look_ahead = False
+        if self.file is not None:
+            # The fork kept only the descriptors the worker asked for (worker_process.start).
+            self.file = os.open(self.mem_path, os.O_RDWR)
 
     def access(self, first: int, count: int) -> None:
         """Pages [first, first + count) are about to be touched from Python (a software vCPU).
@@ -225,6 +271,29 @@ class RAMBlock:
         self.end_incoming()
         self.pages = self.bytes = None  # type: ignore[assignment]
         self._mmap.close()
+        if self.file is not None:
+            os.close(self.file)
+            self.file = None
+
+
+def write_file(fd: int, data: np.ndarray | memoryview, offset: int) -> None:
+    """All of *data* into a file at *offset* (``pwrite`` may write less than asked, e.g. on a full tmpfs)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        if not written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+        offset += written
+
+
+def _takes_writes(fd: int) -> bool:
+    """Whether a RAM file can be written with write(2): hugetlbfs has only its mapping (EINVAL)."""
+    try:
+        os.pwrite(fd, b"", 0)
+    except OSError:
+        return False
+    return True
 
 
 _MADV_POPULATE_WRITE = 23

@@ -7,7 +7,7 @@ on many cores the lock, not zlib, bounds the threads.  Here each
 compression or decompression thread hands its chunk to a forked process
 of its own (migration/worker_process.py) and waits for the answer without
 the lock; the process runs the thread path's own :func:`compress_chunk` or
-:func:`inflate_into` over the RAM file's shared mapping.  Records, order
+:func:`inflate_into` over the shared RAM file.  Records, order
 rules and counters are the thread path's: only where the work runs moves.
 
 Source: a job is ``(block, pages)``; the answer is the chunk's records and

@@ -60,6 +60,8 @@ class IncomingMigration:
         self.listener: Listener | None = None
         self._closing = threading.Event()
         self.error_desc: str | None = None
+        #: Why the load was ended from another thread (:meth:`_abort`), which the main channel's error hides.
+        self._abort_desc: str | None = None
         self._channel: Channel | None = None
         #: The return path, once the source asked for it (OPEN_RETURN_PATH) over a two-way channel.
         self._rp: Channel | None = None
@@ -267,8 +269,22 @@ class IncomingMigration:
             by_id[channel_id] = channel
         self._multifd_channels = [by_id[i] for i in range(count)]
 
+    def _abort(self, desc: str) -> None:
+        """A multifd channel failed: the main channel's reads stop, and the load fails with *desc*.
+
+        QEMU 7.2's multifd_recv_terminate_threads shuts the multifd channels
+        down and leaves the main channel to end when the source notices;
+        a source that waits for an idle channel may not for a long time.
+        """
+        if self._abort_desc is None:
+            self._abort_desc = desc
+        channel = self._channel
+        if channel is not None:
+            channel.shutdown()
+
     def _load(self, channel: Channel, config: MigrationConfig) -> None:
         self._channel = channel
+        self._abort_desc = None
         self.status.transition(S.NONE, S.ACTIVE)
         self._rp = None
         self._rp_opened = False
@@ -281,7 +297,7 @@ class IncomingMigration:
             postcopy.on_preempt_broken = self.pause
         try:
             host.global_state.runstate = None
-            ctx = self._ctx = LoadContext(config, self._multifd_channels, postcopy)
+            ctx = self._ctx = LoadContext(config, self._multifd_channels, postcopy, abort=self._abort)
             loader = LoadVM(host.sections, ctx, host.machine_type, host.uuid, self._command,
                             self._await_recovery)
             try:
@@ -307,7 +323,7 @@ class IncomingMigration:
             if not isinstance(err, (WireError, LoadError, ChannelError, OSError)):
                 # A bug must cost this migration, not leave it 'active' for ever.
                 log.exception("incoming migration failed")
-            self.error_desc = f"load of migration failed: {err}"
+            self.error_desc = f"load of migration failed: {self._abort_desc or err}"
             trace("process_incoming_migration_co_end", error_desc=self.error_desc)
             if postcopy is not None:
                 self._close_preempt()

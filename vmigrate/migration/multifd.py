@@ -14,8 +14,9 @@ then the EOS — the rule that lets the destination know all pages of the
 section arrived.
 
 Destination: one :class:`MultifdReceiver` thread per channel reads packets
-and puts their pages into guest RAM: uncompressed runs with ``recv_into``
-straight into the RAM, no copy on the way; after a SYNC packet it
+and puts their pages into guest RAM: uncompressed runs straight into the
+RAM, with ``splice`` into a RAM file (:class:`Splicer`) or ``recv_into``
+anonymous RAM, no copy on the way; after a SYNC packet it
 waits until the main channel's loader reached the matching EOS and called
 :meth:`MultifdReceiver.sync_main`.
 
@@ -36,16 +37,17 @@ keep the batching, numbering and SYNC hand-shake for both.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import queue
 import threading
 from typing import Callable
 
 import numpy as np
 
-from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
-from vmigrate.migration.channel import Channel, ChannelError, ZeroCopySocket
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, page_runs
+from vmigrate.migration.channel import Channel, ChannelError, SocketChannel, ZeroCopySocket
 from vmigrate.migration.compress import write_pages
-from vmigrate.migration.postcopy import page_runs
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
@@ -330,10 +332,13 @@ class MultifdReceiver:
     """
 
     def __init__(self, channels: list[Channel], method: str, blocks: list[RAMBlock],
-                 on_pages: Callable[[str, np.ndarray], None] | None = None) -> None:
-        """``on_pages(block, page_indices)`` is told about every page written (from a channel thread)."""
+                 on_pages: Callable[[str, np.ndarray], None] | None = None,
+                 on_error: Callable[[str], None] = lambda desc: None) -> None:
+        """``on_pages(block, page_indices)`` is told about every page written (from a channel thread);
+        ``on_error(desc)`` about the first channel that failed, once every channel was shut down."""
         self.blocks = {b.idstr: b for b in blocks}
         self.on_pages = on_pages
+        self.on_error = on_error
         self.used = {b.idstr: b.size for b in blocks}
         self.error: str | None = None
         self.channels = channels
@@ -355,9 +360,15 @@ class MultifdReceiver:
             self._loop(channel_id, channel, decoder)
         except (WireError, ChannelError, OSError) as err:
             with self._cond:
+                first = self.error is None and not self._stop
                 if self.error is None:
                     self.error = str(err)
                 self._stop = True
+            if first:
+                # The source may be blocked writing another channel: its reset ends its migration.
+                for ch in self.channels:
+                    ch.shutdown()
+                self.on_error(str(err))
         finally:
             with self._cond:
                 self._ended += 1
@@ -367,24 +378,29 @@ class MultifdReceiver:
         """Read the channel's packets until its end (multifd_worker.WorkerReceiver relays a worker's instead)."""
         head = bytearray(wire.HEADER_SIZE)
         scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
-        while not self._stop:
-            if not recv_exact(channel, memoryview(head), eof_ok=True):
-                return
-            header = wire.decode_packet_header(bytes(head), self.used)
-            if header.normal_pages:
-                pages = header.offsets >> 12
-                data = receive_payload(channel, decoder, self.blocks[header.ramblock], header, pages, scratch,
-                                       self._staged is None)
-                if data is None:
-                    if self.on_pages is not None:
-                        self.on_pages(header.ramblock, pages)
-                elif self._staged is not None:
-                    with self._cond:
-                        self._staged.append((header.ramblock, pages, bytes(data)))
-                else:
-                    self._write(header.ramblock, pages, data)
-            if header.sync:
-                self._wait_release()
+        splicer = Splicer.of(channel)
+        try:
+            while not self._stop:
+                if not recv_exact(channel, memoryview(head), eof_ok=True):
+                    return
+                header = wire.decode_packet_header(bytes(head), self.used)
+                if header.normal_pages:
+                    pages = header.offsets >> 12
+                    data = receive_payload(channel, decoder, self.blocks[header.ramblock], header, pages, scratch,
+                                           splicer, self._staged is None)
+                    if data is None:
+                        if self.on_pages is not None:
+                            self.on_pages(header.ramblock, pages)
+                    elif self._staged is not None:
+                        with self._cond:
+                            self._staged.append((header.ramblock, pages, bytes(data)))
+                    else:
+                        self._write(header.ramblock, pages, data)
+                if header.sync:
+                    self._wait_release()
+        finally:
+            if splicer is not None:
+                splicer.close()
 
     def _write(self, block: str, pages: np.ndarray, data: bytes | memoryview) -> None:
         write_pages(self.blocks[block], pages, np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE))
@@ -441,16 +457,22 @@ class MultifdReceiver:
 
 
 def receive_payload(channel: Channel, decoder: wire.PayloadDecoder, block: RAMBlock, header: wire.PacketHeader,
-                    pages: np.ndarray, scratch: bytearray, direct: bool) -> bytes | memoryview | None:
+                    pages: np.ndarray, scratch: bytearray, splicer: "Splicer | None",
+                    direct: bool) -> bytes | memoryview | None:
     """A packet's payload: None once it is in guest RAM, else its pages' bytes, decoded.
 
-    With *direct*, uncompressed packets of up to :data:`MAX_IOVEC_RUNS` runs
-    are received with ``recv_into`` straight into the RAM, no copy on the
-    way; the rest go through *scratch*.  A channel thread and a channel
-    worker process (multifd_worker.py) both read packets with it.
+    With *direct*, uncompressed packets go straight to guest RAM, no copy
+    on the way: into a RAM file with the channel's *splicer*, else, up to
+    :data:`MAX_IOVEC_RUNS` runs, with ``recv_into`` the mapping; the rest
+    go through *scratch*.  A channel thread and a channel worker process
+    (multifd_worker.py) both read packets with it.
     """
     decoder.check_flags(header)
     runs = page_runs(pages) if direct and decoder.method == "none" else []
+    if runs and splicer is not None and block.writes_to_file():
+        for first, count in runs:
+            splicer.read(block.file, first * PAGE_SIZE, count * PAGE_SIZE)
+        return None
     if 0 < len(runs) <= MAX_IOVEC_RUNS:
         for first, count in runs:
             recv_exact(channel, memoryview(block.incoming_run(first, count)).cast("B"))
@@ -458,6 +480,55 @@ def receive_payload(channel: Channel, decoder: wire.PayloadDecoder, block: RAMBl
     view = memoryview(scratch)[:decoder.payload_size(header)]
     recv_exact(channel, view)
     return decoder.decode(header, view)
+
+
+class Splicer:
+    """Moves a channel's uncompressed pages from its socket into the RAM file with ``splice``.
+
+    Socket to pipe moves the received buffers without a copy; pipe to file
+    copies each page once into the page cache, where a fresh tmpfs page
+    written whole is never zeroed and no page table is filled for it.  A
+    receiver that maps guest RAM and ``recv_into`` it pays a fault, a zeroed
+    page and the copy: twice the kernel time per page on the reference host
+    (docs/benchmarks.md, "Writing incoming pages through the RAM file").
+    QEMU 7.2 reads into its mapping (multifd_recv_thread).
+    """
+
+    #: The pipe's size: the most moved per pair of calls (the default limit for an unprivileged user).
+    PIPE_BYTES = 1 << 20
+
+    def __init__(self, sock: int) -> None:
+        self.sock = sock
+        self.r, self.w = os.pipe()
+        try:
+            fcntl.fcntl(self.w, fcntl.F_SETPIPE_SZ, self.PIPE_BYTES)
+        except OSError:
+            pass
+        self.size = fcntl.fcntl(self.w, fcntl.F_GETPIPE_SZ)
+
+    @classmethod
+    def of(cls, channel: Channel) -> "Splicer | None":
+        """A splicer for a plain socket channel; None for others (TLS, whose bytes need decrypting)."""
+        return cls(channel.fileno()) if type(channel) is SocketChannel else None
+
+    def read(self, fd: int, offset: int, length: int) -> None:
+        """The next *length* bytes of the socket into file *fd* at *offset*."""
+        end = offset + length
+        while offset < end:
+            try:
+                moved = os.splice(self.sock, self.w, min(end - offset, self.size))
+            except OSError as err:
+                raise ChannelError(f"Unable to read from socket: {os.strerror(err.errno or 104)}") from None
+            if not moved:
+                raise MultifdError("multifd: connection closed in the middle of a packet")
+            while moved:
+                written = os.splice(self.r, fd, moved, offset_dst=offset)
+                offset += written
+                moved -= written
+
+    def close(self) -> None:
+        os.close(self.r)
+        os.close(self.w)
 
 
 def recv_exact(channel: Channel, view: memoryview, eof_ok: bool = False) -> bool:

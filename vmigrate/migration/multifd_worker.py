@@ -16,7 +16,7 @@ and payload with :func:`multifd.send_packet`, the thread path's own
 function, and answers one byte per packet or SYNC written.
 
 Destination: a worker reads packets with :func:`multifd.receive_payload`
-straight into its mapping and reports the pages written per block in
+straight into the RAM file and reports the pages written per block in
 batches, and each SYNC, to a relay thread of :class:`MultifdReceiver` that
 holds the worker until :meth:`MultifdReceiver.sync_main` releases it.
 
@@ -36,12 +36,11 @@ from typing import Callable
 
 import numpy as np
 
-from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, page_runs
 from vmigrate.migration.channel import Channel, ChannelError, SocketChannel
 from vmigrate.migration.compress import write_pages
-from vmigrate.migration.multifd import (MultifdError, MultifdReceiver, MultifdSender, WAIT_SLICE, receive_payload,
-                                        recv_exact, send_packet, sync_header)
-from vmigrate.migration.postcopy import page_runs
+from vmigrate.migration.multifd import (MultifdError, MultifdReceiver, MultifdSender, Splicer, WAIT_SLICE,
+                                        receive_payload, recv_exact, send_packet, sync_header)
 from vmigrate.migration.stats import RamStats
 from vmigrate.migration.wire import multifd as wire
 from vmigrate.migration.wire.errors import WireError
@@ -87,12 +86,13 @@ def multifd_sender(channels: list[Channel], method: str, level: int, zero_copy: 
 
 
 def multifd_receiver(channels: list[Channel], method: str, blocks: list[RAMBlock],
-                     on_pages: Callable[[str, np.ndarray], None] | None) -> MultifdReceiver:
+                     on_pages: Callable[[str, np.ndarray], None] | None,
+                     on_error: Callable[[str], None] = lambda desc: None) -> MultifdReceiver:
     """The destination side of multifd on *channels*: workers where :func:`use_workers` says so, else threads."""
     if use_workers(channels, blocks):
         log.info("multifd: %d channel workers (processes) receiving", len(channels))
-        return WorkerReceiver(channels, method, blocks, on_pages)
-    return MultifdReceiver(channels, method, blocks, on_pages)
+        return WorkerReceiver(channels, method, blocks, on_pages, on_error)
+    return MultifdReceiver(channels, method, blocks, on_pages, on_error)
 
 
 @dataclass
@@ -325,6 +325,7 @@ def _recv_loop(ctrl: SocketChannel, channel: Channel, method: str, channel_id: i
     head = bytearray(wire.HEADER_SIZE)
     scratch = bytearray(wire.MAX_COMPRESSED_PAYLOAD)
     reports = _Reports(ctrl)
+    splicer = Splicer(channel.fileno())
     held = False
     try:
         while recv_exact(channel, memoryview(head), eof_ok=True):
@@ -333,7 +334,7 @@ def _recv_loop(ctrl: SocketChannel, channel: Channel, method: str, channel_id: i
             if header.normal_pages:
                 pages = header.offsets >> 12
                 i = index[header.ramblock]
-                data = receive_payload(channel, decoder, blocks[i], header, pages, scratch, not held)
+                data = receive_payload(channel, decoder, blocks[i], header, pages, scratch, splicer, not held)
                 if held:
                     ctrl.writev([_REPORT.pack(b"H", len(pages), i), pages.astype(np.int64), data])
                 else:
@@ -351,6 +352,8 @@ def _recv_loop(ctrl: SocketChannel, channel: Channel, method: str, channel_id: i
         ctrl.write(_REPORT.pack(b"X", 0, 0))
     except (WireError, ChannelError, OSError) as err:
         _report_error(ctrl, err)
+    finally:
+        splicer.close()
 
 
 def _told_to_hold(ctrl: SocketChannel) -> bool:
@@ -378,14 +381,15 @@ class WorkerReceiver(MultifdReceiver):
     """:class:`MultifdReceiver` whose channel threads relay for worker processes."""
 
     def __init__(self, channels: list[Channel], method: str, blocks: list[RAMBlock],
-                 on_pages: Callable[[str, np.ndarray], None] | None = None) -> None:
+                 on_pages: Callable[[str, np.ndarray], None] | None = None,
+                 on_error: Callable[[str], None] = lambda desc: None) -> None:
         self._names = [b.idstr for b in blocks]
         self.workers: list[_Worker] = []
         for i, ch in enumerate(channels):
             assert isinstance(ch, SocketChannel)
             self.workers.append(start(i, [ch.fileno()], lambda ctrl, i=i, ch=ch: _recv_loop(ctrl, ch, method, i, blocks),
                                       _Worker))
-        super().__init__(channels, method, blocks, on_pages)
+        super().__init__(channels, method, blocks, on_pages, on_error)
 
     def _loop(self, channel_id: int, channel: Channel, decoder: wire.PayloadDecoder) -> None:
         """Relay one worker's reports: pages to ``on_pages`` (or held), SYNCs to :meth:`sync_main`'s hand-shake."""

@@ -32,22 +32,6 @@ def discard_ranges(bitmap: np.ndarray) -> list[tuple[int, int]]:
     return [(int(s) * PAGE_SIZE, int(e - s) * PAGE_SIZE) for s, e in zip(starts, ends)]
 
 
-def page_runs(pages: np.ndarray) -> list[tuple[int, int]]:
-    """Page indices as ``(first, count)`` runs of consecutive pages, in their order (offsets into *pages* follow).
-
-    Multifd calls it for every packet on both sides, so the common one-run
-    case (a first pass over RAM) takes two numpy calls.
-    """
-    if not pages.size:
-        return []
-    steps = np.diff(pages) != 1
-    if not steps.any():
-        return [(int(pages[0]), int(pages.size))]
-    breaks = np.flatnonzero(steps) + 1
-    bounds = np.concatenate(([0], breaks, [pages.size]))
-    return [(int(pages[a]), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
-
-
 @dataclass(frozen=True)
 class PageRequest:
     block: str

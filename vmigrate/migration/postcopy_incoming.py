@@ -29,10 +29,10 @@ from typing import Callable
 
 import numpy as np
 
-from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, page_runs
 from vmigrate.machine.userfaultfd import Fault, UserfaultError, UserfaultFd
 from vmigrate.migration.channel import Channel, ChannelError
-from vmigrate.migration.postcopy import FastThreadSwitch, page_runs
+from vmigrate.migration.postcopy import FastThreadSwitch
 from vmigrate.migration.savevm import LoadError
 from vmigrate.migration.qemu_file import READ_CHUNK
 from vmigrate.migration.wire import NEED_DATA, WireError, return_path, stream

@@ -29,13 +29,13 @@ from typing import Callable
 
 import numpy as np
 
-from vmigrate.machine.memory import PAGE_SIZE, RAMBlock
+from vmigrate.machine.memory import PAGE_SIZE, RAMBlock, page_runs
 from vmigrate.machine.vcpus import VcpuBackend
 from vmigrate.migration.compress import ChunkOutput, CompressSender, inflate_pages
 from vmigrate.migration.compress_worker import compress_sender, decompress_pool
 from vmigrate.migration.multifd import MultifdReceiver
 from vmigrate.migration.multifd_worker import multifd_receiver
-from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges, page_runs
+from vmigrate.migration.postcopy import MAX_DISCARDS_PER_COMMAND, PageRequests, discard_ranges
 from vmigrate.migration.postcopy_incoming import PostcopyIncoming
 from vmigrate.migration.qemu_file import QEMUFileOut
 from vmigrate.migration.config import MigrationConfig
@@ -708,7 +708,7 @@ class RamSection:
             else:
                 receiver = multifd_receiver(ctx.multifd_channels, params.multifd_compression,
                                             [b for b in self.blocks if b.idstr not in loader.ignored],
-                                            loader.pages_written)
+                                            loader.pages_written, ctx.abort)
             loader.multifd = receiver
         return wire_ram.RamBodyDecoder(loader.known_blocks(), accept_compressed=caps.compress, variable_runs=True,
                                        ignore_shared=caps.x_ignore_shared, ignored_blocks=loader.ignored)

@@ -95,6 +95,9 @@ class LoadContext:
     colo: bool = False
     #: A COLO secondary's checkpoints: the pages each one loaded, by block (docs/colo.md).
     colo_received: "dict[str, np.ndarray] | None" = None
+    #: Ends the load from another thread with a reason (a multifd channel failed): the main
+    #: channel's reads stop, which the source's stream may not do for a long time.
+    abort: Callable[[str], None] = lambda desc: None
 
 
 class SaveVMHandlers(Protocol):
