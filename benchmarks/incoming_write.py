@@ -16,7 +16,11 @@ same tmpfs at the same offset, with vmigrate's own code:
 * ``splice``: :class:`multifd.Splicer`, socket to pipe to file.
 
 Per run: the receiving process's user and system CPU (its prefaulter thread
-included) and its minor faults; the file must equal the source.  Results:
+included) and its minor faults; the file must equal the source.  Then the
+cost a guest pays afterwards for what the receiver did not map: one byte
+read per page of the first half of RAM and one byte written per page of
+the second half, through the block's own mapping, as a guest's first
+touches after the switch-over.  Results:
 ``incoming-write.json`` / ``.csv`` under ``--out`` (docs/benchmarks.md,
 "Writing incoming pages through the RAM file").
 
@@ -50,7 +54,7 @@ log = logging.getLogger("benchmarks.incoming_write")
 
 UNIT = 512 << 10
 MODES = ("mapping", "pwrite", "splice")
-KEYS = ("wall_s", "user_s", "sys_s", "cpu_s", "minor_faults")
+KEYS = ("wall_s", "user_s", "sys_s", "cpu_s", "minor_faults", "read_touch_s", "write_touch_s")
 
 
 def send(path: Path, port: int, size: int) -> None:
@@ -95,11 +99,18 @@ def run_once(mode: str, image: Path, workdir: Path, size: int) -> dict:
         conn, _ = server.accept()
     block = RAMBlock("ram", size, str(dst))
     channel = SocketChannel(conn)
+    half = block.npages // 2
+    firsts = np.memmap(image, np.uint8, "r").reshape(-1, PAGE_SIZE)[half:, 0].copy()
     try:
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
         receive(mode, channel, block)
         block.end_incoming()
         wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        int(block.pages[:half, 0].sum())
+        t1 = time.perf_counter()
+        block.pages[half:, 0] = firsts
+        t2 = time.perf_counter()
     finally:
         channel.close()
         os.waitpid(pid, 0)
@@ -110,7 +121,8 @@ def run_once(mode: str, image: Path, workdir: Path, size: int) -> dict:
     user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     return {"mode": mode, "equal": equal, "wall_s": round(wall, 3), "user_s": round(user, 3),
             "sys_s": round(sys_, 3), "cpu_s": round(user + sys_, 3),
-            "minor_faults": after.ru_minflt - before.ru_minflt}
+            "minor_faults": after.ru_minflt - before.ru_minflt, "read_touch_s": round(t1 - t0, 3),
+            "write_touch_s": round(t2 - t1, 3)}
 
 
 def main() -> int:
