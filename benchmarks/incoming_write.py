@@ -73,21 +73,22 @@ def send(path: Path, port: int, size: int) -> None:
 def receive(mode: str, channel: SocketChannel, block: RAMBlock) -> None:
     pages_per_unit = UNIT // PAGE_SIZE
     scratch = bytearray(UNIT)
-    splicer = Splicer(channel.fileno())
+    splicer = Splicer(channel.fileno()) if mode == "splice" else None
     try:
         for first in range(0, block.npages, pages_per_unit):
             count = min(pages_per_unit, block.npages - first)
-            if mode == "mapping":
+            if splicer is not None:
+                splicer.read(block.file, first * PAGE_SIZE, count * PAGE_SIZE)
+            elif mode == "mapping":
                 recv_exact(channel, memoryview(block.incoming_run(first, count)).cast("B"))
-            elif mode == "pwrite":
+            else:
                 view = memoryview(scratch)[:count * PAGE_SIZE]
                 recv_exact(channel, view)
                 block.write_pages(np.arange(first, first + count),
                                   np.frombuffer(view, np.uint8).reshape(-1, PAGE_SIZE))
-            else:
-                splicer.read(block.file, first * PAGE_SIZE, count * PAGE_SIZE)
     finally:
-        splicer.close()
+        if splicer is not None:
+            splicer.close()
 
 
 def run_once(mode: str, image: Path, workdir: Path, size: int) -> dict:

@@ -37,6 +37,7 @@ keep the batching, numbering and SYNC hand-shake for both.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import queue
@@ -523,6 +524,8 @@ class Splicer:
                 raise MultifdError("multifd: connection closed in the middle of a packet")
             while moved:
                 written = os.splice(self.r, fd, moved, offset_dst=offset)
+                if not written:
+                    raise OSError(errno.EIO, "the RAM file took no bytes")
                 offset += written
                 moved -= written
 
